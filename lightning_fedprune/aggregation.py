@@ -1,0 +1,82 @@
+"""Server-side aggregation: weighted FedAvg of client results and the server optimiser.
+
+The server averages the clients' returned weights (weighted by ``ClientResult.weight``), forms the
+pseudo-gradient ``g = w_global - w_avg`` and lets a server optimiser step on it:
+``sgd`` with ``lr=1`` is FedAvg (McMahan et al. 2017), ``sgdm`` is FedAvgM (Hsu et al. 2019),
+``adam`` is FedAdam (Reddi et al. 2021). Pruned entries get a zero pseudo-gradient and keep their
+server value (the server keeps pruned weights until pruning is made permanent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_fedprune.protocol import ClientResult
+
+SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam")
+
+
+def validate_server_optimizer(name: str, lr: float, momentum: float, betas: Sequence[float], eps: float) -> None:
+    if name not in SERVER_OPTIMIZERS:
+        raise ValueError(f"`server_optimizer` must be one of {SERVER_OPTIMIZERS}, got {name!r}.")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"`server_lr` must be a positive number, got {lr!r}.")
+    if name == "sgdm" and not 0 <= momentum < 1:
+        raise ValueError(f"`server_momentum` must be in [0, 1), got {momentum!r}.")
+    if name == "adam":
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"`server_betas` must be two numbers in [0, 1), got {betas!r}.")
+        if not eps > 0:
+            raise ValueError(f"`server_eps` must be > 0, got {eps!r}.")
+
+
+def make_server_optimizer(params: Iterable[Tensor], name: str, lr: float, momentum: float = 0.9,
+                          betas: Sequence[float] = (0.9, 0.99), eps: float = 1e-3) -> torch.optim.Optimizer:
+    """The server optimiser over the global parameters (``eps`` default 1e-3 as in FedAdam)."""
+    validate_server_optimizer(name, lr, momentum, betas, eps)
+    params = list(params)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "sgdm":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def is_plain_fedavg(optimizer: torch.optim.Optimizer) -> bool:
+    """True for SGD with lr 1, no momentum, no weight decay: the new global model is the average itself."""
+    if type(optimizer) is not torch.optim.SGD:
+        return False
+    return all(g["lr"] == 1.0 and g["momentum"] == 0 and g["weight_decay"] == 0 and not g["nesterov"]
+               for g in optimizer.param_groups)
+
+
+def weighted_average(results: Sequence[ClientResult], names: Iterable[str]) -> dict[str, Tensor]:
+    """Weighted mean of the clients' tensors, in the results' order (deterministic).
+
+    Floating tensors are averaged in their dtype with weights ``w_i / sum(w)``; with one client the
+    result is that client's tensor bit for bit. Integer tensors (e.g. BatchNorm's
+    ``num_batches_tracked``) are averaged in float64 and rounded.
+    """
+    if not results:
+        raise ValueError("weighted_average needs at least one result")
+    total = float(sum(r.weight for r in results))
+    if not total > 0:
+        raise ValueError("client weights sum to zero")
+    shares = [r.weight / total for r in results]
+    out: dict[str, Tensor] = {}
+    for name in names:
+        first = results[0].state[name]
+        if first.is_floating_point():
+            acc = first * shares[0]
+            for share, r in zip(shares[1:], results[1:]):
+                acc.add_(r.state[name], alpha=share)
+            out[name] = acc
+        else:
+            acc64 = first.to(torch.float64) * shares[0]
+            for share, r in zip(shares[1:], results[1:]):
+                acc64.add_(r.state[name].to(torch.float64), alpha=share)
+            out[name] = acc64.round().to(first.dtype)
+    return out

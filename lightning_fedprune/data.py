@@ -1,0 +1,337 @@
+"""Federated data: partitioning a dataset into simulated clients, and the cohort loader.
+
+The Trainer's *training* dataloader does not yield examples: it yields **cohorts** — the client
+ids sampled for each round (``{"round": r, "clients": LongTensor}``), so one Trainer step is one
+federated round. The examples of a client are served by :meth:`FederatedDataModule.client_loader`
+to the client's local loop. Validation and test loaders are ordinary example loaders over the
+held-out data, used on the global model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_fedprune.protocol import derive_seed
+
+PARTITIONS = ("iid", "dirichlet", "by_key")
+
+
+# ---------------------------------------------------------------------------------------------
+# partitioners: pure functions from (dataset description, seed) to a list of index arrays
+# ---------------------------------------------------------------------------------------------
+def iid_partition(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:
+    """Shuffle and deal ``num_samples`` indices into ``num_clients`` near-equal parts.
+
+    >>> [len(p) for p in iid_partition(10, 3, seed=0)]
+    [4, 3, 3]
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(num_samples)
+    return [np.sort(part) for part in np.array_split(order, num_clients)]
+
+
+def dirichlet_partition(labels: Sequence[int] | np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """Label-skewed partition: for every class, client shares are drawn from ``Dir(alpha)``.
+
+    Small ``alpha`` (0.1) gives clients with few classes; large ``alpha`` (100) approaches IID.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        shares = rng.dirichlet(np.full(num_clients, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+        for client, chunk in enumerate(np.split(idx, cuts)):
+            parts[client].extend(chunk.tolist())
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def key_partition(keys: Sequence[Hashable]) -> tuple[list[np.ndarray], list[Hashable]]:
+    """Natural clients: one client per distinct key (e.g. speaker id), in sorted key order."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    try:
+        ordered = sorted(groups)
+    except TypeError:
+        ordered = sorted(groups, key=repr)
+    return [np.asarray(groups[k], dtype=np.int64) for k in ordered], ordered
+
+
+# ---------------------------------------------------------------------------------------------
+# the cohort loader
+# ---------------------------------------------------------------------------------------------
+def sample_cohort(population: np.ndarray, clients_per_round: int, seed: int, round: int) -> torch.Tensor:
+    """The cohort of round ``round``: a pure function of ``(seed, round)`` (sorted client ids)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, round, 0xC0))
+    pick = torch.randperm(len(population), generator=gen)[:clients_per_round]
+    return torch.as_tensor(np.sort(population[pick.numpy()]), dtype=torch.long)
+
+
+class CohortLoader:
+    """Iterable of cohorts, one per round; resumes at the Trainer's ``global_step``.
+
+    The round index is the Trainer's step, so a run resumed from a checkpoint draws exactly the
+    cohorts the uninterrupted run would have drawn.
+    """
+
+    def __init__(self, population: np.ndarray, clients_per_round: int, seed: int, rounds_per_epoch: int,
+                 trainer: pl.Trainer | None = None) -> None:
+        self.population = np.asarray(population, dtype=np.int64)
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.rounds_per_epoch = rounds_per_epoch
+        self.trainer = trainer
+
+    def __len__(self) -> int:
+        return self.rounds_per_epoch
+
+    def state_dict(self) -> dict[str, int]:
+        """Resumable: the position is the Trainer's ``global_step`` (the next round), saved for the record."""
+        return {"next_round": int(self.trainer.global_step) if self.trainer is not None else 0, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            warnings.warn(f"Resuming with cohort seed {self.seed}, the checkpoint used {state['seed']}.", stacklevel=2)
+
+    def __iter__(self):
+        start = self.trainer.global_step if self.trainer is not None else 0
+        epoch_end = (start // self.rounds_per_epoch + 1) * self.rounds_per_epoch
+        for r in range(start, epoch_end):
+            yield {"round": r, "clients": sample_cohort(self.population, self.clients_per_round, self.seed, r)}
+
+
+def _as_key_fn(key: str | Callable[[Any], Hashable] | None) -> Callable[[Any], Hashable] | None:
+    if key is None or callable(key):
+        return key
+    if isinstance(key, str):
+        def get(sample: Any) -> Hashable:
+            if isinstance(sample, dict):
+                return sample[key]
+            if hasattr(sample, key):
+                return getattr(sample, key)
+            if key.isdigit() and isinstance(sample, (tuple, list)):
+                return sample[int(key)]
+            raise KeyError(f"`partition_key={key!r}` not found in a sample of type {type(sample).__name__}")
+        return get
+    raise TypeError(f"`partition_key` must be a field name, a callable or None; got {type(key).__name__}")
+
+
+class FederatedDataModule(pl.LightningDataModule):
+    """Splits a training dataset into simulated clients and serves cohorts and client data.
+
+    Args:
+        train_dataset: any map-style dataset of training examples.
+        val_dataset / test_dataset: held-out examples, evaluated on the global model.
+        partition: ``"iid"``, ``"dirichlet"`` (label skew, needs labels and ``alpha``) or
+            ``"by_key"`` (one client per distinct key, e.g. speaker id: natural clients).
+        num_clients: number of clients for ``iid``/``dirichlet`` (``by_key`` derives it).
+        alpha: Dirichlet concentration.
+        partition_key: for ``by_key``, a callable ``sample -> key`` or a field name (dict key,
+            attribute, or tuple position) — read from ``train_dataset.partition_keys`` instead
+            when the dataset provides that list (so partitioning never loads the samples).
+        label_key: for ``dirichlet``, a callable or a field name giving the label (default:
+            ``dataset.targets`` when present, else the last tuple element).
+        batch_size: client (local) batch size. ``eval_batch_size`` for validation/test.
+        min_client_samples: clients with fewer samples are reported (warning + ``small_clients``)
+            and not sampled into cohorts; they are never dropped silently.
+        rounds_per_epoch: rounds in one Trainer epoch (default: ``trainer.max_steps`` when set,
+            else ``ceil(num_clients / clients_per_round)``).
+        collate_fn: collate function for client and evaluation batches.
+        seed: partition seed.
+    """
+
+    def __init__(
+        self,
+        train_dataset: Dataset,
+        val_dataset: Dataset | None = None,
+        test_dataset: Dataset | None = None,
+        partition: str = "iid",
+        num_clients: int | None = 10,
+        alpha: float = 0.5,
+        partition_key: str | Callable[[Any], Hashable] | None = None,
+        label_key: str | Callable[[Any], int] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        min_client_samples: int = 1,
+        rounds_per_epoch: int | None = None,
+        collate_fn: Callable | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if partition not in PARTITIONS:
+            raise ValueError(f"`partition` must be one of {PARTITIONS}, got {partition!r}.")
+        if partition != "by_key":
+            if not isinstance(num_clients, int) or num_clients <= 0:
+                raise ValueError(f"`num_clients` must be a positive integer, got {num_clients!r}.")
+        if partition == "dirichlet" and not alpha > 0:
+            raise ValueError(f"`alpha` must be > 0, got {alpha!r}.")
+        if partition == "by_key" and partition_key is None and not hasattr(train_dataset, "partition_keys"):
+            raise ValueError("`partition='by_key'` needs `partition_key` (or a dataset with a `partition_keys` list).")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size <= 0):
+            raise ValueError(f"`eval_batch_size` must be a positive integer, got {eval_batch_size!r}.")
+        if not isinstance(min_client_samples, int) or min_client_samples < 1:
+            raise ValueError(f"`min_client_samples` must be an integer >= 1, got {min_client_samples!r}.")
+        if rounds_per_epoch is not None and (not isinstance(rounds_per_epoch, int) or rounds_per_epoch <= 0):
+            raise ValueError(f"`rounds_per_epoch` must be a positive integer, got {rounds_per_epoch!r}.")
+        if train_dataset is None or len(train_dataset) == 0:
+            raise ValueError("`train_dataset` is empty.")
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.test_dataset = test_dataset
+        self.partition = partition
+        self._num_clients_arg = num_clients
+        self.alpha = alpha
+        self.partition_key = partition_key
+        self.label_key = label_key
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.min_client_samples = min_client_samples
+        self.rounds_per_epoch = rounds_per_epoch
+        self.collate_fn = collate_fn
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self._partitions: list[np.ndarray] | None = None
+        self.client_keys: list[Hashable] | None = None
+
+    # ------------------------------------------------------------------ partitions
+    def _labels(self) -> np.ndarray:
+        ds = self.train_dataset
+        if self.label_key is None and hasattr(ds, "targets"):
+            return np.asarray(ds.targets)
+        fn = _as_key_fn(self.label_key) if self.label_key is not None else (lambda s: s[-1])
+        return np.asarray([int(fn(ds[i])) for i in range(len(ds))])
+
+    def _keys(self) -> list[Hashable]:
+        ds = self.train_dataset
+        if hasattr(ds, "partition_keys") and self.partition_key is None:
+            return list(ds.partition_keys)
+        fn = _as_key_fn(self.partition_key)
+        return [fn(ds[i]) for i in range(len(ds))]
+
+    @property
+    def partitions(self) -> list[np.ndarray]:
+        """Index arrays into ``train_dataset``, one per client (built once, lazily)."""
+        if self._partitions is None:
+            n = len(self.train_dataset)
+            if self.partition == "iid":
+                if self._num_clients_arg > n:
+                    raise ValueError(f"`num_clients` ({self._num_clients_arg}) exceeds the {n} training samples.")
+                parts = iid_partition(n, self._num_clients_arg, self.seed)
+            elif self.partition == "dirichlet":
+                parts = dirichlet_partition(self._labels(), self._num_clients_arg, self.alpha, self.seed)
+            else:
+                parts, self.client_keys = key_partition(self._keys())
+            self._partitions = parts
+            small = self.small_clients
+            if small:
+                shown = ", ".join(f"{c} ({len(parts[c])})" for c in small[:20])
+                more = f" and {len(small) - 20} more" if len(small) > 20 else ""
+                warnings.warn(
+                    f"{len(small)} of {len(parts)} clients have fewer than min_client_samples="
+                    f"{self.min_client_samples} samples and will not be sampled: {shown}{more}.",
+                    stacklevel=2,
+                )
+            if len(self.population) == 0:
+                raise ValueError("Every client partition is empty or below `min_client_samples`: nothing to train on.")
+        return self._partitions
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.partitions)
+
+    @property
+    def client_sizes(self) -> list[int]:
+        """Number of training samples of every client (the FedAvg weights)."""
+        return [len(p) for p in self.partitions]
+
+    @property
+    def small_clients(self) -> list[int]:
+        """Ids of clients with fewer than ``min_client_samples`` samples (never sampled)."""
+        return [c for c, p in enumerate(self._partitions or self.partitions) if len(p) < self.min_client_samples]
+
+    @property
+    def population(self) -> np.ndarray:
+        """Client ids eligible for sampling."""
+        return np.asarray([c for c, p in enumerate(self.partitions) if len(p) >= self.min_client_samples], dtype=np.int64)
+
+    # ------------------------------------------------------------------ client side
+    def client_data(self) -> ClientDataSource:
+        """A small picklable view for client processes (datasets + index arrays, no Trainer)."""
+        return ClientDataSource(self.train_dataset, self.partitions, self.batch_size, self.collate_fn, self.shuffle, self.drop_last)
+
+    def client_dataset(self, client_id: int) -> Dataset:
+        return Subset(self.train_dataset, self.partitions[client_id].tolist())
+
+    def client_size(self, client_id: int) -> int:
+        return len(self.partitions[client_id])
+
+    def client_loader(self, client_id: int, seed: int) -> DataLoader:
+        """The local training loader of ``client_id``; shuffling is seeded by ``seed`` (round, client)."""
+        return self.client_data().client_loader(client_id, seed)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def train_dataloader(self) -> CohortLoader:
+        fed = self.trainer.lightning_module if self.trainer is not None else None
+        k = getattr(fed, "clients_per_round", None)
+        seed = getattr(fed, "seed", self.seed)
+        if k is None:
+            raise TypeError("FederatedDataModule's training loader yields cohorts; train a FederatedLightningModule with it.")
+        pop = self.population
+        if k > len(pop):
+            raise ValueError(
+                f"`clients_per_round` ({k}) is larger than the number of clients available for sampling "
+                f"({len(pop)} of {self.num_clients}; see `small_clients`)."
+            )
+        rpe = self.rounds_per_epoch
+        if rpe is None:
+            max_steps = self.trainer.max_steps if self.trainer is not None else -1
+            rpe = max_steps if max_steps and max_steps > 0 else math.ceil(len(pop) / k)
+        return CohortLoader(pop, k, seed, rpe, trainer=self.trainer)
+
+    def _eval_loader(self, ds: Dataset | None) -> DataLoader | list:
+        if ds is None:
+            return []
+        return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate_fn)
+
+    def val_dataloader(self):
+        return self._eval_loader(self.val_dataset)
+
+    def test_dataloader(self):
+        return self._eval_loader(self.test_dataset)
+
+
+class ClientDataSource:
+    """Picklable client-data view: what a worker process needs to build client loaders."""
+
+    def __init__(self, dataset: Dataset, partitions: list[np.ndarray], batch_size: int, collate_fn: Callable | None,
+                 shuffle: bool, drop_last: bool) -> None:
+        self.dataset = dataset
+        self.partitions = partitions
+        self.batch_size = batch_size
+        self.collate_fn = collate_fn
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+
+    def client_size(self, client_id: int) -> int:
+        return len(self.partitions[client_id])
+
+    def client_loader(self, client_id: int, seed: int) -> DataLoader:
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(Subset(self.dataset, self.partitions[client_id].tolist()), batch_size=self.batch_size,
+                          shuffle=self.shuffle, generator=gen, collate_fn=self.collate_fn, drop_last=self.drop_last)

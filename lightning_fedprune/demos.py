@@ -1,0 +1,79 @@
+"""Small ready-made tasks and data for tests, benchmarks and the quick start (no download)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class GaussianMixtureDataset(Dataset):
+    """A seeded classification problem: ``num_classes`` Gaussian blobs in ``dim`` dimensions.
+
+    Samples are ``(x, y)`` tuples; ``targets`` lists the labels (used by Dirichlet partitioning).
+    """
+
+    def __init__(self, num_samples: int = 2000, dim: int = 32, num_classes: int = 10, noise: float = 1.0, seed: int = 0,
+                 centers_seed: int = 1234) -> None:
+        if num_samples <= 0 or dim <= 0 or num_classes <= 1:
+            raise ValueError("`num_samples`, `dim` must be positive and `num_classes` > 1")
+        g_centers = torch.Generator().manual_seed(centers_seed)
+        centers = torch.randn(num_classes, dim, generator=g_centers) * 2.0
+        g = torch.Generator().manual_seed(seed)
+        self.targets = torch.randint(0, num_classes, (num_samples,), generator=g)
+        self.x = centers[self.targets] + noise * torch.randn(num_samples, dim, generator=g)
+        self.num_classes = num_classes
+        self.dim = dim
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.targets[i]
+
+
+class MLPClassifier(pl.LightningModule):
+    """An ordinary Lightning classifier: nothing federated in it.
+
+    Args:
+        in_dim, hidden, num_classes, depth: architecture (``depth`` hidden layers).
+        lr, momentum, weight_decay: SGD settings of the (client) optimiser.
+    """
+
+    def __init__(self, in_dim: int = 32, hidden: int = 64, num_classes: int = 10, depth: int = 2, lr: float = 0.1,
+                 momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        layers: list[nn.Module] = []
+        d = in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(d, hidden), nn.ReLU()]
+            d = hidden
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(d, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True)
+        self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("test/acc", (logits.argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
+                               weight_decay=self.hparams.weight_decay)

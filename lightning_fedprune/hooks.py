@@ -1,0 +1,53 @@
+"""Federated callback hooks.
+
+Any ``lightning.Callback`` may implement these methods; :class:`FederatedLightningModule` calls them
+on every callback of ``trainer.callbacks`` that has them (duck typing, so a plain Callback works).
+:class:`FederatedCallback` only documents them with no-op defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_fedprune.protocol import ClientResult
+
+FED_HOOKS = ("on_fed_round_start", "on_fed_client_result", "on_fed_after_aggregate", "on_fed_round_end")
+
+
+@dataclass
+class RoundSummary:
+    """What happened in one round (passed to ``on_fed_after_aggregate`` and ``on_fed_round_end``)."""
+
+    round: int
+    cohort: list[int]
+    clients_ok: int = 0
+    clients_failed: int = 0
+    train_loss: float = float("nan")
+    seconds: float = 0.0
+    total_weight: float = 0.0
+    pseudo_gradient: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    dense_bytes: int = 0
+
+
+class FederatedCallback(pl.Callback):
+    """A Lightning callback with the federated hooks (all optional)."""
+
+    def on_fed_round_start(self, trainer: pl.Trainer, pl_module: Any, round: int, cohort: list[int]) -> None:
+        """Before the round's payload is built: masks may be changed here."""
+
+    def on_fed_client_result(self, trainer: pl.Trainer, pl_module: Any, result: ClientResult) -> None:
+        """Each client result as it arrives (before aggregation; failed ones too)."""
+
+    def on_fed_after_aggregate(self, trainer: pl.Trainer, pl_module: Any, summary: RoundSummary) -> None:
+        """After the server step; ``summary.pseudo_gradient`` holds ``w_before - w_average``."""
+
+    def on_fed_round_end(self, trainer: pl.Trainer, pl_module: Any, summary: RoundSummary) -> None:
+        """At the end of the round, after logging."""

@@ -1,0 +1,123 @@
+"""The data model shared by the server, the executors and the clients.
+
+Everything that crosses the server/client boundary is one of the plain dataclasses below: tensors,
+numbers and strings only (no module references), so they pickle to worker processes and map to
+Flower messages. See ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (e.g. ``(seed, round, client_id)``).
+
+    >>> derive_seed(0, 1, 2) == derive_seed(0, 1, 2)
+    True
+    >>> derive_seed(0, 1, 2) != derive_seed(0, 2, 1)
+    True
+    """
+    state = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+@dataclass
+class ClientConfig:
+    """How a client trains locally; the same for every client of a run."""
+
+    local_steps: int | None = None
+    local_epochs: int | None = None
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = "norm"
+    compact: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("Give exactly one of `local_steps` or `local_epochs`.")
+        if self.local_steps is not None and (not isinstance(self.local_steps, int) or self.local_steps <= 0):
+            raise ValueError(f"`local_steps` must be a positive integer, got {self.local_steps!r}.")
+        if self.local_epochs is not None and (not isinstance(self.local_epochs, int) or self.local_epochs <= 0):
+            raise ValueError(f"`local_epochs` must be a positive integer, got {self.local_epochs!r}.")
+        if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
+            raise ValueError(f"`client_gradient_clip_val` must be > 0 or None, got {self.gradient_clip_val!r}.")
+        if self.gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(
+                f"`client_gradient_clip_algorithm` must be 'norm' or 'value', got {self.gradient_clip_algorithm!r}."
+            )
+
+
+@dataclass
+class RoundPayload:
+    """What the server broadcasts in one round: the same for every client of the cohort.
+
+    ``state`` holds the global parameters and buffers by name, with pruned entries already set to
+    exact zeros; ``masks``/``patterns`` describe the pruned parameters (``True`` = kept).
+    ``max_rounds`` and ``round`` are exposed to the task as ``self.trainer.max_steps`` /
+    ``self.trainer.global_step``.
+    """
+
+    round: int
+    state: dict[str, Tensor]
+    masks: dict[str, Tensor] = field(default_factory=dict)
+    patterns: dict[str, str] = field(default_factory=dict)
+    max_rounds: int = -1
+
+
+@dataclass
+class ClientPlan:
+    """One client's job in a round."""
+
+    client_id: int
+    round: int
+    seed: int
+
+
+@dataclass
+class ClientResult:
+    """What one client returns.
+
+    ``state`` holds the client's final parameters (kept entries; pruned entries are exact zeros)
+    and buffers in full coordinates. ``weight`` is the aggregation weight (the client's dataset
+    size by default), ``num_examples`` the examples it processed. ``metrics`` are the means of the
+    values the task logged with ``self.log`` during local training. ``error`` is set when the
+    client failed; then ``state`` is empty.
+    """
+
+    client_id: int
+    round: int
+    state: dict[str, Tensor] = field(default_factory=dict)
+    weight: float = 0.0
+    num_examples: int = 0
+    num_steps: int = 0
+    loss: float = float("nan")
+    metrics: dict[str, float] = field(default_factory=dict)
+    log_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+    bytes_up: int = 0
+    error: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def check_finite(self) -> None:
+        """Turn a result with a NaN/Inf loss or state into a failed one (in place)."""
+        if self.error is not None:
+            return
+        if not math.isfinite(self.loss):
+            self.error = f"non-finite loss {self.loss}"
+        else:
+            for name, value in self.state.items():
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    self.error = f"non-finite values in {name!r}"
+                    break
+        if self.error is not None:
+            self.state = {}

@@ -1,0 +1,108 @@
+"""Module-level tasks shared by tests (module level so worker processes can unpickle them)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_fedprune.demos import GaussianMixtureDataset, MLPClassifier
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(enable_progress_bar=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                    num_sanity_val_steps=0)
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.state_dict().items()}
+
+
+class ManualTask(MLPClassifier):
+    """The same model as MLPClassifier, optimised manually — exercises the client's Lightning stand-ins."""
+
+    def __init__(self, clip: float | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.clip = clip
+        self.seen_rounds: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        x, y = batch
+        x = x.to(self.device)
+        loss = F.cross_entropy(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if self.clip:
+            self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
+        opt.step()
+        if sched is not None:
+            sched.step()
+        gathered = self.all_gather(loss.detach())
+        self.log("manual/loss", gathered)
+        self.log("manual/round", float(self.trainer.global_step))
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+
+class ScheduledTask(MLPClassifier):
+    """Automatic optimisation with a per-step LR scheduler in a dict config."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), "interval": "step"}}
+
+
+class ListOptTask(MLPClassifier):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)]
+
+
+class FailingTask(MLPClassifier):
+    """Raises for chosen clients (read from the client's trainer view) or returns NaN."""
+
+    def __init__(self, fail_clients: tuple[int, ...] = (), nan_clients: tuple[int, ...] = (), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fail_clients = tuple(fail_clients)
+        self.nan_clients = tuple(nan_clients)
+
+    def training_step(self, batch, batch_idx):
+        cid = self.trainer.client_id
+        if cid in self.fail_clients:
+            raise RuntimeError(f"boom on client {cid}")
+        loss = super().training_step(batch, batch_idx)
+        if cid in self.nan_clients:
+            return loss * float("nan")
+        return loss
+
+
+class BNTask(pl.LightningModule):
+    def __init__(self, dim: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, num_classes))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class NoTrainingStep(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 2)
+
+
+__all__ = ["GaussianMixtureDataset", "MLPClassifier", "ManualTask", "ScheduledTask", "ListOptTask", "FailingTask",
+           "BNTask", "NoTrainingStep", "quiet_trainer", "params_of"]
