@@ -7,12 +7,23 @@ Callbacks decide *when* and *how much*; this object holds *what*.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 PHASES = {0: "dense", 1: "ramp", 2: "refine", 3: "fine-tune"}
+
+
+@dataclass
+class MaskChange:
+    """What one mask recomputation did (entry counts over all prunable parameters)."""
+
+    flips: int = 0  # entries whose bit changed
+    restored: int = 0  # 0 -> 1: previously pruned entries that came back
+    pruned: int = 0  # 1 -> 0
+    sparsity: float = 0.0
 
 
 class PruningState:
@@ -29,6 +40,94 @@ class PruningState:
         self.momentum: dict[str, Tensor] = {}
         self.momentum_beta: float = 0.9
         self.last_update_round: int = -1
+        # configuration (set by the callbacks at setup; not checkpointed: it comes from the config)
+        self.targets: list[str] = []
+        self.pattern: str = "unstructured"
+        self.importance: str = "weight_l2"
+        self.momentum_source: str = "ema"
+        self.allocation: dict[str, Any] | None = None  # None = uniform; else adaptive settings
+
+    # ------------------------------------------------------------------ configuration
+    def configure(self, targets: list[str], pattern: str, importance: str, momentum_beta: float = 0.9,
+                  momentum_source: str = "ema") -> None:
+        self.targets = list(targets)
+        self.pattern = pattern
+        self.importance = importance
+        self.momentum_beta = momentum_beta
+        self.momentum_source = momentum_source
+        if not self.patterns:
+            self.patterns = {n: pattern for n in targets}
+
+    @property
+    def needs_statistics(self) -> str | None:
+        """Which server-side statistic the importance needs: ``"gradient"``, ``"momentum"`` or None."""
+        if self.importance.startswith("momentum"):
+            return "momentum"
+        if self.importance.startswith("gradient") or self.importance == "weight_x_gradient":
+            return "gradient"
+        return None
+
+    # ------------------------------------------------------------------ mask computation
+    def recompute(self, params: dict[str, Tensor], sparsity: float, round: int,
+                  server_momentum: dict[str, Tensor] | None = None) -> MaskChange:
+        """New masks for the target parameters at overall ``sparsity`` from fresh importance.
+
+        Uniform allocation gives every layer ``sparsity``; adaptive allocation (when configured)
+        distributes it by layer importance. Kept and pruned entries are ranked together, so a
+        pruned entry whose (stale) score now beats a kept one comes back.
+        """
+        from lightning_fedprune.pruning.allocation import adaptive_allocation, layer_importance, uniform_allocation
+        from lightning_fedprune.pruning.importance import group_scores, importance_source
+        from lightning_fedprune.pruning.patterns import expand_groups, mask_from_scores
+
+        momentum = server_momentum if self.momentum_source == "server_optimizer" else self.momentum
+        sources: dict[str, tuple[Tensor, Tensor | None, Tensor | None]] = {}
+        for name in self.targets:
+            w = params[name].detach()
+            g = self.gradient.get(name)
+            m = momentum.get(name) if momentum else None
+            if self.needs_statistics == "gradient" and g is None:
+                raise RuntimeError(
+                    f"importance {self.importance!r} needs a server-side gradient for {name!r}, but no round has been "
+                    "aggregated yet; start pruning at round >= 1."
+                )
+            if self.needs_statistics == "momentum" and m is None:
+                raise RuntimeError(f"importance {self.importance!r} has no momentum for {name!r} yet; start pruning at round >= 1.")
+            sources[name] = (w, g, m)
+        sizes = {n: params[n].numel() for n in self.targets}
+        if self.allocation is None or sparsity == 0.0:
+            per_layer = uniform_allocation(sizes, sparsity)
+        else:
+            imp = {
+                n: layer_importance(importance_source(self.importance, *sources[n]), params[n].shape,
+                                    normalize=self.allocation.get("normalize", "fan_in"))
+                for n in self.targets
+            }
+            per_layer = adaptive_allocation(imp, sizes, sparsity,
+                                            max_layer_sparsity=self.allocation["max_layer_sparsity"],
+                                            temperature=self.allocation.get("temperature", 1.0))
+        change = MaskChange()
+        new_masks: dict[str, Tensor] = {}
+        for name in self.targets:
+            pattern = self.patterns.get(name, self.pattern)
+            scores = group_scores(self.importance, pattern, *sources[name])
+            keep = mask_from_scores(scores, per_layer[name])
+            mask = expand_groups(keep, pattern, params[name].shape)
+            old = self.masks.get(name)
+            if old is not None:
+                change.restored += int((mask & ~old).sum())
+                change.pruned += int((~mask & old).sum())
+            else:
+                change.pruned += int((~mask).sum())
+            new_masks[name] = mask
+        change.flips = change.restored + change.pruned
+        self.masks = new_masks
+        self.patterns = {n: self.patterns.get(n, self.pattern) for n in self.targets}
+        self.layer_sparsity = dict(per_layer)
+        self.target_sparsity = float(sparsity)
+        self.last_update_round = int(round)
+        change.sparsity = self.sparsity()
+        return change
 
     # ------------------------------------------------------------------ queries
     @property

@@ -1,0 +1,433 @@
+"""Conformer-Transducer (RNN-T) ASR task as an ordinary LightningModule.
+
+Architecture (parameter names, which pruning regexes match, in brackets)::
+
+    features (B, T, n_mels)
+      -> per-utterance mean/variance normalisation (optional, no parameters)
+      -> SpecAugment (training only, optional, no parameters)
+      -> Conv2d(3x3, stride 2) -> ReLU -> Conv2d(3x3, stride 2) -> ReLU -> Linear  [encoder.subsampling.*]
+      -> torchaudio.models.Conformer                                              [encoder.conformer.conformer_layers.<i>.*]
+    encoder_out (B, T/4, d_model)
+      RNN-T: prediction network Embedding -> LSTM                                 [predictor.embedding.*, predictor.lstm.*]
+             joint network Linear(enc) + Linear(pred) -> tanh -> Linear(vocab)   [joiner.enc_proj.*, joiner.pred_proj.*, joiner.out.*]
+      CTC:   Linear(vocab)                                                        [ctc_head.*]
+
+The blank is the last vocabulary id (see :mod:`.tokenizer`) and is the prediction
+network's start symbol. The predictor/joiner follow the component interface of
+``torchaudio.models.RNNT``, so ``torchaudio.models.RNNTBeamSearch`` can drive them.
+
+``training_step`` only needs the batch: it works under a ``Trainer`` and when an external
+loop (a federated client) calls ``training_step`` + ``configure_optimizers`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .decoding import ctc_greedy_decode, rnnt_beam_search, rnnt_greedy_search
+from .tokenizer import CharTokenizer
+
+__all__ = ["PRESETS", "ConformerTransducer", "ConvSubsampling", "ConformerEncoder", "Predictor", "Joiner"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized: ~3.5 M parameters.
+    "tiny": dict(
+        d_model=144, num_layers=4, num_heads=4, ffn_dim=576, conv_kernel_size=15,
+        pred_dim=320, pred_layers=1, joint_dim=320, dropout=0.1,
+    ),
+    # The article's model (Conformer-L sized, ~120 M parameters): 17 x 512, 8 heads, FFN 2048,
+    # one 640-dim LSTM prediction layer, 2048-dim joint network. The Conformer paper's conv
+    # kernel 32 is even; torchaudio needs an odd kernel, so 31.
+    "paper": dict(
+        d_model=512, num_layers=17, num_heads=8, ffn_dim=2048, conv_kernel_size=31,
+        pred_dim=640, pred_layers=1, joint_dim=2048, dropout=0.1,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- modules
+def _lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """(B,) -> (B, max_len) bool, True on valid positions."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def subsampled_lengths(lengths: Tensor) -> Tensor:
+    """Output lengths of two unpadded 3x3 / stride-2 convolutions (x4 subsampling)."""
+    lengths = torch.div(lengths - 1, 2, rounding_mode="floor")
+    lengths = torch.div(lengths - 1, 2, rounding_mode="floor")
+    return lengths.clamp(min=1)
+
+
+class ConvSubsampling(nn.Module):
+    """Standard Conformer front-end: two 3x3 stride-2 Conv2d + ReLU, then a linear projection."""
+
+    MIN_FRAMES = 7
+
+    def __init__(self, n_mels: int, d_model: int, channels: Optional[int] = None) -> None:
+        super().__init__()
+        channels = channels or d_model
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 3, stride=2), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, stride=2), nn.ReLU(),
+        )
+        f_out = ((n_mels - 1) // 2 - 1) // 2
+        self.out = nn.Linear(channels * f_out, d_model)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[1] < self.MIN_FRAMES:  # too short for two unpadded convolutions
+            x = F.pad(x, (0, 0, 0, self.MIN_FRAMES - x.shape[1]))
+        y = self.conv(x.unsqueeze(1))  # (B, C, T', F')
+        b, c, t, f = y.shape
+        y = self.out(y.permute(0, 2, 1, 3).reshape(b, t, c * f))
+        return y, subsampled_lengths(lengths).clamp(max=t)
+
+
+class ConformerEncoder(nn.Module):
+    """Conv subsampling (x4) + ``torchaudio.models.Conformer``; ``forward(input, lengths)``."""
+
+    def __init__(self, n_mels, d_model, num_layers, num_heads, ffn_dim, conv_kernel_size, dropout,
+                 use_group_norm=True, subsampling_channels=None) -> None:
+        super().__init__()
+        from torchaudio.models import Conformer
+
+        self.subsampling = ConvSubsampling(n_mels, d_model, subsampling_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conformer = Conformer(
+            input_dim=d_model, num_heads=num_heads, ffn_dim=ffn_dim, num_layers=num_layers,
+            depthwise_conv_kernel_size=conv_kernel_size, dropout=dropout, use_group_norm=use_group_norm,
+        )
+
+    def forward(self, input: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:  # noqa: A002
+        x, lengths = self.subsampling(input, lengths)
+        return self.conformer(self.dropout(x), lengths)
+
+
+class Predictor(nn.Module):
+    """RNN-T prediction network: Embedding -> (multi-layer) LSTM.
+
+    Interface of ``torchaudio.models.RNNT``'s predictor; the state is a list (one per LSTM
+    layer) of ``[h, c]`` with batch-first ``(B, H)`` tensors, as ``RNNTBeamSearch`` expects.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, num_layers: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.lstm = nn.LSTM(dim, dim, num_layers=num_layers, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        self.num_layers = num_layers
+        self.output_dim = dim
+
+    def forward(self, input: Tensor, lengths: Tensor, state: Optional[list[list[Tensor]]] = None):  # noqa: A002
+        x = self.dropout(self.embedding(input))
+        hx = None
+        if state is not None:
+            hx = (torch.stack([s[0] for s in state]), torch.stack([s[1] for s in state]))
+        y, (h, c) = self.lstm(x, hx)
+        new_state = [[h[i], c[i]] for i in range(self.num_layers)]
+        return self.dropout(y), lengths, new_state
+
+
+class Joiner(nn.Module):
+    """Joint network: ``out(act(enc_proj(enc)[:, :, None] + pred_proj(pred)[:, None]))``."""
+
+    def __init__(self, enc_dim: int, pred_dim: int, joint_dim: int, vocab_size: int,
+                 activation: str = "tanh") -> None:
+        super().__init__()
+        self.enc_proj = nn.Linear(enc_dim, joint_dim)
+        self.pred_proj = nn.Linear(pred_dim, joint_dim)
+        self.activation = nn.Tanh() if activation == "tanh" else nn.ReLU()
+        self.out = nn.Linear(joint_dim, vocab_size)
+        self.output_dim = vocab_size
+
+    def joint(self, enc_projected: Tensor, pred_projected: Tensor) -> Tensor:
+        """(B, T, J) x (B, U, J) -> (B, T, U, V) on already projected encodings."""
+        return self.out(self.activation(enc_projected.unsqueeze(2) + pred_projected.unsqueeze(1)))
+
+    def forward(self, source_encodings: Tensor, source_lengths: Tensor,
+                target_encodings: Tensor, target_lengths: Tensor):
+        logits = self.joint(self.enc_proj(source_encodings), self.pred_proj(target_encodings))
+        return logits, source_lengths, target_lengths
+
+
+class _LinearWarmup:
+    """Picklable LambdaLR factor: linear warm-up over ``steps`` optimiser steps, then 1."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = max(1, int(steps))
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.steps)
+
+
+# ----------------------------------------------------------------------------- task
+class ConformerTransducer(L.LightningModule):
+    """Conformer-Transducer (or Conformer-CTC) character ASR task.
+
+    Args:
+        preset: ``"tiny"`` (~3.5 M params, CPU) or ``"paper"`` (~120 M, the article's model).
+        d_model, num_layers, num_heads, ffn_dim, conv_kernel_size, pred_dim, pred_layers,
+            joint_dim, dropout: override the preset (``None`` = preset value).
+        n_mels: input feature dimension.
+        lr, weight_decay: AdamW settings. warmup_steps: linear LR warm-up over that many
+            optimiser steps of the optimiser returned by ``configure_optimizers`` (0 = none,
+            plain optimiser is returned).
+        loss: ``"rnnt"`` (Transducer) or ``"ctc"`` (CTC head on the encoder, no
+            predictor/joiner are built).
+        decoder: ``"greedy"`` or ``"beam"`` (``RNNTBeamSearch``; RNN-T only) for val/test.
+        beam_size, max_symbols_per_frame: decoding settings.
+        spec_augment: SpecAugment (2 freq masks, 2 time masks) on training batches.
+        input_norm: per-utterance mean/variance normalisation of the features (over valid frames).
+        use_group_norm: GroupNorm instead of BatchNorm in the Conformer conv modules (default;
+            BatchNorm running statistics are buffers that federated averaging of parameters
+            would not carry).
+        subsampling_channels: Conv2d channels of the front-end (``None`` = d_model).
+        joint_chunk_size: compute joint network + RNN-T loss in batch chunks of this many
+            utterances with activation checkpointing (for big models: the (B, T, U, joint_dim)
+            joint tensor dominates memory). ``None`` = whole batch at once.
+        log_examples: number of (reference, hypothesis) pairs to log on the first val/test batch.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        d_model: Optional[int] = None,
+        num_layers: Optional[int] = None,
+        num_heads: Optional[int] = None,
+        ffn_dim: Optional[int] = None,
+        conv_kernel_size: Optional[int] = None,
+        pred_dim: Optional[int] = None,
+        pred_layers: Optional[int] = None,
+        joint_dim: Optional[int] = None,
+        dropout: Optional[float] = None,
+        n_mels: int = 80,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-3,
+        warmup_steps: int = 0,
+        loss: str = "rnnt",
+        decoder: str = "greedy",
+        beam_size: int = 4,
+        max_symbols_per_frame: int = 5,
+        spec_augment: bool = False,
+        input_norm: bool = True,
+        use_group_norm: bool = True,
+        subsampling_channels: Optional[int] = None,
+        joint_chunk_size: Optional[int] = None,
+        log_examples: int = 3,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        if loss not in ("rnnt", "ctc"):
+            raise ValueError(f"loss must be 'rnnt' or 'ctc', got {loss!r}")
+        if decoder not in ("greedy", "beam"):
+            raise ValueError(f"decoder must be 'greedy' or 'beam', got {decoder!r}")
+        overrides = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim,
+                         conv_kernel_size=conv_kernel_size, pred_dim=pred_dim, pred_layers=pred_layers,
+                         joint_dim=joint_dim, dropout=dropout)
+        cfg = dict(PRESETS[preset])
+        cfg.update({k: v for k, v in overrides.items() if v is not None})
+        self.config = cfg
+
+        self.tokenizer = CharTokenizer()
+        self.blank_id = self.tokenizer.blank_id
+        vocab = self.tokenizer.vocab_size
+
+        self.encoder = ConformerEncoder(
+            n_mels, cfg["d_model"], cfg["num_layers"], cfg["num_heads"], cfg["ffn_dim"],
+            cfg["conv_kernel_size"], cfg["dropout"], use_group_norm=use_group_norm,
+            subsampling_channels=subsampling_channels,
+        )
+        if loss == "rnnt":
+            self.predictor = Predictor(vocab, cfg["pred_dim"], cfg["pred_layers"], cfg["dropout"])
+            self.joiner = Joiner(cfg["d_model"], cfg["pred_dim"], cfg["joint_dim"], vocab)
+        else:
+            self.ctc_head = nn.Linear(cfg["d_model"], vocab)
+
+        self.spec_augment_transforms: Optional[nn.Module] = None
+        if spec_augment:
+            import torchaudio.transforms as TT
+
+            f = max(1, round(27 * n_mels / 80))
+            self.spec_augment_transforms = nn.Sequential(
+                TT.FrequencyMasking(f, iid_masks=True), TT.FrequencyMasking(f, iid_masks=True),
+                TT.TimeMasking(40, iid_masks=True, p=0.1), TT.TimeMasking(40, iid_masks=True, p=0.1),
+            )
+
+        from torchmetrics.text import WordErrorRate
+
+        self.val_wer = WordErrorRate()
+        self.test_wer = WordErrorRate()
+        self.last_examples: list[tuple[str, str]] = []  # (reference, hypothesis) of the last logged batch
+
+    # ------------------------------------------------------------------ helpers
+    def _has_trainer(self) -> bool:
+        return getattr(self, "_trainer", None) is not None or getattr(self, "_fabric", None) is not None
+
+    def _log(self, *args: Any, **kwargs: Any) -> None:
+        if self._has_trainer():
+            self.log(*args, **kwargs)
+
+    def tokenize(self, texts: Sequence[str], device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
+        """Texts -> zero-padded targets (B, U_max) and lengths (B,), both int64."""
+        ids = [self.tokenizer.encode(t) for t in texts]
+        lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+        targets = torch.zeros(len(ids), int(lengths.max()) if len(ids) else 0, dtype=torch.long)
+        for i, x in enumerate(ids):
+            if x:
+                targets[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        return targets.to(device), lengths.to(device)
+
+    def _normalize_features(self, x: Tensor, lengths: Tensor) -> Tensor:
+        mask = _lengths_to_mask(lengths, x.shape[1]).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        n = mask.sum(1, keepdim=True).clamp(min=1.0)
+        mean = (x * mask).sum(1, keepdim=True) / n
+        var = (((x - mean) * mask) ** 2).sum(1, keepdim=True) / n
+        return (x - mean) / torch.sqrt(var + 1e-5) * mask
+
+    def forward(self, features: Tensor, feature_lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Encoder: (B, T, n_mels) features -> (B, T', d_model) encodings and (B,) lengths."""
+        if feature_lengths is None:
+            feature_lengths = torch.full((features.shape[0],), features.shape[1], dtype=torch.long,
+                                         device=features.device)
+        feature_lengths = feature_lengths.to(features.device).long()
+        features = features[:, : int(feature_lengths.max())]  # the loss needs T' == max(lengths')
+        if self.hparams.input_norm:
+            features = self._normalize_features(features, feature_lengths)
+        if self.training and self.spec_augment_transforms is not None:
+            features = self.spec_augment_transforms(features.transpose(1, 2).unsqueeze(1)).squeeze(1).transpose(1, 2)
+        return self.encoder(features, feature_lengths)
+
+    # ------------------------------------------------------------------ losses
+    def compute_loss(self, enc_out: Tensor, enc_lengths: Tensor, targets: Tensor, target_lengths: Tensor) -> Tensor:
+        if self.hparams.loss == "ctc":
+            log_probs = F.log_softmax(self.ctc_head(enc_out).float(), dim=-1)
+            return F.ctc_loss(log_probs.transpose(0, 1), targets, enc_lengths, target_lengths,
+                              blank=self.blank_id, reduction="mean", zero_infinity=True)
+        return self._rnnt_loss(enc_out, enc_lengths, targets, target_lengths)
+
+    def _rnnt_loss(self, enc_out: Tensor, enc_lengths: Tensor, targets: Tensor, target_lengths: Tensor) -> Tensor:
+        from torchaudio.functional import rnnt_loss
+
+        B = enc_out.shape[0]
+        # rnnt_loss demands targets.shape[1] == max(target_lengths) and T == max(enc_lengths)
+        targets = targets[:, : int(target_lengths.max())] if B else targets
+        pred_in = torch.cat([torch.full((B, 1), self.blank_id, dtype=torch.long, device=targets.device), targets], 1)
+        pred_out, _, _ = self.predictor(input=pred_in, lengths=target_lengths + 1, state=None)
+        enc_p = self.joiner.enc_proj(enc_out)
+        pred_p = self.joiner.pred_proj(pred_out)
+
+        def chunk_loss(e: Tensor, p: Tensor, el: Tensor, t: Tensor, tl: Tensor) -> Tensor:
+            t_max, u_max = int(el.max()), int(tl.max())
+            logits = self.joiner.joint(e[:, :t_max], p[:, : u_max + 1])
+            return rnnt_loss(logits.float(), t[:, :u_max].int(), el.int(), tl.int(),
+                             blank=self.blank_id, reduction="none")
+
+        chunk = self.hparams.joint_chunk_size
+        if not chunk or chunk >= B:
+            losses = chunk_loss(enc_p, pred_p, enc_lengths, targets, target_lengths)
+        else:
+            from torch.utils.checkpoint import checkpoint
+
+            parts = []
+            for s in range(0, B, chunk):
+                sl = slice(s, s + chunk)
+                args = (enc_p[sl], pred_p[sl], enc_lengths[sl], targets[sl], target_lengths[sl])
+                if torch.is_grad_enabled():
+                    parts.append(checkpoint(chunk_loss, *args, use_reentrant=False))
+                else:
+                    parts.append(chunk_loss(*args))
+            losses = torch.cat(parts)
+        return losses.mean()
+
+    # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def decode_encoder(self, enc_out: Tensor, enc_lengths: Tensor, decoder: Optional[str] = None) -> list[list[int]]:
+        """Token ids (no blanks) per utterance from encoder outputs."""
+        decoder = decoder or self.hparams.decoder
+        if self.hparams.loss == "ctc":
+            return ctc_greedy_decode(self.ctc_head(enc_out), enc_lengths, self.blank_id)
+        if decoder == "beam":
+            return rnnt_beam_search(self.predictor, self.joiner, enc_out, enc_lengths, self.blank_id,
+                                    beam_size=self.hparams.beam_size,
+                                    max_symbols_per_frame=self.hparams.max_symbols_per_frame)
+        return rnnt_greedy_search(self.predictor, self.joiner, enc_out, enc_lengths, self.blank_id,
+                                  max_symbols_per_frame=self.hparams.max_symbols_per_frame)
+
+    @torch.no_grad()
+    def transcribe(self, features: Tensor, feature_lengths: Optional[Tensor] = None,
+                   decoder: Optional[str] = None) -> list[str]:
+        """Features (B, T, n_mels) -> transcripts (uses the module's current train/eval mode)."""
+        enc_out, enc_lengths = self(features, feature_lengths)
+        return [self.tokenizer.decode(h) for h in self.decode_encoder(enc_out, enc_lengths, decoder)]
+
+    # ------------------------------------------------------------------ steps
+    def _batch_loss(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        features = batch["features"]
+        enc_out, enc_lengths = self(features, batch.get("feature_lengths"))
+        targets, target_lengths = self.tokenize(batch["texts"], enc_out.device)
+        return self.compute_loss(enc_out, enc_lengths, targets, target_lengths), enc_out, enc_lengths
+
+    def training_step(self, batch: dict, batch_idx: int = 0) -> Tensor:
+        loss, _, _ = self._batch_loss(batch)
+        self._log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["texts"]))
+        return loss
+
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> Tensor:
+        loss, enc_out, enc_lengths = self._batch_loss(batch)
+        hyps = [self.tokenizer.decode(h) for h in self.decode_encoder(enc_out, enc_lengths)]
+        refs = [self.tokenizer.normalize(t) for t in batch["texts"]]
+        metric = self.val_wer if stage == "val" else self.test_wer
+        metric.update(hyps, refs)
+        bs = len(refs)
+        self._log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        self._log(f"{stage}/wer", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        if batch_idx == 0 and self.hparams.log_examples > 0:
+            self._log_examples(stage, batch, refs, hyps)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int = 0) -> Tensor:
+        return self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int = 0) -> Tensor:
+        return self._eval_step(batch, batch_idx, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[str]:
+        return self.transcribe(batch["features"], batch.get("feature_lengths"))
+
+    def _log_examples(self, stage: str, batch: dict, refs: list[str], hyps: list[str]) -> None:
+        n = min(self.hparams.log_examples, len(refs))
+        ids = batch.get("ids") or [str(i) for i in range(len(refs))]
+        self.last_examples = list(zip(refs[:n], hyps[:n]))
+        if not self._has_trainer():
+            return
+        logger = self.logger
+        try:
+            from lightning.pytorch.loggers import TensorBoardLogger
+        except Exception:  # pragma: no cover
+            return
+        if isinstance(logger, TensorBoardLogger):
+            lines = [f"**{ids[i]}**  \nREF: `{refs[i]}`  \nHYP: `{hyps[i]}`" for i in range(n)]
+            logger.experiment.add_text(f"{stage}/examples", "\n\n".join(lines), global_step=self.global_step)
+
+    # ------------------------------------------------------------------ optimiser
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.98),
+                                weight_decay=self.hparams.weight_decay)
+        if not self.hparams.warmup_steps:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _LinearWarmup(self.hparams.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ info
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_frames_out(self, num_frames: int) -> int:
+        return int(subsampled_lengths(torch.tensor([num_frames]))[0])

@@ -1,0 +1,707 @@
+"""An embedded, download-free speech corpus synthesised with eSpeak NG, in LibriSpeech layout.
+
+:func:`generate_corpus` writes::
+
+    <root>/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt:04d>.flac   (16 kHz, 16-bit FLAC)
+    <root>/<split>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt         ("<id> TRANSCRIPT")
+    <root>/SPEAKERS.TXT                                                       (LibriSpeech-style)
+    <root>/corpus.json                                                        (config + speakers)
+
+so :mod:`lightning_fedprune.asr.librispeech` reads it exactly like real LibriSpeech.
+
+A *speaker* is a fixed ``(voice, variant, rate, pitch)`` combination (``en-gb-scotland+m3`` at
+162 words/min, pitch 41, ...), so clients that own speakers are naturally non-IID. Train and test
+speakers are disjoint (different ids and, up to 96 speakers, different voice+variant pairs).
+
+Engine
+    libespeak-ng is driven through ``ctypes`` from the ``espeakng-loader`` wheel (library plus
+    voice data, no root needed), in synchronous mode with a synth callback that collects the
+    16-bit samples (22050 Hz), which are resampled to 16 kHz and written as 16-bit FLAC (soundfile).
+    If the wheel is missing, the ``espeak-ng`` command-line program is used as a fallback.
+    Resampling 22050 -> 16000 Hz is a band-limited FFT resampler in numpy (torchaudio's sinc
+    resampler rebuilds its kernel on every call, which dominated the generation time).
+
+Determinism
+    libespeak-ng keeps synthesis state in static variables (pitch "flutter" phase, echo buffer,
+    ...) that survive ``espeak_Terminate``/``espeak_Initialize``, and some variants use libc
+    ``rand()`` for breath noise, so the same text gives different samples on every call. We
+    therefore load a *private copy* of the shared library for every speaker (fresh static state;
+    unloaded afterwards) and re-seed ``rand()``/``espeak_ng_SetRandSeed`` before every utterance.
+    A speaker's audio is then a pure function of ``(seed, speaker, utterance)``: the same seed gives
+    byte-identical FLAC files and transcripts, independently of the order of generation or
+    of other speakers. Synthesis is serialised by a process-wide lock (``rand()`` is global).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CorpusConfig",
+    "SpeakerProfile",
+    "VOCABULARIES",
+    "DIGITS",
+    "COMMANDS",
+    "generate_corpus",
+    "default_corpus",
+    "cache_root",
+    "load_corpus_info",
+    "espeak_backend",
+]
+
+PathLike = Union[str, os.PathLike]
+
+#: bump when the audio/text produced for the same config changes (invalidates cached corpora)
+GENERATOR_VERSION = 1
+
+DIGITS: tuple[str, ...] = ("ZERO", "ONE", "TWO", "THREE", "FOUR", "FIVE", "SIX", "SEVEN", "EIGHT", "NINE")
+COMMANDS: tuple[str, ...] = (
+    "UP", "DOWN", "LEFT", "RIGHT", "STOP", "GO", "YES", "NO", "OPEN", "CLOSE",
+    "ON", "OFF", "START", "PAUSE", "PLAY", "NEXT", "BACK", "FORWARD", "FASTER", "SLOWER",
+    "LOUDER", "QUIETER", "HELP", "CANCEL", "SAVE", "DELETE", "SELECT", "COPY", "PASTE", "UNDO",
+    "REDO", "HOME", "MENU", "SEARCH", "CALL", "ANSWER", "MUTE", "VOLUME", "LIGHTS", "MUSIC",
+    "TIMER", "ALARM", "WEATHER", "NEWS", "SEND", "REPLY", "LOCK", "UNLOCK", "CAMERA", "ZOOM",
+)  # fmt: skip
+#: vocabulary name -> (words, default (min, max) words per utterance)
+VOCABULARIES: dict[str, tuple[tuple[str, ...], tuple[int, int]]] = {
+    "digits": (DIGITS, (3, 7)),
+    "commands": (COMMANDS, (1, 4)),
+}
+
+#: English voices of eSpeak NG (accents) and voice variants used to build speakers
+VOICES: tuple[str, ...] = (
+    "en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
+)  # fmt: skip
+VARIANTS: tuple[str, ...] = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
+RATE_RANGE = (135, 195)  # words per minute (espeak default 175)
+PITCH_RANGE = (30, 70)  # 0..100 (espeak default 50)
+
+ESPEAK_RATE = 22050  # espeak-ng's native output rate
+
+
+# --------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeakerProfile:
+    """One synthetic speaker."""
+
+    id: str
+    split: str
+    voice: str
+    variant: str
+    rate: int
+    pitch: int
+    chapter: str
+
+    @property
+    def sex(self) -> str:
+        return "F" if self.variant.startswith("f") else "M"
+
+    @property
+    def voice_name(self) -> str:
+        return f"{self.voice}+{self.variant}" if self.variant else self.voice
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Everything that determines a synthetic corpus (hashed by :func:`default_corpus`)."""
+
+    vocabulary: str = "digits"
+    num_speakers: int = 16
+    utterances_per_speaker: int = 50
+    test_speakers: int = 4
+    test_utterances_per_speaker: int = 25
+    seed: int = 0
+    splits: tuple[str, ...] = ("train", "test")
+    min_words: Optional[int] = None  # None -> vocabulary default (digits 3..7, commands 1..4)
+    max_words: Optional[int] = None
+    word_alpha: Optional[float] = None  # Dirichlet concentration of per-speaker word preferences
+    noise_snr_db: Optional[float] = 40.0  # additive white noise floor (None = digital silence)
+    sample_rate: int = 16000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "splits", tuple(self.splits))
+        if self.vocabulary not in VOCABULARIES:
+            raise ValueError(f"unknown vocabulary {self.vocabulary!r}; choose from {sorted(VOCABULARIES)}")
+        if not 1 <= len(self.splits) <= 2 or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"splits must be one or two distinct names (train[, test]), got {self.splits}")
+        for s in self.splits:
+            if not s or "/" in s or os.sep in s or s.startswith("."):
+                raise ValueError(f"invalid split name {s!r}")
+        if self.num_speakers < 1 or self.utterances_per_speaker < 1:
+            raise ValueError("num_speakers and utterances_per_speaker must be >= 1")
+        if len(self.splits) == 2 and (self.test_speakers < 0 or self.test_utterances_per_speaker < 0):
+            raise ValueError("test_speakers and test_utterances_per_speaker must be >= 0")
+        if max(self.utterances_per_speaker, self.test_utterances_per_speaker) > 9999:
+            raise ValueError("at most 9999 utterances per speaker (4-digit utterance ids)")
+        lo, hi = self.word_range
+        if not 1 <= lo <= hi:
+            raise ValueError(f"need 1 <= min_words <= max_words, got {lo}, {hi}")
+        if self.word_alpha is not None and self.word_alpha <= 0:
+            raise ValueError("word_alpha must be > 0")
+        if self.sample_rate <= 0:
+            raise ValueError("sample_rate must be > 0")
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return VOCABULARIES[self.vocabulary][0]
+
+    @property
+    def word_range(self) -> tuple[int, int]:
+        lo, hi = VOCABULARIES[self.vocabulary][1]
+        return (self.min_words if self.min_words is not None else lo, self.max_words if self.max_words is not None else hi)
+
+    @property
+    def num_test_speakers(self) -> int:
+        return self.test_speakers if len(self.splits) == 2 else 0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["splits"] = list(self.splits)
+        return d
+
+    def speakers(self) -> list[SpeakerProfile]:
+        """The deterministic speaker list: ``num_speakers`` train speakers, then the test speakers."""
+        rng = random.Random(f"fedprune-speakers-{self.seed}")
+        pairs = [(v, var) for v in VOICES for var in VARIANTS]
+        rng.shuffle(pairs)
+        total = self.num_speakers + self.num_test_speakers
+        out: list[SpeakerProfile] = []
+        seen: set[tuple] = set()
+        for i in range(total):
+            voice, variant = pairs[i % len(pairs)]
+            while True:  # beyond len(pairs) speakers a pair repeats with another rate/pitch
+                rate, pitch = rng.randint(*RATE_RANGE), rng.randint(*PITCH_RANGE)
+                if (voice, variant, rate, pitch) not in seen:
+                    break
+            seen.add((voice, variant, rate, pitch))
+            spk = str(101 + i)
+            split = self.splits[0] if i < self.num_speakers else self.splits[1]
+            out.append(SpeakerProfile(spk, split, voice, variant, rate, pitch, chapter=str((101 + i) * 10)))
+        return out
+
+    def transcripts(self, speaker_index: int) -> list[str]:
+        """Upper-case transcripts of speaker ``speaker_index`` (position in :meth:`speakers`)."""
+        n = self.utterances_per_speaker if speaker_index < self.num_speakers else self.test_utterances_per_speaker
+        rng = np.random.default_rng([self.seed, 1, speaker_index])
+        words = self.words
+        p = None
+        if self.word_alpha is not None:
+            p = rng.dirichlet(np.full(len(words), float(self.word_alpha)))
+        lo, hi = self.word_range
+        out = []
+        for _ in range(n):
+            k = int(rng.integers(lo, hi + 1))
+            idx = rng.choice(len(words), size=k, replace=True, p=p)
+            out.append(" ".join(words[j] for j in idx))
+        return out
+
+    def key(self, engine_id: str) -> str:
+        payload = json.dumps(
+            {"config": self.to_dict(), "generator": GENERATOR_VERSION, "engine": engine_id}, sort_keys=True
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------
+# eSpeak NG engines
+# --------------------------------------------------------------------------------------
+
+_SYNTH_LOCK = threading.Lock()  # libc rand() is process-global: one synthesis at a time
+
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_POS_CHARACTER = 1
+_espeakCHARS_UTF8 = 1
+_espeakRATE, _espeakVOLUME, _espeakPITCH = 1, 2, 3
+
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+def _libc():
+    try:
+        if sys.platform == "win32":
+            return ctypes.CDLL("msvcrt")
+        return ctypes.CDLL(None)
+    except OSError:  # pragma: no cover
+        return None
+
+
+class _CtypesEngine:
+    """A private instance of libespeak-ng loaded from a temporary copy of the wheel's library.
+
+    Every instance has fresh static state, so its output depends only on what *it* synthesised.
+    """
+
+    backend = "ctypes"
+
+    def __init__(self) -> None:
+        import espeakng_loader
+
+        lib_src = espeakng_loader.get_library_path()
+        data = espeakng_loader.get_data_path()
+        self._tmpdir = tempfile.mkdtemp(prefix="fedprune-espeak-")
+        self._path = os.path.join(self._tmpdir, "libespeak-ng-" + uuid.uuid4().hex[:8] + Path(lib_src).suffix)
+        shutil.copyfile(lib_src, self._path)
+        self._lib = None
+        try:
+            lib = ctypes.CDLL(self._path, mode=getattr(os, "RTLD_LOCAL", 0))
+            self._lib = lib
+            lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+            lib.espeak_Initialize.restype = ctypes.c_int
+            lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+            lib.espeak_SetVoiceByName.restype = ctypes.c_int
+            lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+            lib.espeak_SetParameter.restype = ctypes.c_int
+            lib.espeak_Synth.argtypes = [
+                ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+            ]  # fmt: skip
+            lib.espeak_Synth.restype = ctypes.c_int
+            lib.espeak_Info.argtypes = [ctypes.c_void_p]
+            lib.espeak_Info.restype = ctypes.c_char_p
+            sr = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data.encode(), 0)
+            if sr <= 0:
+                raise RuntimeError(f"espeak_Initialize failed ({sr}) with data path {data}")
+            self.sample_rate = int(sr)
+            self.version = lib.espeak_Info(None).decode()
+            self._chunks: list[np.ndarray] = []
+            self._callback = _SYNTH_CALLBACK(self._on_samples)  # keep a reference
+            lib.espeak_SetSynthCallback(self._callback)
+            self._set_seed = getattr(lib, "espeak_ng_SetRandSeed", None)
+            if self._set_seed is not None:
+                self._set_seed.argtypes = [ctypes.c_long]
+            self._libc = _libc()
+        except BaseException:
+            self.close()
+            raise
+
+    def _on_samples(self, wav, n, events) -> int:
+        if n > 0 and wav:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    def synthesize(self, text: str, voice: str, rate: int, pitch: int, seed: int) -> np.ndarray:
+        lib = self._lib
+        with _SYNTH_LOCK:
+            self._chunks = []
+            if self._libc is not None:
+                self._libc.srand(ctypes.c_uint(seed & 0xFFFFFFFF))
+            if self._set_seed is not None:
+                self._set_seed(seed & 0x7FFFFFFF)
+            err = lib.espeak_SetVoiceByName(voice.encode())
+            if err != 0:
+                raise ValueError(f"eSpeak NG voice {voice!r} not found (error {err})")
+            lib.espeak_SetParameter(_espeakRATE, int(rate), 0)
+            lib.espeak_SetParameter(_espeakPITCH, int(pitch), 0)
+            buf = ctypes.create_string_buffer(text.encode("utf-8"))
+            err = lib.espeak_Synth(buf, len(buf), 0, _POS_CHARACTER, 0, _espeakCHARS_UTF8, None, None)
+            if err != 0:
+                raise RuntimeError(f"espeak_Synth failed with error {err} for {text!r}")
+            lib.espeak_Synchronize()
+            chunks, self._chunks = self._chunks, []
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+
+    def close(self) -> None:
+        lib, self._lib = self._lib, None
+        if lib is not None:
+            try:
+                lib.espeak_Terminate()
+            finally:
+                with contextlib.suppress(Exception):
+                    import _ctypes
+
+                    (_ctypes.dlclose if hasattr(_ctypes, "dlclose") else _ctypes.FreeLibrary)(lib._handle)
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def __del__(self) -> None:  # pragma: no cover - safety net
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class _CliEngine:
+    """Fallback: the ``espeak-ng`` program (one process per utterance, hence stateless)."""
+
+    backend = "cli"
+    sample_rate = ESPEAK_RATE
+
+    def __init__(self, exe: Optional[str] = None) -> None:
+        self.exe = exe or shutil.which("espeak-ng")
+        if not self.exe:
+            raise RuntimeError("the espeak-ng program was not found on PATH")
+        out = subprocess.run([self.exe, "--version"], capture_output=True, text=True, check=True).stdout
+        self.version = out.split("text-to-speech:")[-1].split()[0] if "text-to-speech:" in out else out.strip()
+        self._tmpdir = tempfile.mkdtemp(prefix="fedprune-espeak-")
+
+    def synthesize(self, text: str, voice: str, rate: int, pitch: int, seed: int) -> np.ndarray:
+        import soundfile as sf
+
+        wav = os.path.join(self._tmpdir, "utt.wav")
+        subprocess.run(
+            [self.exe, "-v", voice, "-s", str(int(rate)), "-p", str(int(pitch)), "-w", wav, text],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        data, sr = sf.read(wav, dtype="int16")
+        self.sample_rate = int(sr)
+        return data if data.ndim == 1 else data[:, 0]
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def espeak_backend(backend: str = "auto") -> str:
+    """Resolve ``"auto"`` to ``"ctypes"`` (espeakng-loader wheel) or ``"cli"`` (espeak-ng program)."""
+    if backend not in ("auto", "ctypes", "cli"):
+        raise ValueError(f"backend must be 'auto', 'ctypes' or 'cli', got {backend!r}")
+    if backend != "auto":
+        return backend
+    try:
+        import espeakng_loader
+
+        if Path(espeakng_loader.get_library_path()).is_file():
+            return "ctypes"
+    except ImportError:
+        pass
+    if shutil.which("espeak-ng"):
+        return "cli"
+    raise RuntimeError(
+        "eSpeak NG is not available: `pip install espeakng-loader` (ships libespeak-ng and its voice data; "
+        "no root needed) or install the espeak-ng program"
+    )
+
+
+def _make_engine(backend: str):
+    backend = espeak_backend(backend)
+    return _CtypesEngine() if backend == "ctypes" else _CliEngine()
+
+
+_ENGINE_IDS: dict[str, str] = {}
+
+
+def _engine_id(backend: str) -> str:
+    """``"<backend>:<espeak version>"`` (part of the cache key: another eSpeak gives other audio)."""
+    backend = espeak_backend(backend)
+    if backend not in _ENGINE_IDS:
+        if backend == "ctypes":
+            import espeakng_loader
+
+            lib = ctypes.CDLL(espeakng_loader.get_library_path())
+            lib.espeak_Info.argtypes = [ctypes.c_void_p]
+            lib.espeak_Info.restype = ctypes.c_char_p
+            version = lib.espeak_Info(None).decode()
+        else:
+            eng = _CliEngine()
+            version = eng.version
+            eng.close()
+        _ENGINE_IDS[backend] = f"{backend}:{version}"
+    return _ENGINE_IDS[backend]
+
+
+# --------------------------------------------------------------------------------------
+# generation
+# --------------------------------------------------------------------------------------
+
+
+def _utterance_seed(seed: int, speaker_index: int, utt: int) -> int:
+    h = hashlib.sha256(f"{seed}/{speaker_index}/{utt}".encode()).digest()
+    return int.from_bytes(h[:4], "little")
+
+
+def _resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
+    """Band-limited FFT resampling (``scipy.signal.resample``-style), float32 output.
+
+    The input is zero-padded to a multiple of ``src / gcd`` so the output length is exact; the
+    spectrum is cut at the lower Nyquist frequency. Much faster than torchaudio's sinc resampler
+    for one-off calls (no kernel construction) and deterministic. eSpeak output starts and ends
+    in silence, so the circular-convolution edge effects are negligible.
+    """
+    if src == dst or x.size == 0:
+        return x.astype(np.float32)
+    g = np.gcd(src, dst)
+    up, down = dst // g, src // g
+    n = -(-x.size // down) * down
+    m = n // down * up
+    X = np.fft.rfft(x, n)
+    k = min(X.size, m // 2 + 1)
+    Y = np.zeros(m // 2 + 1, dtype=np.complex128)
+    Y[:k] = X[:k]
+    if m % 2 == 0 and k == m // 2 + 1 and m < n:  # the new Nyquist bin must be real
+        Y[-1] = Y[-1].real
+    y = np.fft.irfft(Y, m) * (m / n)
+    return y[: int(round(x.size * dst / src))].astype(np.float32)
+
+
+def _postprocess(samples: np.ndarray, src_rate: int, cfg: CorpusConfig, rng: np.random.Generator) -> np.ndarray:
+    """int16 @ src_rate -> int16 @ cfg.sample_rate with silence padding, level and noise floor."""
+    x = _resample(samples.astype(np.float64) / 32768.0, src_rate, cfg.sample_rate)
+    sr = cfg.sample_rate
+    lead = np.zeros(int(rng.uniform(0.05, 0.25) * sr), np.float32)
+    trail = np.zeros(int(rng.uniform(0.05, 0.20) * sr), np.float32)
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    if peak > 0:
+        x = x * (rng.uniform(0.3, 0.9) / peak)
+    y = np.concatenate([lead, x.astype(np.float32), trail])
+    if cfg.noise_snr_db is not None and x.size:
+        active = x[np.abs(x) > 0.01 * np.abs(x).max()] if peak > 0 else x
+        power = float(np.mean(active.astype(np.float64) ** 2)) if active.size else 0.0
+        if power > 0:
+            y = y + rng.normal(0.0, np.sqrt(power / 10 ** (cfg.noise_snr_db / 10)), size=y.shape).astype(np.float32)
+    return np.clip(np.round(y * 32767.0), -32768, 32767).astype(np.int16)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, unit="utt", leave=False)
+        except ImportError:
+            pass
+
+    class _LogProgress:
+        def __init__(self) -> None:
+            self.n, self.t0 = 0, time.perf_counter()
+
+        def update(self, k: int = 1) -> None:
+            self.n += k
+            if enabled and (self.n % 100 == 0 or self.n == total):
+                log.info("%s: %d/%d utterances (%.1fs)", desc, self.n, total, time.perf_counter() - self.t0)
+
+        def close(self) -> None:
+            pass
+
+    return _LogProgress()
+
+
+def generate_corpus(
+    root: PathLike,
+    *,
+    vocabulary: str = "digits",
+    num_speakers: int = 16,
+    utterances_per_speaker: int = 50,
+    test_speakers: int = 4,
+    test_utterances_per_speaker: int = 25,
+    seed: int = 0,
+    splits: Sequence[str] = ("train", "test"),
+    min_words: Optional[int] = None,
+    max_words: Optional[int] = None,
+    word_alpha: Optional[float] = None,
+    noise_snr_db: Optional[float] = 40.0,
+    sample_rate: int = 16000,
+    backend: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Synthesise a corpus in LibriSpeech layout under ``root`` and return ``root``.
+
+    ``splits[0]`` gets ``num_speakers`` speakers x ``utterances_per_speaker`` utterances;
+    ``splits[1]`` (if given) gets ``test_speakers`` *other* speakers x ``test_utterances_per_speaker``.
+    Transcripts are 3-7 digit words (``vocabulary="digits"``, ZERO..NINE) or 1-4 command words
+    (``"commands"``, 50 words); ``min_words``/``max_words`` override the length range and
+    ``word_alpha`` gives every speaker its own Dirichlet(``word_alpha``) word preferences (extra
+    label skew; ``None`` = uniform). ``noise_snr_db`` adds a white noise floor (``None``: none).
+
+    ``backend``: ``"ctypes"`` (libespeak-ng from the espeakng-loader wheel), ``"cli"`` (the
+    espeak-ng program) or ``"auto"`` (ctypes if available). Raises ``FileExistsError`` if a split
+    directory to be written already has content, unless ``overwrite=True``.
+    """
+    cfg = CorpusConfig(
+        vocabulary=vocabulary, num_speakers=num_speakers, utterances_per_speaker=utterances_per_speaker,
+        test_speakers=test_speakers, test_utterances_per_speaker=test_utterances_per_speaker, seed=seed,
+        splits=tuple(splits), min_words=min_words, max_words=max_words, word_alpha=word_alpha,
+        noise_snr_db=noise_snr_db, sample_rate=sample_rate,
+    )  # fmt: skip
+    return _generate(Path(root), cfg, backend=backend, overwrite=overwrite, progress=progress)
+
+
+def _generate(root: Path, cfg: CorpusConfig, *, backend: str, overwrite: bool, progress: bool) -> Path:
+    import soundfile as sf
+
+    backend = espeak_backend(backend)
+    splits = cfg.splits[: 1 + (cfg.num_test_speakers > 0)]
+    for s in splits:
+        d = root / s
+        if d.exists() and any(d.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"split directory {d} already exists and is not empty (pass overwrite=True)")
+            shutil.rmtree(d)
+    root.mkdir(parents=True, exist_ok=True)
+
+    speakers = cfg.speakers()
+    jobs = [(i, spk, cfg.transcripts(i)) for i, spk in enumerate(speakers)]
+    total = sum(len(t) for _, _, t in jobs)
+    t0 = time.perf_counter()
+    log.info("synthesising %d utterances (%s, %d speakers) into %s", total, cfg.vocabulary, len(speakers), root)
+    bar = _progress(total, f"synthesising {cfg.vocabulary} corpus", progress)
+    seconds = {s: 0.0 for s in splits}
+    counts = {s: 0 for s in splits}
+    version = None
+    try:
+        for i, spk, texts in jobs:
+            chapter_dir = root / spk.split / spk.id / spk.chapter
+            chapter_dir.mkdir(parents=True, exist_ok=True)
+            engine = _make_engine(backend)  # fresh engine state per speaker
+            try:
+                version = engine.version
+                lines = []
+                for u, text in enumerate(texts):
+                    useed = _utterance_seed(cfg.seed, i, u)
+                    raw = engine.synthesize(text.lower(), spk.voice_name, spk.rate, spk.pitch, useed)
+                    if raw.size == 0:
+                        raise RuntimeError(f"eSpeak NG produced no audio for {text!r} ({spk.voice_name})")
+                    audio = _postprocess(raw, engine.sample_rate, cfg, np.random.default_rng([cfg.seed, 2, i, u]))
+                    utt_id = f"{spk.id}-{spk.chapter}-{u:04d}"
+                    sf.write(str(chapter_dir / f"{utt_id}.flac"), audio, cfg.sample_rate, format="FLAC", subtype="PCM_16")
+                    lines.append(f"{utt_id} {text}\n")
+                    seconds[spk.split] += audio.size / cfg.sample_rate
+                    counts[spk.split] += 1
+                    bar.update(1)
+                (chapter_dir / f"{spk.id}-{spk.chapter}.trans.txt").write_text("".join(lines), encoding="utf-8")
+            finally:
+                engine.close()
+    finally:
+        bar.close()
+
+    # LibriSpeech-style SPEAKERS.TXT and a machine-readable description
+    with open(root / "SPEAKERS.TXT", "w", encoding="utf-8") as f:
+        f.write("; lightning-fedprune synthetic eSpeak NG corpus\n;ID  |SEX| SUBSET           | VOICE\n")
+        for spk in speakers:
+            f.write(f"{spk.id:<5}| {spk.sex} | {spk.split:<17}| {spk.voice_name} rate={spk.rate} pitch={spk.pitch}\n")
+    info = {
+        "generator": "lightning_fedprune.asr.synthetic",
+        "generator_version": GENERATOR_VERSION,
+        "engine": {"backend": backend, "espeak_version": version},
+        "config": cfg.to_dict(),
+        "splits": {s: {"utterances": counts[s], "hours": round(seconds[s] / 3600, 4)} for s in splits},
+        "speakers": [dataclasses.asdict(s) for s in speakers],
+        "vocabulary": list(cfg.words),
+    }
+    (root / "corpus.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    dt = time.perf_counter() - t0
+    log.info("synthesised %d utterances (%.2f h of audio) in %.1fs", total, sum(seconds.values()) / 3600, dt)
+    return root
+
+
+def load_corpus_info(root: PathLike) -> dict:
+    """The ``corpus.json`` written by :func:`generate_corpus`."""
+    p = Path(root) / "corpus.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found: {root} is not a corpus written by generate_corpus")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------
+# cached default corpus
+# --------------------------------------------------------------------------------------
+
+
+def cache_root(cache_dir: Optional[PathLike] = None) -> Path:
+    """``cache_dir``, else ``$FEDPRUNE_CACHE``, else ``platformdirs.user_cache_dir("lightning-fedprune")``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("FEDPRUNE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    try:
+        from platformdirs import user_cache_dir
+
+        return Path(user_cache_dir("lightning-fedprune"))
+    except ImportError:  # pragma: no cover
+        return Path.home() / ".cache" / "lightning-fedprune"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_tmp(parent: Path) -> None:
+    for d in parent.glob(".tmp-*"):
+        parts = d.name.split("-")
+        try:
+            pid = int(parts[-2])
+        except (ValueError, IndexError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def default_corpus(
+    vocabulary: str = "digits",
+    *,
+    num_speakers: int = 16,
+    utterances_per_speaker: int = 50,
+    test_speakers: int = 4,
+    test_utterances_per_speaker: int = 25,
+    seed: int = 0,
+    splits: Sequence[str] = ("train", "test"),
+    min_words: Optional[int] = None,
+    max_words: Optional[int] = None,
+    word_alpha: Optional[float] = None,
+    noise_snr_db: Optional[float] = 40.0,
+    sample_rate: int = 16000,
+    backend: str = "auto",
+    cache_dir: Optional[PathLike] = None,
+    progress: bool = True,
+) -> Path:
+    """The synthetic corpus for this configuration, generated once and cached.
+
+    Lives in ``<cache_root(cache_dir)>/corpora/synth-<vocabulary>-<hash>`` where the hash covers
+    the configuration, the generator version and the eSpeak NG backend+version. Generation goes
+    to a temporary sibling directory that is renamed into place when complete, so an interrupted
+    run never leaves a partial corpus (and leftovers of dead processes are removed). A second call
+    only checks that the directory exists and returns immediately.
+    """
+    cfg = CorpusConfig(
+        vocabulary=vocabulary, num_speakers=num_speakers, utterances_per_speaker=utterances_per_speaker,
+        test_speakers=test_speakers, test_utterances_per_speaker=test_utterances_per_speaker, seed=seed,
+        splits=tuple(splits), min_words=min_words, max_words=max_words, word_alpha=word_alpha,
+        noise_snr_db=noise_snr_db, sample_rate=sample_rate,
+    )  # fmt: skip
+    parent = cache_root(cache_dir) / "corpora"
+    final = parent / f"synth-{cfg.vocabulary}-{cfg.key(_engine_id(backend))}"
+    if (final / "corpus.json").is_file():
+        return final
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(parent)
+    tmp = parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _generate(tmp, cfg, backend=backend, overwrite=False, progress=progress)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "corpus.json").is_file():  # not a concurrent winner: a real error
+                raise
+            log.info("corpus %s was generated concurrently; using it", final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,57 @@
+"""Helpers shared by the pruning callbacks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_fedprune.pruning.state import MaskChange, PruningState
+
+
+def fed_module(pl_module: Any, who: str) -> Any:
+    if not hasattr(pl_module, "pruning") or not isinstance(pl_module.pruning, PruningState):
+        raise TypeError(f"{who} works with a FederatedLightningModule; got {type(pl_module).__name__}.")
+    return pl_module
+
+
+def find_callback(trainer: pl.Trainer, cls: type) -> Any:
+    found = [cb for cb in trainer.callbacks if isinstance(cb, cls)]
+    if len(found) > 1:
+        raise ValueError(f"Only one {cls.__name__} may be used per Trainer; found {len(found)}.")
+    return found[0] if found else None
+
+
+def check_round(value: Any, name: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+
+
+def check_fraction(value: Any, name: str, upper_inclusive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and 0.0 <= value and (value <= 1.0 if upper_inclusive else value < 1.0)
+    if not ok:
+        bound = "[0, 1]" if upper_inclusive else "[0, 1)"
+        raise ValueError(f"`{name}` must be a number in {bound}, got {value!r}.")
+
+
+def log_masks(pl_module: Any, change: MaskChange | None) -> None:
+    """Log the mask statistics after a recomputation (per-layer sparsity, flips)."""
+    state: PruningState = pl_module.pruning
+    opts = dict(on_step=True, on_epoch=False, batch_size=1)
+    if change is not None:
+        pl_module.log("prune/mask_flips", float(change.flips), **opts)
+        pl_module.log("prune/restored", float(change.restored), **opts)
+        for name, value in state.actual_layer_sparsity().items():
+            pl_module.log(f"prune/layer_sparsity/{name}", value, **opts)
+
+
+def log_round(pl_module: Any) -> None:
+    state: PruningState = pl_module.pruning
+    opts = dict(on_step=True, on_epoch=False, batch_size=1)
+    pl_module.log("prune/sparsity", state.sparsity() if state.masks else 0.0, prog_bar=True, **opts)
+    pl_module.log("prune/target_sparsity", state.target_sparsity, **opts)
+    pl_module.log("prune/phase", float(state.phase), **opts)

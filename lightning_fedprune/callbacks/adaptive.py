@@ -1,0 +1,54 @@
+"""Adaptive per-layer sparsity: less important layers get more sparsity, the overall sparsity stays S."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_fedprune.callbacks._common import check_fraction, find_callback
+from lightning_fedprune.pruning.allocation import NORMALIZATIONS
+
+
+class AdaptiveLayerSparsity(pl.Callback):
+    """Allocates the ramp's sparsity across layers by layer importance (instead of uniformly).
+
+    Layer importance is the mean elementwise importance of the layer's parameter, made comparable
+    across layers (``normalize="fan_in"`` multiplies it by ``sqrt(fan_in)``, removing the
+    ``1/sqrt(fan_in)`` scale of standard initialisations). Layer ``l`` gets
+    ``s_l = min(max_layer_sparsity, c * (I_l / geomean(I)) ** -temperature)`` with ``c`` chosen so
+    the parameter-weighted mean of ``s_l`` is the target ``S`` (see docs/concepts.md).
+
+    Args:
+        max_layer_sparsity: cap on any layer's sparsity, in ``(0, 1]``; must be >= ``S``.
+        temperature: how strongly importance differences spread the sparsities (0 = uniform).
+        normalize: ``"fan_in"`` or ``"none"``.
+    """
+
+    def __init__(self, max_layer_sparsity: float = 0.9, temperature: float = 1.0, normalize: str = "fan_in") -> None:
+        check_fraction(max_layer_sparsity, "max_layer_sparsity", upper_inclusive=True)
+        if max_layer_sparsity == 0:
+            raise ValueError("`max_layer_sparsity` must be > 0.")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"`temperature` must be a number >= 0, got {temperature!r}.")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}, got {normalize!r}.")
+        self.max_layer_sparsity = float(max_layer_sparsity)
+        self.temperature = float(temperature)
+        self.normalize = normalize
+
+    def allocation_config(self, target_sparsity: float) -> dict[str, Any]:
+        if target_sparsity > self.max_layer_sparsity:
+            raise ValueError(
+                f"The ramp's `target_sparsity` ({target_sparsity}) exceeds AdaptiveLayerSparsity's "
+                f"`max_layer_sparsity` ({self.max_layer_sparsity}): no allocation can reach it."
+            )
+        return {"max_layer_sparsity": self.max_layer_sparsity, "temperature": self.temperature, "normalize": self.normalize}
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning_fedprune.callbacks.sparsity_ramp import SparsityRampCallback
+
+        if find_callback(trainer, SparsityRampCallback) is None:
+            raise ValueError("AdaptiveLayerSparsity needs a SparsityRampCallback in the same Trainer.")

@@ -1,0 +1,78 @@
+"""Phase (c): masks and sparsity frozen; pruning made permanent at the end; export of the pruned model."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_fedprune.callbacks._common import check_round, find_callback
+
+
+class FineTuneFreeze(pl.Callback):
+    """Phase (c) of Federated Pruning: from ``start_round`` the masks and the sparsity are frozen
+    and only the remaining weights are trained.
+
+    Args:
+        start_round: first fine-tuning round; must be after the ramp's ``end_round``.
+        make_permanent: at the end of fit, drop the pruned values from the global model (set them to
+            exact zeros); until then the server keeps them (restorable).
+        export_path: if set, write the pruned model there at the end of fit (``torch.save`` of
+            :func:`lightning_fedprune.pruning.export.export_pruned`: a state_dict with zeros, and a
+            compact form for structured patterns).
+    """
+
+    def __init__(self, start_round: int, make_permanent: bool = True, export_path: str | None = None) -> None:
+        check_round(start_round, "start_round")
+        if not isinstance(make_permanent, bool):
+            raise ValueError(f"`make_permanent` must be a bool, got {make_permanent!r}.")
+        self.start_round = start_round
+        self.make_permanent = make_permanent
+        self.export_path = export_path
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning_fedprune.callbacks.sparsity_ramp import SparsityRampCallback
+
+        if find_callback(trainer, SparsityRampCallback) is None:
+            raise ValueError("FineTuneFreeze needs a SparsityRampCallback in the same Trainer.")
+        if self.export_path is not None:
+            parent = Path(self.export_path).expanduser().resolve().parent
+            if not parent.exists():
+                raise ValueError(f"`export_path`'s folder does not exist: {parent}")
+
+    def on_fed_round_start(self, trainer: pl.Trainer, pl_module: Any, round: int, cohort: list[int]) -> None:
+        if round >= self.start_round:
+            pl_module.pruning.frozen = True
+            pl_module.pruning.phase = 3
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        state = pl_module.pruning
+        if not state.masks:
+            return
+        if trainer.global_step <= self.start_round:
+            warnings.warn(
+                f"Training ended at round {trainer.global_step}, before fine-tuning (round {self.start_round}); "
+                "pruning is not made permanent.", stacklevel=2)
+            return
+        if self.make_permanent:
+            make_permanent(pl_module)
+        if self.export_path is not None:
+            from lightning_fedprune.pruning.export import export_pruned
+
+            torch.save(export_pruned(pl_module.task, state.masks, state.patterns), self.export_path)
+
+
+def make_permanent(pl_module: Any) -> None:
+    """Drop the pruned values from the global model (exact zeros) and mark the pruning permanent."""
+    state = pl_module.pruning
+    params = pl_module.global_params()
+    with torch.no_grad():
+        for name, mask in state.masks.items():
+            params[name].mul_(mask)
+    state.permanent = True
+    state.frozen = True

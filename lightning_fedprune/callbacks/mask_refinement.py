@@ -1,0 +1,82 @@
+"""Phase (b): at fixed sparsity, recompute masks from fresh importance so wrongly pruned entries come back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_fedprune.callbacks._common import check_round, find_callback, log_masks
+
+
+class MaskRefinementCallback(pl.Callback):
+    """Phase (b) of Federated Pruning: mask refinement at the ramp's target sparsity ``S``.
+
+    Every ``every_n_rounds`` rounds from ``start_round`` (default: the round after the ramp ends)
+    until ``until_round`` (default: until fine-tuning starts, or the end of training), the masks
+    are recomputed from fresh importance at ``S``. Kept and pruned entries are ranked together:
+    pruned entries received no client update, so their score is stale (for weight importance,
+    their server-side value; for gradient/momentum importance, the last statistic from when they
+    were kept), and an entry comes back (0 -> 1) when its score beats a kept entry's, which is
+    then pruned to keep ``S``. Logs ``prune/mask_flips`` and ``prune/restored``.
+
+    Args:
+        every_n_rounds: rounds between recomputations (>= 1).
+        start_round: first refinement round; must be after the ramp's ``end_round``.
+        until_round: last refinement round (inclusive), or None.
+    """
+
+    def __init__(self, every_n_rounds: int = 10, start_round: int | None = None, until_round: int | None = None) -> None:
+        if isinstance(every_n_rounds, bool) or not isinstance(every_n_rounds, int) or every_n_rounds < 1:
+            raise ValueError(f"`every_n_rounds` must be a positive integer, got {every_n_rounds!r}.")
+        check_round(start_round, "start_round", allow_none=True)
+        check_round(until_round, "until_round", allow_none=True)
+        if start_round is not None and until_round is not None and until_round < start_round:
+            raise ValueError(f"`until_round` ({until_round}) must be >= `start_round` ({start_round}).")
+        self.every_n_rounds = every_n_rounds
+        self.start_round = start_round
+        self.until_round = until_round
+        self.total_flips = 0
+        self.total_restored = 0
+
+    def first_round(self, ramp: Any) -> int:
+        return self.start_round if self.start_round is not None else ramp.end_round + 1
+
+    def active_at(self, round: int, ramp: Any) -> bool:
+        start = self.first_round(ramp)
+        return round >= start and (self.until_round is None or round <= self.until_round)
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning_fedprune.callbacks.sparsity_ramp import SparsityRampCallback
+
+        ramp = find_callback(trainer, SparsityRampCallback)
+        if ramp is None:
+            raise ValueError("MaskRefinementCallback needs a SparsityRampCallback in the same Trainer (it refines its masks).")
+        if self.start_round is not None and self.start_round <= ramp.end_round:
+            raise ValueError(
+                f"MaskRefinementCallback `start_round` ({self.start_round}) must be after the ramp's `end_round` "
+                f"({ramp.end_round}): refinement works at the final sparsity."
+            )
+        if self.until_round is not None and self.until_round <= ramp.end_round:
+            raise ValueError(f"`until_round` ({self.until_round}) must be after the ramp's `end_round` ({ramp.end_round}).")
+        self._ramp = ramp
+
+    def on_fed_round_start(self, trainer: pl.Trainer, pl_module: Any, round: int, cohort: list[int]) -> None:
+        ramp = self._ramp
+        if ramp.phase_at(round) != 2:
+            return
+        if (round - self.first_round(ramp)) % self.every_n_rounds != 0:
+            return
+        change = ramp.recompute(pl_module, round, ramp.target_sparsity)
+        self.total_flips += change.flips
+        self.total_restored += change.restored
+        log_masks(pl_module, change)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total_flips": self.total_flips, "total_restored": self.total_restored}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.total_flips = int(state_dict.get("total_flips", 0))
+        self.total_restored = int(state_dict.get("total_restored", 0))

@@ -1,0 +1,226 @@
+"""Phase (a): sparsity rises from 0 to the target, in one shot or by a schedule."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_fedprune.callbacks._common import check_fraction, check_round, fed_module, find_callback, log_masks, log_round
+from lightning_fedprune.pruning.importance import IMPORTANCE, parse_importance
+from lightning_fedprune.pruning.patterns import PATTERNS, check_pattern
+from lightning_fedprune.pruning.schedules import SCHEDULES, sparsity_at, validate_schedule
+
+MOMENTUM_SOURCES = ("ema", "server_optimizer")
+
+
+class SparsityRampCallback(pl.Callback):
+    """Phase (a) of Federated Pruning: ramp the sparsity of the chosen parameters from 0 to ``target_sparsity``.
+
+    At the start of a round the server recomputes the masks from importance scores (the
+    ``on_fed_round_start`` hook), so the round's clients already receive the pruned model.
+
+    Args:
+        target_sparsity: final fraction ``S`` of pruned entries over the prunable parameters, in ``[0, 1)``.
+        start_round: first round at which masks are computed (before it the model is dense).
+        end_round: round from which the sparsity stays at ``S`` (default: ``start_round``, i.e. one shot).
+        schedule: ``"one_shot"``, ``"linear"``, ``"cubic"`` (polynomial, Zhu & Gupta 2017) or ``"step"``.
+        power: exponent of the ``cubic`` schedule.
+        num_steps: number of increments of the ``step`` schedule.
+        every_n_rounds: during the ramp, recompute the masks every this many rounds (the final
+            ``end_round`` update always happens).
+        pattern: ``"unstructured"``, ``"row"``, ``"column"``, ``"half_row"`` or ``"half_column"``
+            (see docs/concepts.md for the 2-D view of >2-D tensors and the half split).
+        importance: ``"weight_l1"``, ``"weight_l2"``, ``"gradient_l1"``, ``"gradient_l2"``,
+            ``"momentum_l1"``, ``"momentum_l2"`` or ``"weight_x_gradient"``. Gradients and momenta
+            are server-side statistics that cost no traffic: the aggregated pseudo-gradient and its
+            exponential moving average (or the server optimiser's momentum, see ``momentum_source``).
+        parameters: regular expression (``re.fullmatch``) over the task's parameter names
+            (``encoder.layers.0.ffn.linear1.weight``); default: every parameter with 2 or more
+            dimensions (weights of Linear, Conv, Embedding, attention projections; no biases or norms).
+        exclude: optional regular expression of names to leave dense.
+        momentum_beta: EMA factor of the pseudo-gradient momentum (``momentum_source="ema"``).
+        momentum_source: ``"ema"`` (default) or ``"server_optimizer"`` (``sgdm``'s momentum buffer /
+            ``adam``'s first moment).
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float = 0.5,
+        start_round: int = 0,
+        end_round: int | None = None,
+        schedule: str = "cubic",
+        power: float = 3.0,
+        num_steps: int = 4,
+        every_n_rounds: int = 1,
+        pattern: str = "unstructured",
+        importance: str = "weight_l2",
+        parameters: str | None = None,
+        exclude: str | None = None,
+        momentum_beta: float = 0.9,
+        momentum_source: str = "ema",
+    ) -> None:
+        check_fraction(target_sparsity, "target_sparsity")
+        check_round(start_round, "start_round")
+        check_round(end_round, "end_round", allow_none=True)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}.")
+        if end_round is None:
+            end_round = start_round
+        if end_round < start_round:
+            raise ValueError(f"`end_round` ({end_round}) must be >= `start_round` ({start_round}).")
+        validate_schedule(target=target_sparsity, start_round=start_round, end_round=end_round, schedule=schedule,
+                          power=power, num_steps=num_steps)
+        if isinstance(every_n_rounds, bool) or not isinstance(every_n_rounds, int) or every_n_rounds < 1:
+            raise ValueError(f"`every_n_rounds` must be a positive integer, got {every_n_rounds!r}.")
+        if pattern not in PATTERNS:
+            raise ValueError(f"`pattern` must be one of {PATTERNS}, got {pattern!r}.")
+        if importance not in IMPORTANCE:
+            raise ValueError(f"`importance` must be one of {IMPORTANCE}, got {importance!r}.")
+        source, _ = parse_importance(importance)
+        if source != "weight" and start_round < 1:
+            raise ValueError(
+                f"`importance={importance!r}` uses server-side gradient statistics, which exist only after a round has "
+                f"been aggregated: `start_round` must be >= 1, got {start_round}."
+            )
+        for arg, rx in (("parameters", parameters), ("exclude", exclude)):
+            if rx is not None:
+                try:
+                    re.compile(rx)
+                except re.error as err:
+                    raise ValueError(f"`{arg}` is not a valid regular expression ({rx!r}): {err}") from err
+        check_fraction(momentum_beta, "momentum_beta")
+        if momentum_source not in MOMENTUM_SOURCES:
+            raise ValueError(f"`momentum_source` must be one of {MOMENTUM_SOURCES}, got {momentum_source!r}.")
+        self.target_sparsity = float(target_sparsity)
+        self.start_round = start_round
+        self.end_round = end_round
+        self.schedule = schedule
+        self.power = power
+        self.num_steps = num_steps
+        self.every_n_rounds = every_n_rounds
+        self.pattern = pattern
+        self.importance = importance
+        self.parameters = parameters
+        self.exclude = exclude
+        self.momentum_beta = momentum_beta
+        self.momentum_source = momentum_source
+        self.targets: list[str] = []
+        self._refine: Any = None
+        self._freeze: Any = None
+
+    # ------------------------------------------------------------------ setup
+    def resolve_targets(self, task: torch.nn.Module) -> list[str]:
+        """Names of the task's parameters this callback prunes (raises if none match)."""
+        names = []
+        for name, p in task.named_parameters():
+            if self.parameters is None:
+                ok = p.dim() >= 2
+            else:
+                ok = re.fullmatch(self.parameters, name) is not None
+            if ok and self.exclude is not None and re.fullmatch(self.exclude, name):
+                ok = False
+            if ok:
+                names.append(name)
+        if not names:
+            what = f"`parameters={self.parameters!r}`" if self.parameters else "the default (tensors with >= 2 dims)"
+            sample = ", ".join(n for n, _ in list(task.named_parameters())[:8])
+            raise ValueError(f"{what} matches no parameter of the task. Some parameter names: {sample} ...")
+        return names
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning_fedprune.callbacks.adaptive import AdaptiveLayerSparsity
+        from lightning_fedprune.callbacks.finetune import FineTuneFreeze
+        from lightning_fedprune.callbacks.mask_refinement import MaskRefinementCallback
+
+        fed = fed_module(pl_module, "SparsityRampCallback")
+        find_callback(trainer, SparsityRampCallback)
+        self.targets = self.resolve_targets(fed.task)
+        params = dict(fed.task.named_parameters())
+        for name in self.targets:
+            check_pattern(self.pattern, params[name].shape, name=name)
+        if self.momentum_source == "server_optimizer" and fed.server_optimizer_name == "sgd" \
+                and self.importance.startswith("momentum"):
+            raise ValueError("`momentum_source='server_optimizer'` needs server_optimizer 'sgdm' or 'adam' (plain 'sgd' has no momentum).")
+        self._refine = find_callback(trainer, MaskRefinementCallback)
+        self._freeze = find_callback(trainer, FineTuneFreeze)
+        adaptive = find_callback(trainer, AdaptiveLayerSparsity)
+        if self._freeze is not None and self._freeze.start_round <= self.end_round:
+            raise ValueError(
+                f"FineTuneFreeze `start_round` ({self._freeze.start_round}) must be after the ramp's `end_round` "
+                f"({self.end_round})."
+            )
+        fed.pruning.configure(self.targets, self.pattern, self.importance, self.momentum_beta, self.momentum_source)
+        fed.pruning.allocation = adaptive.allocation_config(self.target_sparsity) if adaptive is not None else None
+
+    # ------------------------------------------------------------------ phases
+    def phase_at(self, round: int) -> int:
+        """0 dense, 1 ramp, 2 refine, 3 fine-tune (masks fixed)."""
+        if self._freeze is not None and round >= self._freeze.start_round:
+            return 3
+        if round < self.start_round:
+            return 0
+        if round <= self.end_round:
+            return 1
+        if self._refine is not None and self._refine.active_at(round, self):
+            return 2
+        return 3
+
+    def sparsity_at(self, round: int) -> float:
+        return sparsity_at(round, target=self.target_sparsity, start_round=self.start_round, end_round=self.end_round,
+                           schedule=self.schedule, power=self.power, num_steps=self.num_steps)
+
+    def recompute(self, pl_module: Any, round: int, sparsity: float):
+        return pl_module.pruning.recompute(pl_module.global_params(), sparsity, round,
+                                           server_momentum=self._server_momentum(pl_module))
+
+    def _server_momentum(self, pl_module: Any) -> dict[str, torch.Tensor] | None:
+        if self.momentum_source != "server_optimizer":
+            return None
+        opt = pl_module.optimizers().optimizer
+        params = pl_module.global_params()
+        out = {}
+        for name in self.targets:
+            st = opt.state.get(params[name], {})
+            buf = st.get("momentum_buffer", st.get("exp_avg"))
+            if buf is not None:
+                out[name] = buf
+        return out
+
+    # ------------------------------------------------------------------ federated hooks
+    def on_fed_round_start(self, trainer: pl.Trainer, pl_module: Any, round: int, cohort: list[int]) -> None:
+        state = pl_module.pruning
+        phase = self.phase_at(round)
+        state.phase = phase
+        state.frozen = phase == 3 and self._freeze is not None
+        change = None
+        if phase == 1:
+            due = (round - self.start_round) % self.every_n_rounds == 0 or round == self.end_round
+            if due:
+                change = self.recompute(pl_module, round, self.sparsity_at(round))
+        elif phase in (2, 3) and not state.frozen and state.target_sparsity != self.target_sparsity:
+            # after the ramp (e.g. `every_n_rounds` skipped the last step): settle at the target once
+            change = self.recompute(pl_module, round, self.target_sparsity)
+        if change is not None:
+            log_masks(pl_module, change)
+
+    def on_fed_after_aggregate(self, trainer: pl.Trainer, pl_module: Any, summary: Any) -> None:
+        state = pl_module.pruning
+        need = state.needs_statistics
+        if need == "gradient" or (need == "momentum" and state.momentum_source == "ema"):
+            state.observe_pseudo_gradient(summary.pseudo_gradient, self.targets)
+
+    def on_fed_round_end(self, trainer: pl.Trainer, pl_module: Any, summary: Any) -> None:
+        log_round(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"targets": list(self.targets)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("targets")
+        if saved and self.targets and saved != self.targets:
+            raise ValueError("The checkpoint was pruned over different parameters than this SparsityRampCallback selects.")

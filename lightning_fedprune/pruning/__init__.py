@@ -1,0 +1,49 @@
+"""Pure functional core of Federated Pruning: patterns, importance, schedules, allocation.
+
+No state and no Lightning here; everything is a function of tensors and numbers.
+"""
+
+from .allocation import NORMALIZATIONS, adaptive_allocation, layer_importance, uniform_allocation
+from .importance import IMPORTANCE, SOURCES, group_scores, importance_source, parse_importance
+from .patterns import (
+    NORMS,
+    PATTERNS,
+    check_pattern,
+    compute_mask,
+    expand_groups,
+    group_reduce,
+    group_size,
+    groups_from_mask,
+    mask_from_scores,
+    num_groups,
+    num_to_prune,
+    to_2d,
+)
+from .schedules import SCHEDULES, sparsity_at, validate_schedule
+
+__all__ = [
+    "IMPORTANCE",
+    "NORMALIZATIONS",
+    "NORMS",
+    "PATTERNS",
+    "SCHEDULES",
+    "SOURCES",
+    "adaptive_allocation",
+    "check_pattern",
+    "compute_mask",
+    "expand_groups",
+    "group_reduce",
+    "group_scores",
+    "group_size",
+    "groups_from_mask",
+    "importance_source",
+    "layer_importance",
+    "mask_from_scores",
+    "num_groups",
+    "num_to_prune",
+    "parse_importance",
+    "sparsity_at",
+    "to_2d",
+    "uniform_allocation",
+    "validate_schedule",
+]

@@ -1,0 +1,483 @@
+"""Compact client layers and the masked-dense fallback.
+
+With a structured pattern (``row``, ``column``, ``half_row``, ``half_column``; see
+``docs/design.md``) a client's ``nn.Linear`` can be replaced by a :class:`CompactLinear` that
+holds only the kept slice of the weight, so weights, gradients and optimiser state physically
+shrink and the matmuls get smaller. It computes exactly what the masked-dense ``nn.Linear``
+computes (up to float summation order):
+
+* ``column``      ``y = W[:, keep] x[..., keep] + b``
+* ``row``         ``y[..., keep] = W[keep] x + b[keep]``; pruned outputs are ``b`` (a pruned row
+  of ``W`` gives ``0 + b[r]`` in the masked-dense reference, the bias is not pruned unless
+  it has its own mask);
+* ``half_column`` ``W = [W1 ; W2]``: ``y = cat(W1[:, k0] x[..., k0], W2[:, k1] x[..., k1]) + b``
+* ``half_row``    ``W = [W1 | W2]``: ``y = scatter_k0(W1[k0] x[..., :C/2]) + scatter_k1(W2[k1] x[..., C/2:]) + b``
+
+Everything else (convolutions, embeddings, ``nn.MultiheadAttention`` projections, tied
+weights, ``unstructured`` masks, biases with their own mask) stays a full tensor and is kept
+pruned by the masked-dense helpers :func:`apply_masks_`, :func:`mask_gradients_` and
+:class:`MaskedDense` (which hooks them after backward and after every optimiser step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..wire import STRUCTURED_PATTERNS, EncodedTensor, groups_to_mask, mask_to_groups
+
+__all__ = [
+    "CompactLinear",
+    "compact_linear",
+    "compact_module",
+    "CompactedModule",
+    "apply_masks_",
+    "mask_gradients_",
+    "MaskedDense",
+]
+
+
+def _blocks_of(pattern: str) -> int:
+    return 2 if pattern.startswith("half_") else 1
+
+
+class CompactLinear(nn.Module):
+    """An ``nn.Linear`` of full size ``in_features -> out_features`` storing only the kept
+    slice of its weight for a structured ``pattern``.
+
+    Parameters: ``weight_blocks`` (a ``ParameterList`` of one block for ``row``/``column``,
+    two for the half patterns, shapes as in :meth:`EncodedTensor.blocks`) and ``bias`` (full
+    ``(out_features,)``, or ``None``). ``kept[h]`` are the block's kept indices (rows of the
+    block for ``row``/``half_row``, columns for ``column``/``half_column``), ascending.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        pattern: str,
+        kept: Sequence[torch.Tensor],
+        blocks: Sequence[torch.Tensor],
+        bias: torch.Tensor | None = None,
+        *,
+        requires_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        if pattern not in STRUCTURED_PATTERNS:
+            raise ValueError(f"CompactLinear needs a structured pattern {STRUCTURED_PATTERNS}, got {pattern!r}")
+        nb = _blocks_of(pattern)
+        if len(kept) != nb or len(blocks) != nb:
+            raise ValueError(f"pattern {pattern!r} needs {nb} block(s), got {len(kept)} index sets / {len(blocks)} blocks")
+        if pattern == "half_row" and in_features % 2:
+            raise ValueError("pattern 'half_row' needs an even in_features")
+        if pattern == "half_column" and out_features % 2:
+            raise ValueError("pattern 'half_column' needs an even out_features")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.pattern = pattern
+        h_in = self.in_features // 2 if pattern == "half_row" else self.in_features
+        h_out = self.out_features // 2 if pattern == "half_column" else self.out_features
+        params = []
+        for i, (k, w) in enumerate(zip(kept, blocks)):
+            k = torch.as_tensor(k, dtype=torch.long, device=w.device).reshape(-1)
+            if pattern in ("row", "half_row"):
+                expect = (k.numel(), h_in)
+                limit = h_out
+            else:
+                expect = (h_out, k.numel())
+                limit = h_in
+            w = w.reshape(expect) if w.numel() == expect[0] * expect[1] else w
+            if tuple(w.shape) != expect:
+                raise ValueError(f"block {i} of a {pattern!r} CompactLinear should be {expect}, got {tuple(w.shape)}")
+            if k.numel() and (int(k.min()) < 0 or int(k.max()) >= limit or bool((k[1:] <= k[:-1]).any())):
+                raise ValueError(f"kept indices of block {i} must be ascending, unique and in [0, {limit})")
+            self.register_buffer(f"keep{i}", k, persistent=False)
+            params.append(nn.Parameter(w.detach().clone(), requires_grad=requires_grad))
+        self.weight_blocks = nn.ParameterList(params)
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias should have shape ({self.out_features},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
+        else:
+            self.register_parameter("bias", None)
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def from_encoded(
+        cls,
+        enc: EncodedTensor,
+        bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        device: torch.device | str | None = None,
+        requires_grad: bool = True,
+    ) -> "CompactLinear":
+        """Build straight from a wire-encoded weight (no scatter to full size)."""
+        if enc.kind not in STRUCTURED_PATTERNS or len(enc.shape) != 2:
+            raise ValueError(f"need a 2-D weight encoded with a structured pattern, got kind {enc.kind!r} shape {enc.shape}")
+        blocks = enc.blocks(mask)
+        kept = [k.to(device) for k, _ in blocks]
+        ws = [w.to(device) for _, w in blocks]
+        out_f, in_f = enc.shape
+        return cls(in_f, out_f, enc.kind, kept, ws, None if bias is None else bias.to(device), requires_grad=requires_grad)
+
+    @property
+    def kept(self) -> list[torch.Tensor]:
+        return [getattr(self, f"keep{i}") for i in range(len(self.weight_blocks))]
+
+    # -- forward --------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pattern
+        W = self.weight_blocks
+        b = self.bias
+        if p == "column":
+            return F.linear(x.index_select(-1, self.keep0), W[0], b)
+        if p == "half_column":
+            h = self.out_features // 2
+            b0 = None if b is None else b[:h]
+            b1 = None if b is None else b[h:]
+            y0 = F.linear(x.index_select(-1, self.keep0), W[0], b0)
+            y1 = F.linear(x.index_select(-1, self.keep1), W[1], b1)
+            return torch.cat([y0, y1], dim=-1)
+        if p == "row":
+            y = F.linear(x, W[0])
+            out = y.new_zeros(*y.shape[:-1], self.out_features).index_copy(-1, self.keep0, y)
+        else:  # half_row
+            h = self.in_features // 2
+            y0 = F.linear(x[..., :h], W[0])
+            y1 = F.linear(x[..., h:], W[1])
+            out = y0.new_zeros(*y0.shape[:-1], self.out_features)
+            out = out.index_add(-1, self.keep0, y0).index_add(-1, self.keep1, y1)
+        return out if b is None else out + b
+
+    # -- back to full coordinates -------------------------------------------------------
+    def mask(self) -> torch.Tensor:
+        """Full ``(out_features, in_features)`` bool keep-mask."""
+        dev = self.weight_blocks[0].device
+        if self.pattern in ("row", "column"):
+            n = self.out_features if self.pattern == "row" else self.in_features
+            flags = torch.zeros(n, dtype=torch.bool, device=dev)
+            flags[self.keep0] = True
+        else:
+            n = self.out_features if self.pattern == "half_row" else self.in_features
+            flags = torch.zeros(2 * n, dtype=torch.bool, device=dev)
+            flags[self.keep0] = True
+            flags[self.keep1 + n] = True
+        return groups_to_mask(flags, (self.out_features, self.in_features), self.pattern)
+
+    @torch.no_grad()
+    def _scatter(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = blocks[0].new_zeros(self.out_features, self.in_features)
+        p = self.pattern
+        if p == "row":
+            out[self.keep0] = blocks[0]
+        elif p == "column":
+            out[:, self.keep0] = blocks[0]
+        elif p == "half_row":
+            h = self.in_features // 2
+            out[self.keep0, :h] = blocks[0]
+            out[self.keep1, h:] = blocks[1]
+        else:
+            h = self.out_features // 2
+            out[:h, self.keep0] = blocks[0]
+            out[h:, self.keep1] = blocks[1]
+        return out
+
+    def full_weight(self) -> torch.Tensor:
+        """The weight in full coordinates, exact zeros at pruned entries (a new tensor)."""
+        return self._scatter([w.detach() for w in self.weight_blocks])
+
+    def full_grad(self) -> torch.Tensor | None:
+        """The weight gradient in full coordinates (zeros at pruned entries), or ``None``."""
+        if any(w.grad is None for w in self.weight_blocks):
+            return None
+        return self._scatter([w.grad.detach() for w in self.weight_blocks])
+
+    @torch.no_grad()
+    def full_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.detach().clone()
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """``{"weight": ..., "bias": ...}`` in full coordinates (like ``nn.Linear.state_dict``)."""
+        out = {"weight": self.full_weight()}
+        if self.bias is not None:
+            out["bias"] = self.full_bias()
+        return out
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding :meth:`full_state` (masked-dense equivalent)."""
+        w = self.weight_blocks[0]
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.full_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def num_kept(self) -> int:
+        return int(sum(w.numel() for w in self.weight_blocks))
+
+    def extra_repr(self) -> str:
+        dense = self.in_features * self.out_features
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern!r}, "
+            f"kept={self.num_kept()}/{dense}, bias={self.bias is not None}"
+        )
+
+
+def compact_linear(linear: nn.Linear, mask: torch.Tensor, pattern: str, *, requires_grad: bool | None = None) -> CompactLinear:
+    """A :class:`CompactLinear` equal to ``linear`` with ``mask`` applied (the values at pruned
+    entries are dropped). ``mask`` must be a union of whole ``pattern`` groups."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"compact_linear needs an nn.Linear, got {type(linear).__name__}")
+    if pattern not in STRUCTURED_PATTERNS:
+        raise ValueError(f"compact_linear needs a structured pattern {STRUCTURED_PATTERNS}, got {pattern!r}")
+    W = linear.weight.detach()
+    if tuple(mask.shape) != tuple(W.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(W.shape)}")
+    flags = mask_to_groups(mask.to(W.device), pattern, name="linear weight")
+    R, C = W.shape
+    if pattern == "row":
+        kept = [flags.nonzero().reshape(-1)]
+        blocks = [W[flags]]
+    elif pattern == "column":
+        kept = [flags.nonzero().reshape(-1)]
+        blocks = [W[:, flags]]
+    elif pattern == "half_row":
+        f = flags.reshape(2, R)
+        kept = [f[0].nonzero().reshape(-1), f[1].nonzero().reshape(-1)]
+        blocks = [W[:, : C // 2][f[0]], W[:, C // 2 :][f[1]]]
+    else:
+        f = flags.reshape(2, C)
+        kept = [f[0].nonzero().reshape(-1), f[1].nonzero().reshape(-1)]
+        blocks = [W[: R // 2][:, f[0]], W[R // 2 :][:, f[1]]]
+    rg = linear.weight.requires_grad if requires_grad is None else requires_grad
+    return CompactLinear(linear.in_features, linear.out_features, pattern, kept, blocks, linear.bias, requires_grad=rg)
+
+
+# --------------------------------------------------------------------------------------
+# Whole-module compaction
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompactedModule:
+    """What :func:`compact_module` did to ``root``; undo it with :meth:`restore`.
+
+    * ``compacted``: module name -> the :class:`CompactLinear` now in ``root``;
+    * ``compacted_names``: the weight names (``"<module>.weight"``) that were compacted;
+    * ``fallback``: masked parameter name -> why it stays masked-dense;
+    * ``fallback_masks``: the masks still to enforce masked-dense on the compacted ``root``
+      (pass them to :class:`MaskedDense` / :func:`apply_masks_`).
+    """
+
+    root: nn.Module
+    compacted: dict[str, CompactLinear] = field(default_factory=dict)
+    originals: dict[str, nn.Module] = field(default_factory=dict)
+    fallback: dict[str, str] = field(default_factory=dict)
+    fallback_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    state_keys: list[str] = field(default_factory=list)
+    restored: bool = False
+
+    @property
+    def compacted_names(self) -> list[str]:
+        return [_join(n, "weight") for n in self.compacted]
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Full-coordinate ``weight`` (and ``bias``) of every compacted layer, by parameter name."""
+        out: dict[str, torch.Tensor] = {}
+        for name, cl in self.compacted.items():
+            for k, v in cl.full_state().items():
+                out[_join(name, k)] = v
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``root``'s state dict in the original (full) coordinates and key order."""
+        current = self.root.state_dict()
+        full = self.full_state()
+        return {k: (full[k] if k in full else current[k]) for k in self.state_keys}
+
+    @torch.no_grad()
+    def restore(self, copy_back: bool = True) -> None:
+        """Put the original modules back; with ``copy_back`` their weight/bias are overwritten
+        by the trained compact values (exact zeros at pruned weight entries)."""
+        if self.restored:
+            return
+        for name, orig in self.originals.items():
+            cl = self.compacted[name]
+            if copy_back:
+                orig.weight.copy_(cl.full_weight())
+                if orig.bias is not None:
+                    orig.bias.copy_(cl.bias)
+            _set_submodule(self.root, name, orig)
+        self.restored = True
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def compact_module(
+    root: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    patterns: Mapping[str, str],
+) -> CompactedModule:
+    """Swap, in place on ``root``, every ``nn.Linear`` whose ``.weight`` has a structured mask
+    for a :class:`CompactLinear`. Left to the masked-dense fallback (reported in
+    ``.fallback``): non-Linear modules, ``unstructured`` masks, Linear subclasses with their
+    own ``forward``, Linears owned by ``nn.MultiheadAttention`` (it reads
+    ``out_proj.weight`` directly), shared (tied) weights, parametrized modules or modules with
+    forward hooks, and ``root`` itself."""
+    param_owner: dict[str, str] = {}
+    for mod_name, mod in root.named_modules(remove_duplicate=False):
+        for pn, _ in mod.named_parameters(recurse=False, remove_duplicate=False):
+            param_owner[_join(mod_name, pn)] = mod_name
+    counts: dict[int, int] = {}
+    for _, p in root.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    modules = dict(root.named_modules(remove_duplicate=False))
+
+    result = CompactedModule(root=root, state_keys=list(root.state_dict().keys()))
+    for pname, mask in masks.items():
+        pattern = patterns.get(pname, "unstructured")
+        mod_name = param_owner.get(pname)
+        leaf = pname.rpartition(".")[2]
+        reason = None
+        if mod_name is None:
+            reason = "not a parameter of root"
+        else:
+            mod = modules[mod_name]
+            parent = modules.get(mod_name.rpartition(".")[0]) if mod_name else None
+            if leaf != "weight" or not isinstance(mod, nn.Linear):
+                reason = f"{type(mod).__name__}.{leaf} is not an nn.Linear weight"
+            elif pattern not in STRUCTURED_PATTERNS:
+                reason = f"pattern {pattern!r} is not structured"
+            elif isinstance(parent, nn.MultiheadAttention):
+                reason = "owned by nn.MultiheadAttention (reads the weight directly)"
+            elif type(mod).forward is not nn.Linear.forward:
+                reason = f"{type(mod).__name__} overrides forward"
+            elif not mod_name:
+                reason = "root module itself (cannot be swapped in place)"
+            elif counts[id(mod.weight)] > 1 or (mod.bias is not None and counts[id(mod.bias)] > 1):
+                reason = "shared (tied) parameter"
+            elif torch.nn.utils.parametrize.is_parametrized(mod) or mod._forward_hooks or mod._forward_pre_hooks:
+                reason = "parametrized or has forward hooks"
+            elif mod_name in result.compacted:
+                reason = "module already compacted"
+        if reason is not None:
+            result.fallback[pname] = reason
+            if mod_name is not None:
+                result.fallback_masks[pname] = mask
+            continue
+        cl = compact_linear(mod, mask, pattern)
+        result.originals[mod_name] = mod
+        result.compacted[mod_name] = cl
+        _set_submodule(root, mod_name, cl)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Masked-dense fallback
+# --------------------------------------------------------------------------------------
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(module.named_parameters(remove_duplicate=False))
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _resolve(module: nn.Module, masks: Mapping[str, torch.Tensor], strict: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    tensors = _named_tensors(module)
+    pairs = []
+    for name, m in masks.items():
+        t = tensors.get(name)
+        if t is None:
+            if strict:
+                raise KeyError(f"mask for {name!r} but the module has no such parameter or buffer")
+            continue
+        if tuple(m.shape) != tuple(t.shape):
+            raise ValueError(f"mask shape {tuple(m.shape)} does not match {name!r} shape {tuple(t.shape)}")
+        pairs.append((t, m))
+    return pairs
+
+
+@torch.no_grad()
+def apply_masks_(module: nn.Module, masks: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
+    """Set pruned entries (``mask == False``) of ``module``'s parameters/buffers to exact 0."""
+    for t, m in _resolve(module, masks, strict):
+        t.masked_fill_(~m.to(device=t.device, dtype=torch.bool), 0)
+
+
+@torch.no_grad()
+def mask_gradients_(module: nn.Module, masks: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
+    """Set the gradients of pruned entries to exact 0 (parameters without ``.grad`` are skipped)."""
+    for t, m in _resolve(module, masks, strict):
+        if t.grad is not None:
+            t.grad.masked_fill_(~m.to(device=t.grad.device, dtype=torch.bool), 0)
+
+
+class MaskedDense:
+    """Keep a module masked-dense while it trains.
+
+    ``md = MaskedDense(module, masks)``; ``md.apply_()`` zeroes pruned weights,
+    ``md.mask_grads_()`` zeroes their gradients. ``md.attach(optimizer)`` does both
+    automatically: a post-accumulate-grad hook on every masked parameter masks its gradient as
+    soon as backward has produced it (before clipping, so grad norms match a compact layer),
+    and an optimiser step post-hook re-zeroes the weights after every step (momentum / weight
+    decay / a stray gradient would otherwise move pruned entries). ``md.detach()`` removes the
+    hooks. Masks are moved to each tensor's device once, at construction.
+    """
+
+    def __init__(self, module: nn.Module, masks: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
+        self.module = module
+        tensors = _named_tensors(module)
+        _resolve(module, masks, strict)  # validates names and shapes
+        self.masks = {
+            n: m.to(device=tensors[n].device, dtype=torch.bool) for n, m in masks.items() if n in tensors
+        }
+        self._pairs = [(tensors[n], ~m) for n, m in self.masks.items()]
+        self._handles: list[Any] = []
+
+    @torch.no_grad()
+    def apply_(self) -> None:
+        for t, pm in self._pairs:
+            t.masked_fill_(pm, 0)
+
+    @torch.no_grad()
+    def mask_grads_(self) -> None:
+        for t, pm in self._pairs:
+            if t.grad is not None:
+                t.grad.masked_fill_(pm, 0)
+
+    def attach(self, optimizer: torch.optim.Optimizer | None = None, *, grad_hooks: bool = True) -> "MaskedDense":
+        """Apply the masks now and register the hooks (see class docstring)."""
+        self.apply_()
+        if grad_hooks:
+            for t, pm in self._pairs:
+                if isinstance(t, nn.Parameter) and t.requires_grad:
+
+                    def hook(p: torch.Tensor, pm: torch.Tensor = pm) -> None:
+                        if p.grad is not None:
+                            with torch.no_grad():
+                                p.grad.masked_fill_(pm, 0)
+
+                    self._handles.append(t.register_post_accumulate_grad_hook(hook))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_()))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

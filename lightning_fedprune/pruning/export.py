@@ -1,0 +1,48 @@
+"""Export of a pruned model: a state_dict with exact zeros, plus a compact form for structured patterns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+STRUCTURED = ("row", "column", "half_row", "half_column")
+
+
+def export_pruned(task: torch.nn.Module, masks: dict[str, Tensor], patterns: dict[str, str]) -> dict[str, Any]:
+    """The pruned model in two forms.
+
+    Returns a dict with:
+
+    * ``state_dict``: the task's ``state_dict`` with pruned entries set to exact zeros (loads into
+      the unmodified task class);
+    * ``compact``: for every parameter pruned with a structured pattern, ``{"pattern", "shape",
+      "blocks": [{"kept": LongTensor, "values": Tensor}, ...]}`` — the kept rows/columns (one block,
+      or two for half patterns; see docs/concepts.md) and the dense kept sub-matrix, which is all a
+      smaller layer needs;
+    * ``masks``, ``patterns`` and ``sparsity`` (pruned fraction over the masked parameters).
+    """
+    from lightning_fedprune.wire import encode_tensor
+
+    state = {k: v.detach().clone() for k, v in task.state_dict().items()}
+    compact: dict[str, Any] = {}
+    for name, mask in masks.items():
+        state[name] = state[name] * mask
+        pattern = patterns.get(name, "unstructured")
+        if pattern in STRUCTURED:
+            enc = encode_tensor(state[name], mask, pattern, name=name)
+            compact[name] = {
+                "pattern": pattern,
+                "shape": list(mask.shape),
+                "blocks": [{"kept": kept.clone(), "values": values.clone()} for kept, values in enc.blocks()],
+            }
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return {
+        "state_dict": state,
+        "compact": compact,
+        "masks": {n: m.clone() for n, m in masks.items()},
+        "patterns": dict(patterns),
+        "sparsity": (1 - kept / total) if total else 0.0,
+    }

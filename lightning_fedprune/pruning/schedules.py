@@ -1,0 +1,126 @@
+"""Sparsity schedules: the target sparsity as a function of the federated round.
+
+With ``p = (round - start_round) / (end_round - start_round)`` clipped to ``[0, 1]``:
+
+* before ``start_round`` the sparsity is 0;
+* ``one_shot``: ``target`` from ``start_round`` on (``end_round`` is not used);
+* ``linear``: ``target * p``;
+* ``cubic`` (Zhu & Gupta 2017, "To prune, or not to prune"): ``target * (1 - (1 - p) ** power)``
+  (fast at first, slowing down as fewer redundant weights remain);
+* ``step``: ``num_steps`` equal increments at equally spaced rounds,
+  ``target * floor(p * num_steps) / num_steps`` (computed in exact integer arithmetic), so the
+  first increment is at ``start + (end - start) / num_steps`` and the last at ``end_round``;
+* from ``end_round`` on every schedule is at ``target``.
+
+At ``start_round`` itself the gradual schedules are still at 0 (``p = 0``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["SCHEDULES", "sparsity_at", "validate_schedule"]
+
+SCHEDULES: tuple[str, ...] = ("one_shot", "linear", "cubic", "step")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def validate_schedule(
+    *,
+    target: float,
+    start_round: int,
+    end_round: int,
+    schedule: str,
+    power: float = 3.0,
+    num_steps: int = 4,
+) -> None:
+    """Raise ``ValueError`` (naming the argument) for an invalid schedule; call it at construction.
+
+    Requires ``0 <= target < 1``, integers ``0 <= start_round <= end_round``, ``schedule`` in
+    :data:`SCHEDULES`, ``power > 0`` and an integer ``num_steps >= 1``.
+
+    Example:
+        >>> from lightning_fedprune.pruning import validate_schedule
+        >>> validate_schedule(target=0.5, start_round=10, end_round=100, schedule="cubic")
+        >>> validate_schedule(target=0.5, start_round=10, end_round=5, schedule="linear")
+        Traceback (most recent call last):
+        ...
+        ValueError: `end_round` must be an integer >= `start_round` (10), got 5
+    """
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}")
+    if not _is_real(target) or not 0.0 <= float(target) < 1.0:
+        raise ValueError(f"`target` must be a number in [0, 1), got {target!r}")
+    if not _is_int(start_round) or start_round < 0:
+        raise ValueError(f"`start_round` must be an integer >= 0, got {start_round!r}")
+    if not _is_int(end_round) or end_round < start_round:
+        raise ValueError(
+            f"`end_round` must be an integer >= `start_round` ({start_round}), got {end_round!r}"
+        )
+    if not _is_real(power) or not math.isfinite(float(power)) or float(power) <= 0:
+        raise ValueError(f"`power` must be a finite number > 0, got {power!r}")
+    if not _is_int(num_steps) or num_steps < 1:
+        raise ValueError(f"`num_steps` must be an integer >= 1, got {num_steps!r}")
+
+
+def sparsity_at(
+    round: int,  # noqa: A002 - the natural name in a federated setting
+    *,
+    target: float,
+    start_round: int,
+    end_round: int,
+    schedule: str,
+    power: float = 3.0,
+    num_steps: int = 4,
+) -> float:
+    """Target sparsity at federated ``round`` (see the module docstring for the formulas).
+
+    Args:
+        round: the round index (integer >= 0).
+        target: final sparsity ``S`` in ``[0, 1)``.
+        start_round: first round of the pruning phase.
+        end_round: round from which the sparsity stays at ``target``.
+        schedule: one of :data:`SCHEDULES`.
+        power: exponent of the ``cubic`` schedule.
+        num_steps: number of increments of the ``step`` schedule.
+
+    Example:
+        >>> from lightning_fedprune.pruning import sparsity_at
+        >>> kw = dict(target=0.5, start_round=0, end_round=100)
+        >>> [sparsity_at(r, schedule="linear", **kw) for r in (0, 50, 100, 200)]
+        [0.0, 0.25, 0.5, 0.5]
+        >>> sparsity_at(50, schedule="cubic", **kw)
+        0.4375
+        >>> [sparsity_at(r, schedule="step", num_steps=2, **kw) for r in (49, 50, 99, 100)]
+        [0.0, 0.25, 0.25, 0.5]
+    """
+    validate_schedule(
+        target=target,
+        start_round=start_round,
+        end_round=end_round,
+        schedule=schedule,
+        power=power,
+        num_steps=num_steps,
+    )
+    if not _is_int(round) or round < 0:
+        raise ValueError(f"`round` must be an integer >= 0, got {round!r}")
+    target = float(target)
+    if round < start_round:
+        return 0.0
+    if schedule == "one_shot" or round >= end_round:
+        return target
+    done, span = round - start_round, end_round - start_round  # 0 <= done < span
+    if schedule == "step":
+        return target * ((done * num_steps) // span) / num_steps
+    p = done / span
+    if schedule == "linear":
+        return target * p
+    return target * (1.0 - (1.0 - p) ** float(power))

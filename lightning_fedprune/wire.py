@@ -1,0 +1,549 @@
+"""Wire format: what the server sends to a client and what a client sends back.
+
+A tensor is encoded into a few plain :class:`numpy.ndarray` objects that could go on a wire
+as they are; bytes are counted from those arrays (``EncodedTensor.nbytes`` is exactly the sum
+of their ``.nbytes``), so communication numbers are measured, not estimated. Metadata (names,
+shapes, dtypes, pattern) travels in a small JSON-able *spec* and is not counted, just as
+plain FedAvg is counted as the raw tensor bytes only (:func:`dense_nbytes`).
+
+Kinds (``EncodedTensor.kind``) and the arrays each one carries::
+
+    dense         values                       the tensor, full shape
+    unstructured  mask_bits, values            numpy.packbits of the flat mask (1 bit/entry,
+                                               big-endian bit order) + kept values, row-major
+    row           index|index_bits, values     values = W2d[kept_rows]          (k, C)
+    column        index|index_bits, values     values = W2d[:, kept_cols]       (R, k)
+    half_row      index|index_bits, values0, values1
+                                               W2d = [W1 | W2]: values_h = Wh[kept_h, :]
+    half_column   index|index_bits, values0, values1
+                                               W2d = [W1 ; W2]: values_h = Wh[:, kept_h]
+
+``W2d`` is the design's 2-D view ``t.reshape(t.shape[0], -1)`` (a 1-D tensor is ``(n, 1)``,
+a 0-d tensor ``(1, 1)``). Structured group indices are block-major (``half_row``: group
+``h*R + r``; ``half_column``: group ``h*C + c``), sorted ascending.
+
+**Index encoding** (structured kinds): the kept group indices are sent either as ``index``
+(int32, one per kept group) or as ``index_bits`` (``numpy.packbits`` over all groups, one
+bit per group) -- whichever is smaller, the bitmask on a tie. ``EncodedTensor.index``
+records the choice (``"int32"`` / ``"bits"``; ``None`` when no index is sent).
+
+**send_index=False** (the upward direction: the server already knows the mask) sends the
+values only; :func:`decode_tensor` / :meth:`EncodedTensor.kept_groups` then need the mask.
+
+**dtypes** are preserved bit-exactly: numpy-native dtypes (float16/32/64, int*, uint8, bool,
+complex) go as they are; ``bfloat16`` travels as a ``uint16`` view and float8 types as a
+``uint8`` view, ``EncodedTensor.dtype`` holds the torch dtype name used to view them back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PATTERNS",
+    "STRUCTURED_PATTERNS",
+    "EncodedTensor",
+    "Payload",
+    "encode_tensor",
+    "decode_tensor",
+    "encode_state",
+    "decode_state",
+    "dense_nbytes",
+    "view2d_shape",
+    "num_groups",
+    "mask_to_groups",
+    "groups_to_mask",
+]
+
+PATTERNS = ("unstructured", "row", "column", "half_row", "half_column")
+STRUCTURED_PATTERNS = ("row", "column", "half_row", "half_column")
+
+# --------------------------------------------------------------------------------------
+# dtypes
+# --------------------------------------------------------------------------------------
+
+# torch dtypes numpy cannot hold: sent as an unsigned-integer view of the same width.
+_VIEW_DTYPES: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.uint16}
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"):
+    if hasattr(torch, _name):
+        _VIEW_DTYPES[getattr(torch, _name)] = torch.uint8
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r}")
+    return dtype
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU numpy array holding ``t``'s bits (a copy, never a view of ``t``)."""
+    t = t.detach().resolve_conj().resolve_neg()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    view = _VIEW_DTYPES.get(t.dtype)
+    if view is not None:
+        t = t.contiguous().view(view)
+    return np.array(t.contiguous().numpy(), copy=True, order="C")
+
+
+def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.array(a, copy=True, order="C"))  # copy: arrays may be read-only
+    if t.dtype != dtype:
+        if dtype in _VIEW_DTYPES and t.dtype == _VIEW_DTYPES[dtype]:
+            t = t.view(dtype)
+        else:
+            raise ValueError(f"wire array has dtype {a.dtype}, cannot be read as {dtype}")
+    return t
+
+
+# --------------------------------------------------------------------------------------
+# 2-D view and groups (the shared conventions of docs/design.md)
+# --------------------------------------------------------------------------------------
+
+
+def view2d_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """``(R, C)`` of the design's 2-D view ``t.reshape(t.shape[0], -1)``; 0-d -> ``(1, 1)``."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0:
+        return 1, 1
+    return shape[0], math.prod(shape[1:])
+
+
+def _check_pattern(pattern: str) -> None:
+    if pattern not in PATTERNS:
+        raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS}")
+
+
+def _check_divisible(pattern: str, R: int, C: int, shape: Sequence[int]) -> None:
+    if pattern == "half_row" and C % 2:
+        raise ValueError(
+            f"pattern 'half_row' needs an even number of columns, got 2-D view {R}x{C} of shape {tuple(shape)}"
+        )
+    if pattern == "half_column" and R % 2:
+        raise ValueError(
+            f"pattern 'half_column' needs an even number of rows, got 2-D view {R}x{C} of shape {tuple(shape)}"
+        )
+
+
+def num_groups(shape: Sequence[int], pattern: str) -> int:
+    """Number of groups of ``pattern`` for a tensor of ``shape``."""
+    _check_pattern(pattern)
+    R, C = view2d_shape(shape)
+    _check_divisible(pattern, R, C, shape)
+    return {"unstructured": R * C, "row": R, "column": C, "half_row": 2 * R, "half_column": 2 * C}[pattern]
+
+
+def mask_to_groups(mask: torch.Tensor, pattern: str, *, name: str = "tensor") -> torch.Tensor:
+    """Per-group keep flags (bool, block-major, length :func:`num_groups`) of ``mask``.
+
+    Raises ``ValueError`` if ``mask`` is not a union of whole groups of ``pattern``.
+    """
+    _check_pattern(pattern)
+    R, C = view2d_shape(mask.shape)
+    _check_divisible(pattern, R, C, mask.shape)
+    m = mask.detach().to(torch.bool).reshape(R, C)
+    if pattern == "unstructured":
+        return m.reshape(-1)
+    if pattern == "row":
+        g = m.any(1)
+    elif pattern == "column":
+        g = m.any(0)
+    elif pattern == "half_row":
+        g = m.reshape(R, 2, C // 2).any(-1).t().reshape(-1)
+    else:  # half_column
+        g = m.reshape(2, R // 2, C).any(1).reshape(-1)
+    back = groups_to_mask(g, (R, C), pattern)
+    if not torch.equal(back, m):
+        bad = int((back != m).sum())
+        raise ValueError(
+            f"mask of {name} (shape {tuple(mask.shape)}) is not a union of whole {pattern!r} groups: "
+            f"{bad} entries are pruned inside kept groups"
+        )
+    return g
+
+
+def groups_to_mask(groups: torch.Tensor, shape: Sequence[int], pattern: str) -> torch.Tensor:
+    """Inverse of :func:`mask_to_groups`: the full bool mask of ``shape`` from per-group flags."""
+    _check_pattern(pattern)
+    shape = tuple(int(s) for s in shape)
+    R, C = view2d_shape(shape)
+    g = groups.to(torch.bool).reshape(-1)
+    n = num_groups(shape, pattern)
+    if g.numel() != n:
+        raise ValueError(f"expected {n} group flags for pattern {pattern!r} and shape {shape}, got {g.numel()}")
+    if pattern == "unstructured":
+        m = g.reshape(R, C)
+    elif pattern == "row":
+        m = g[:, None].expand(R, C)
+    elif pattern == "column":
+        m = g[None, :].expand(R, C)
+    elif pattern == "half_row":
+        m = g.reshape(2, R).t()[:, :, None].expand(R, 2, C // 2).reshape(R, C)
+    else:  # half_column
+        m = g.reshape(2, 1, C).expand(2, R // 2, C).reshape(R, C)
+    return m.reshape(shape).clone()
+
+
+# --------------------------------------------------------------------------------------
+# EncodedTensor
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedTensor:
+    """One tensor on the wire. ``arrays`` are exactly what would be sent."""
+
+    kind: str  # "dense" or a pattern name
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name, e.g. "float32", "bfloat16"
+    pattern: str | None = None
+    index: str | None = None  # "int32" | "bits" (unstructured: always "bits") | None (not sent)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+    @property
+    def has_index(self) -> bool:
+        return self.kind == "dense" or self.index is not None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _dtype_from_name(self.dtype)
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        return view2d_shape(self.shape)
+
+    @property
+    def num_groups(self) -> int:
+        if self.kind == "dense":
+            return 1
+        return num_groups(self.shape, self.kind)
+
+    # -- indices --------------------------------------------------------------------
+    def group_flags(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-group keep flags (bool, block-major). ``mask`` is needed iff no index was sent."""
+        if self.kind == "dense":
+            return torch.ones(1, dtype=torch.bool)
+        if self.has_index:
+            if self.kind == "unstructured":
+                bits = np.unpackbits(self.arrays["mask_bits"], count=math.prod(self.shape))
+                flags = torch.from_numpy(bits.astype(np.bool_))
+            elif self.index == "bits":
+                bits = np.unpackbits(self.arrays["index_bits"], count=self.num_groups)
+                flags = torch.from_numpy(bits.astype(np.bool_))
+            else:
+                flags = torch.zeros(self.num_groups, dtype=torch.bool)
+                flags[torch.from_numpy(self.arrays["index"].astype(np.int64))] = True
+            if mask is not None:
+                self._check_mask_shape(mask)
+                if not torch.equal(mask_to_groups(mask.cpu(), self.kind), flags):
+                    raise ValueError("the mask given does not match the index sent with the tensor")
+            return flags
+        if mask is None:
+            raise ValueError(f"this {self.kind!r} tensor was encoded with send_index=False: pass its mask")
+        self._check_mask_shape(mask)
+        return mask_to_groups(mask.cpu(), self.kind)
+
+    def kept_groups(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Kept group indices (int64, ascending, block-major); for ``unstructured`` the flat
+        indices of kept entries."""
+        return self.group_flags(mask).nonzero().reshape(-1)
+
+    def mask(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The full bool keep-mask of ``shape``."""
+        if self.kind == "dense":
+            return torch.ones(self.shape, dtype=torch.bool)
+        return groups_to_mask(self.group_flags(mask), self.shape, self.kind)
+
+    def blocks(self, mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(kept, values), ...]`` without scattering, for building a compact layer.
+
+        * ``row``: one block, ``kept`` rows and ``values = W2d[kept]`` ``(k, C)``;
+        * ``column``: one block, ``kept`` columns and ``values = W2d[:, kept]`` ``(R, k)``;
+        * ``half_row``: two blocks ``h = 0, 1`` (left/right halves), ``kept`` rows local to the
+          block and ``values = Wh[kept]`` ``(k_h, C/2)``;
+        * ``half_column``: two blocks (top/bottom), ``kept`` columns and ``values = Wh[:, kept]``
+          ``(R/2, k_h)``;
+        * ``unstructured``: one block, flat kept indices and the 1-D kept values;
+        * ``dense``: one block, ``arange(R)`` and the 2-D view.
+        """
+        if self.kind == "dense":
+            R, C = self.shape2d
+            return [(torch.arange(R), _from_numpy(self.arrays["values"], self.torch_dtype).reshape(R, C))]
+        return self._blocks(self.group_flags(mask))
+
+    def _blocks(self, flags: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        dtype = self.torch_dtype
+        R, C = self.shape2d
+        kept = flags.nonzero().reshape(-1)
+        if self.kind in ("unstructured", "row", "column"):
+            return [(kept, _from_numpy(self.arrays["values"], dtype))]
+        n = R if self.kind == "half_row" else C
+        return [
+            (kept[kept < n], _from_numpy(self.arrays["values0"], dtype)),
+            (kept[kept >= n] - n, _from_numpy(self.arrays["values1"], dtype)),
+        ]
+
+    def _check_mask_shape(self, mask: torch.Tensor) -> None:
+        if tuple(mask.shape) != tuple(self.shape):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match tensor shape {tuple(self.shape)}")
+
+    # -- spec -------------------------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        """JSON-able metadata: everything but the array contents."""
+        return {
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "pattern": self.pattern,
+            "index": self.index,
+            "keys": list(self.arrays),
+        }
+
+
+def encode_tensor(
+    t: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    pattern: str | None = None,
+    *,
+    send_index: bool = True,
+    name: str = "tensor",
+) -> EncodedTensor:
+    """Encode ``t``; with a ``mask`` only the kept entries travel (see module docstring).
+
+    ``pattern`` defaults to ``"unstructured"`` when a mask is given (valid for any mask);
+    without a mask the tensor is sent ``dense`` whatever the pattern.
+    """
+    if pattern is not None:
+        _check_pattern(pattern)
+    shape = tuple(int(s) for s in t.shape)
+    dtype = _dtype_name(t.dtype)
+    t = t.detach()
+    if mask is None:
+        return EncodedTensor("dense", shape, dtype, None, None, {"values": _to_numpy(t)})
+    pattern = pattern or "unstructured"
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match shape {shape} of {name}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask of {name} must be a bool tensor (True = kept), got {mask.dtype}")
+    mask = mask.detach().to(t.device)
+    R, C = view2d_shape(shape)
+    W = t.reshape(R, C)
+    arrays: dict[str, np.ndarray] = {}
+    index = None
+    if pattern == "unstructured":
+        flat = mask.reshape(-1)
+        if send_index:
+            index = "bits"
+            arrays["mask_bits"] = np.packbits(_to_numpy(flat))
+        arrays["values"] = _to_numpy(t.reshape(-1)[flat])
+        return EncodedTensor(pattern, shape, dtype, pattern, index, arrays)
+
+    flags = mask_to_groups(mask, pattern, name=name)  # validates
+    if send_index:
+        kept = flags.nonzero().reshape(-1).cpu()
+        n = flags.numel()
+        if (n + 7) // 8 <= 4 * kept.numel():
+            index = "bits"
+            arrays["index_bits"] = np.packbits(_to_numpy(flags))
+        else:
+            index = "int32"
+            arrays["index"] = kept.numpy().astype(np.int32)
+    if pattern == "row":
+        arrays["values"] = _to_numpy(W[flags])
+    elif pattern == "column":
+        arrays["values"] = _to_numpy(W[:, flags])
+    elif pattern == "half_row":
+        f = flags.reshape(2, R)
+        arrays["values0"] = _to_numpy(W[:, : C // 2][f[0]])
+        arrays["values1"] = _to_numpy(W[:, C // 2 :][f[1]])
+    else:  # half_column
+        f = flags.reshape(2, C)
+        arrays["values0"] = _to_numpy(W[: R // 2][:, f[0]])
+        arrays["values1"] = _to_numpy(W[R // 2 :][:, f[1]])
+    return EncodedTensor(pattern, shape, dtype, pattern, index, arrays)
+
+
+def decode_tensor(enc: EncodedTensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Full-shape CPU tensor with exact zeros at pruned entries. ``mask`` is required iff
+    ``enc`` was encoded with ``send_index=False`` (if both are present they must agree)."""
+    dtype = enc.torch_dtype
+    shape = tuple(enc.shape)
+    if enc.kind == "dense":
+        return _from_numpy(enc.arrays["values"], dtype).reshape(shape)
+    R, C = enc.shape2d
+    flags = enc.group_flags(mask)
+    out = torch.zeros(R, C, dtype=dtype)
+    blocks = enc._blocks(flags)
+    if enc.kind == "unstructured":
+        (_, values), = blocks
+        out.view(-1)[flags] = values.reshape(-1)
+    elif enc.kind == "row":
+        (kept, values), = blocks
+        out[kept] = values.reshape(len(kept), C)
+    elif enc.kind == "column":
+        (kept, values), = blocks
+        out[:, kept] = values.reshape(R, len(kept))
+    elif enc.kind == "half_row":
+        h = C // 2
+        for b, (kept, values) in enumerate(blocks):
+            out[kept, b * h : (b + 1) * h] = values.reshape(len(kept), h)
+    elif enc.kind == "half_column":
+        h = R // 2
+        for b, (kept, values) in enumerate(blocks):
+            out[b * h : (b + 1) * h, kept] = values.reshape(h, len(kept))
+    else:
+        raise ValueError(f"unknown encoding kind {enc.kind!r}")
+    return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------
+# Payload: a whole state
+# --------------------------------------------------------------------------------------
+
+_MAGIC = b"FPW1"
+
+
+@dataclass
+class Payload:
+    """An ordered ``name -> EncodedTensor`` map: one plan's or one result's weights."""
+
+    tensors: dict[str, EncodedTensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(e.nbytes for e in self.tensors.values()))
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str) -> EncodedTensor:
+        return self.tensors[name]
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def items(self):
+        return self.tensors.items()
+
+    # -- flat arrays + spec (pipes, Flower ArrayRecord, ...) -----------------------
+    def spec(self) -> list[dict[str, Any]]:
+        """JSON-able description; together with :meth:`to_arrays` it rebuilds the payload."""
+        return [{"name": name, **enc.spec()} for name, enc in self.tensors.items()]
+
+    def to_arrays(self) -> list[np.ndarray]:
+        """All arrays, in ``spec()`` order (tensor by tensor, keys in ``spec[i]['keys']`` order)."""
+        return [a for enc in self.tensors.values() for a in enc.arrays.values()]
+
+    @classmethod
+    def from_arrays(cls, arrays: Sequence[np.ndarray], spec: Sequence[Mapping[str, Any]]) -> "Payload":
+        arrays = list(arrays)
+        need = sum(len(s["keys"]) for s in spec)
+        if need != len(arrays):
+            raise ValueError(f"spec describes {need} arrays, got {len(arrays)}")
+        tensors: dict[str, EncodedTensor] = {}
+        it = iter(arrays)
+        for s in spec:
+            tensors[s["name"]] = EncodedTensor(
+                kind=s["kind"],
+                shape=tuple(int(x) for x in s["shape"]),
+                dtype=s["dtype"],
+                pattern=s.get("pattern"),
+                index=s.get("index"),
+                arrays={k: np.asarray(next(it)) for k in s["keys"]},
+            )
+        return cls(tensors)
+
+    # -- one bytes blob ----------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """``b"FPW1" + u64 header length + JSON header + raw array bytes`` (C order)."""
+        arrays = self.to_arrays()
+        header = {
+            "spec": self.spec(),
+            "arrays": [{"dtype": a.dtype.str, "shape": list(a.shape)} for a in arrays],
+        }
+        h = json.dumps(header, separators=(",", ":")).encode()
+        buf = io.BytesIO()
+        buf.write(_MAGIC)
+        buf.write(struct.pack("<Q", len(h)))
+        buf.write(h)
+        for a in arrays:
+            buf.write(np.ascontiguousarray(a).tobytes())
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Payload":
+        data = memoryview(data)
+        if bytes(data[:4]) != _MAGIC:
+            raise ValueError("not a fedprune payload (bad magic)")
+        (hlen,) = struct.unpack("<Q", data[4:12])
+        header = json.loads(bytes(data[12 : 12 + hlen]))
+        off = 12 + hlen
+        arrays = []
+        for a in header["arrays"]:
+            dt = np.dtype(a["dtype"])
+            count = math.prod(a["shape"])
+            arr = np.frombuffer(data, dtype=dt, count=count, offset=off).reshape(a["shape"])
+            arrays.append(arr)
+            off += count * dt.itemsize
+        if off != len(data):
+            raise ValueError(f"payload has {len(data) - off} trailing bytes")
+        return cls.from_arrays(arrays, header["spec"])
+
+
+def encode_state(
+    state: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor] | None = None,
+    patterns: Mapping[str, str] | None = None,
+    *,
+    send_index: bool = True,
+) -> Payload:
+    """Encode every tensor of ``state`` (in its order). Tensors with a mask in ``masks`` send
+    their kept entries only, with ``patterns[name]`` (default ``"unstructured"``); the
+    others go dense. Masks for names absent from ``state`` are ignored."""
+    masks = masks or {}
+    patterns = patterns or {}
+    return Payload(
+        {
+            name: encode_tensor(t, masks.get(name), patterns.get(name), send_index=send_index, name=name)
+            for name, t in state.items()
+        }
+    )
+
+
+def decode_state(payload: Payload, masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Full-shape tensors with exact zeros at pruned entries. ``masks`` is needed for the
+    tensors encoded with ``send_index=False``."""
+    masks = masks or {}
+    out = {}
+    for name, enc in payload.items():
+        m = masks.get(name)
+        if not enc.has_index and m is None:
+            raise ValueError(f"{name!r} was encoded with send_index=False: decode_state needs masks[{name!r}]")
+        out[name] = decode_tensor(enc, m)
+    return out
+
+
+def dense_nbytes(state: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:
+    """Bytes plain FedAvg sends for ``state``: every tensor dense."""
+    tensors = state.values() if isinstance(state, Mapping) else state
+    return int(sum(t.numel() * t.element_size() for t in tensors))

@@ -1,0 +1,7 @@
+import os
+
+import torch
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# Small tensors on a 2-core machine: one intra-op thread is faster and far more stable than two.
+torch.set_num_threads(1)

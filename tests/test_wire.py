@@ -1,0 +1,286 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_fedprune.wire import (
+    PATTERNS,
+    STRUCTURED_PATTERNS,
+    EncodedTensor,
+    Payload,
+    decode_state,
+    decode_tensor,
+    dense_nbytes,
+    encode_state,
+    encode_tensor,
+    groups_to_mask,
+    mask_to_groups,
+    num_groups,
+)
+
+SHAPES = [(8, 6), (6, 4, 3, 2), (10,), (4, 2, 5)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool]
+
+
+def _tensor(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) < 0.5
+    if dtype == torch.int64:
+        return torch.randint(-1000, 1000, shape, generator=g)
+    # +1 keeps every value away from 0 so "kept" and "pruned" are distinguishable
+    return (torch.randn(shape, generator=g).abs() + 1).to(dtype)
+
+
+def _random_mask(shape, pattern, frac=0.5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    n = num_groups(shape, pattern)
+    flags = torch.rand(n, generator=g) < frac
+    return groups_to_mask(flags, shape, pattern)
+
+
+def _applicable(shape, pattern):
+    R = shape[0]
+    C = math.prod(shape[1:])
+    return not ((pattern == "half_row" and C % 2) or (pattern == "half_column" and R % 2))
+
+
+CASES = [(s, p) for s in SHAPES for p in PATTERNS if _applicable(s, p)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,pattern", CASES, ids=lambda x: str(x))
+def test_roundtrip_every_kind(shape, pattern, dtype):
+    t = _tensor(shape, dtype)
+    mask = _random_mask(shape, pattern)
+    enc = encode_tensor(t, mask, pattern)
+    assert enc.kind == pattern and enc.shape == tuple(shape) and enc.dtype == str(dtype)[6:]
+    assert all(isinstance(a, np.ndarray) for a in enc.arrays.values())
+    assert enc.nbytes == sum(a.nbytes for a in enc.arrays.values())
+    out = decode_tensor(enc)
+    assert out.dtype == dtype and out.shape == t.shape
+    expected = torch.where(mask, t, torch.zeros((), dtype=dtype))
+    assert torch.equal(out, expected)
+    assert not out[~mask].any()  # pruned entries are exact zeros
+    assert torch.equal(enc.mask(), mask)
+
+    # upward direction: values only, the mask comes from the server
+    up = encode_tensor(t, mask, pattern, send_index=False)
+    assert not up.has_index and up.index is None
+    assert up.nbytes < enc.nbytes or enc.nbytes == 0
+    assert torch.equal(decode_tensor(up, mask), expected)
+    with pytest.raises(ValueError, match="send_index=False"):
+        decode_tensor(up)
+
+    # through bytes and through arrays + JSON spec
+    p = Payload({"w": enc})
+    for q in (Payload.from_bytes(p.to_bytes()), Payload.from_arrays(p.to_arrays(), json.loads(json.dumps(p.spec())))):
+        assert q.nbytes == p.nbytes
+        assert torch.equal(decode_tensor(q["w"]), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(), (0, 3)], ids=str)
+def test_dense_roundtrip(shape, dtype):
+    t = _tensor(shape, dtype)
+    enc = encode_tensor(t)
+    assert enc.kind == "dense"
+    assert enc.nbytes == t.numel() * t.element_size() == dense_nbytes({"t": t})
+    assert torch.equal(decode_tensor(enc), t)
+
+
+def test_noncontiguous_and_special_values():
+    t = torch.randn(6, 8).t()  # non-contiguous
+    t[0, 0] = float("nan")
+    t[1, 1] = float("inf")
+    t[2, 2] = -0.0
+    mask = torch.ones_like(t, dtype=torch.bool)
+    mask[:, 3] = False
+    out = decode_tensor(encode_tensor(t, mask, "column"))
+    assert torch.equal(out.view(torch.int32), torch.where(mask, t, torch.zeros(())).view(torch.int32))  # bit-exact
+
+
+def test_bfloat16_bits_exact():
+    t = torch.randn(16, 8).to(torch.bfloat16)
+    mask = _random_mask(t.shape, "half_row")
+    enc = encode_tensor(t, mask, "half_row")
+    assert all(a.dtype in (np.uint16, np.uint8, np.int32) for a in enc.arrays.values())
+    expected = torch.where(mask, t, torch.zeros((), dtype=t.dtype))  # +0.0, not -0.0
+    assert torch.equal(decode_tensor(enc).view(torch.int16), expected.view(torch.int16))
+
+
+def test_kept_groups_and_blocks_without_scatter():
+    W = torch.arange(8 * 6, dtype=torch.float32).reshape(8, 6) + 1
+    # row
+    mask = groups_to_mask(torch.tensor([1, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool), W.shape, "row")
+    enc = encode_tensor(W, mask, "row")
+    assert enc.kept_groups().tolist() == [0, 2, 3, 7]
+    ((k, v),) = enc.blocks()
+    assert torch.equal(v, W[k])
+    # column
+    mask = groups_to_mask(torch.tensor([0, 1, 1, 0, 0, 1], dtype=torch.bool), W.shape, "column")
+    ((k, v),) = encode_tensor(W, mask, "column").blocks()
+    assert k.tolist() == [1, 2, 5] and torch.equal(v, W[:, k])
+    # half_row: group h*R + r, block h = columns [h*C/2, (h+1)*C/2)
+    flags = torch.zeros(16, dtype=torch.bool)
+    flags[[1, 4, 8 + 0, 8 + 4, 8 + 7]] = True
+    mask = groups_to_mask(flags, W.shape, "half_row")
+    assert torch.equal(mask[:, :3], flags[:8, None].expand(8, 3))
+    assert torch.equal(mask[:, 3:], flags[8:, None].expand(8, 3))
+    enc = encode_tensor(W, mask, "half_row")
+    assert enc.kept_groups().tolist() == [1, 4, 8, 12, 15]
+    (k0, v0), (k1, v1) = enc.blocks()
+    assert k0.tolist() == [1, 4] and k1.tolist() == [0, 4, 7]
+    assert torch.equal(v0, W[:, :3][k0]) and torch.equal(v1, W[:, 3:][k1])
+    # half_column: group h*C + c, block h = rows [h*R/2, (h+1)*R/2)
+    flags = torch.zeros(12, dtype=torch.bool)
+    flags[[0, 5, 6 + 2]] = True
+    mask = groups_to_mask(flags, W.shape, "half_column")
+    (k0, v0), (k1, v1) = encode_tensor(W, mask, "half_column").blocks()
+    assert k0.tolist() == [0, 5] and k1.tolist() == [2]
+    assert torch.equal(v0, W[:4][:, k0]) and torch.equal(v1, W[4:][:, k1])
+    # with send_index=False the mask supplies the indices
+    up = encode_tensor(W, mask, "half_column", send_index=False)
+    assert up.kept_groups(mask).tolist() == [0, 5, 8]
+
+
+def test_mask_to_groups_roundtrip_all_patterns():
+    for shape, pattern in CASES:
+        m = _random_mask(shape, pattern, seed=7)
+        g = mask_to_groups(m, pattern)
+        assert g.numel() == num_groups(shape, pattern)
+        assert torch.equal(groups_to_mask(g, shape, pattern), m)
+
+
+def test_index_encoding_picks_smaller():
+    W = torch.randn(4096, 4)
+    few = torch.zeros(4096, dtype=torch.bool)
+    few[[3, 100]] = True
+    enc = encode_tensor(W, few[:, None].expand(4096, 4), "row")
+    assert enc.index == "int32" and enc.arrays["index"].dtype == np.int32 and enc.arrays["index"].nbytes == 8
+    half = torch.arange(4096) % 2 == 0
+    enc = encode_tensor(W, half[:, None].expand(4096, 4), "row")
+    assert enc.index == "bits" and enc.arrays["index_bits"].nbytes == 512
+    for e in (encode_tensor(W, few[:, None].expand(4096, 4), "row"), enc):
+        assert torch.equal(decode_tensor(e), W * e.mask())
+
+
+def test_all_pruned_and_all_kept():
+    W = torch.randn(6, 4)
+    for pattern in PATTERNS:
+        for val in (False, True):
+            m = torch.full_like(W, val, dtype=torch.bool)
+            enc = encode_tensor(W, m, pattern)
+            assert torch.equal(decode_tensor(enc), W * m)
+            assert torch.equal(decode_tensor(encode_tensor(W, m, pattern, send_index=False), m), W * m)
+
+
+@pytest.mark.parametrize("pattern", STRUCTURED_PATTERNS)
+def test_byte_ratio_structured_half_sparsity(pattern):
+    W = torch.randn(1024, 256)
+    n = num_groups(W.shape, pattern)
+    flags = torch.zeros(n, dtype=torch.bool)
+    flags[torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // 2]] = True
+    enc = encode_tensor(W, groups_to_mask(flags, W.shape, pattern), pattern)
+    dense = dense_nbytes([W])
+    index_bytes = (n + 7) // 8
+    assert enc.nbytes == dense // 2 + index_bytes
+    assert 0.5 < enc.nbytes / dense < 0.5 + 0.001
+    up = encode_tensor(W, groups_to_mask(flags, W.shape, pattern), pattern, send_index=False)
+    assert up.nbytes == dense // 2
+
+
+def test_byte_ratio_unstructured_half_sparsity():
+    W = torch.randn(256, 128)
+    flags = torch.zeros(W.numel(), dtype=torch.bool)
+    flags[torch.randperm(W.numel(), generator=torch.Generator().manual_seed(0))[: W.numel() // 2]] = True
+    mask = flags.reshape(W.shape)
+    enc = encode_tensor(W, mask, "unstructured")
+    assert enc.nbytes / dense_nbytes([W]) == 0.5 + 1 / 32
+    assert encode_tensor(W, mask, send_index=False).nbytes / dense_nbytes([W]) == 0.5
+    h = encode_tensor(W.half(), mask)
+    assert h.nbytes / dense_nbytes([W.half()]) == 0.5 + 1 / 16
+
+
+def test_state_payload():
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "lin.weight": torch.randn(8, 6, generator=g),
+        "lin.bias": torch.randn(8, generator=g),
+        "conv.weight": torch.randn(4, 2, 3, generator=g),
+        "emb.weight": torch.randn(10, 4, generator=g).to(torch.bfloat16),
+        "bn.num_batches_tracked": torch.tensor(7),
+        "bn.running_mean": torch.randn(4, generator=g).half(),
+    }
+    masks = {
+        "lin.weight": _random_mask((8, 6), "half_column"),
+        "conv.weight": _random_mask((4, 2, 3), "column"),
+        "emb.weight": _random_mask((10, 4), "unstructured"),
+        "other.weight": torch.ones(3, dtype=torch.bool),  # ignored: not in state
+    }
+    patterns = {"lin.weight": "half_column", "conv.weight": "column"}  # emb defaults to unstructured
+    p = encode_state(state, masks, patterns)
+    assert list(p.keys()) == list(state)
+    assert p["emb.weight"].kind == "unstructured" and p["lin.bias"].kind == "dense"
+    assert p.nbytes == sum(a.nbytes for a in p.to_arrays())
+    assert p.nbytes < dense_nbytes(state)
+    for q in (p, Payload.from_bytes(p.to_bytes()), Payload.from_arrays(p.to_arrays(), p.spec())):
+        out = decode_state(q)
+        for k, v in state.items():
+            m = masks.get(k)
+            assert torch.equal(out[k], v if m is None else v * m), k
+
+    up = encode_state(state, masks, patterns, send_index=False)
+    assert up.nbytes < p.nbytes
+    with pytest.raises(ValueError, match="needs masks"):
+        decode_state(up)
+    out = decode_state(up, masks)
+    assert torch.equal(out["lin.weight"], state["lin.weight"] * masks["lin.weight"])
+    # the bytes blob is the arrays plus a small header
+    assert len(p.to_bytes()) > p.nbytes
+
+
+def test_errors():
+    W = torch.randn(8, 6)
+    with pytest.raises(ValueError, match="mask shape"):
+        encode_tensor(W, torch.ones(6, 8, dtype=torch.bool), "row")
+    with pytest.raises(ValueError, match="unknown pattern"):
+        encode_tensor(W, torch.ones(8, 6, dtype=torch.bool), "diagonal")
+    with pytest.raises(ValueError, match="unknown pattern"):
+        num_groups((8, 6), "blocks")
+    with pytest.raises(ValueError, match="bool"):
+        encode_tensor(W, torch.ones(8, 6), "row")
+    bad = torch.ones(8, 6, dtype=torch.bool)
+    bad[0, 0] = False  # not a union of whole rows / columns / half-rows / half-columns
+    for pattern in STRUCTURED_PATTERNS:
+        with pytest.raises(ValueError, match="not a union of whole"):
+            encode_tensor(W, bad, pattern)
+    with pytest.raises(ValueError, match="even"):
+        encode_tensor(torch.randn(4, 5), torch.ones(4, 5, dtype=torch.bool), "half_row")
+    with pytest.raises(ValueError, match="even"):
+        encode_tensor(torch.randn(5, 4), torch.ones(5, 4, dtype=torch.bool), "half_column")
+    m = _random_mask((8, 6), "row")
+    up = encode_tensor(W, m, "row", send_index=False)
+    with pytest.raises(ValueError, match="mask shape"):
+        decode_tensor(up, m.t())
+    with pytest.raises(ValueError, match="not a union of whole"):
+        decode_tensor(up, bad)
+    enc = encode_tensor(W, m, "row")
+    with pytest.raises(ValueError, match="does not match the index"):
+        decode_tensor(enc, ~m)
+    with pytest.raises(ValueError, match="bad magic"):
+        Payload.from_bytes(b"nope" + bytes(20))
+    with pytest.raises(ValueError, match="spec describes"):
+        Payload.from_arrays([], encode_state({"w": W}).spec())
+
+
+def test_encoded_tensor_is_plain_data():
+    enc = encode_tensor(torch.randn(4, 4), torch.eye(4, dtype=torch.bool), "unstructured")
+    assert isinstance(enc, EncodedTensor)
+    # arrays never alias torch memory: mutating the source does not change the encoding
+    t = torch.ones(3, 3)
+    e = encode_tensor(t)
+    t.zero_()
+    assert (e.arrays["values"] == 1).all()
