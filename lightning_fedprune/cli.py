@@ -1,0 +1,66 @@
+"""The ``fedprune`` command: a LightningCLI over FederatedLightningModule and the data modules.
+
+    fedprune fit --config examples/quickstart.yaml
+    fedprune fit --config examples/asr/digits_fp.yaml --trainer.max_steps 20
+    fedprune fit --print_config
+
+The task is a nested ``class_path`` (``--model.task.class_path``), data modules are chosen with
+``--data.class_path``, and every callback is a ``--trainer.callbacks+=...`` entry.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_fedprune.module import FederatedLightningModule
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "fedprune"},
+    },
+}
+
+
+class FedPruneCLI(LightningCLI):
+    """LightningCLI with the federated module fixed and any LightningDataModule selectable."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--quiet", type=bool, default=False,
+                            help="No progress bar and no model summary (CI logs).")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        if cfg is not None and cfg.get("quiet"):
+            cfg.trainer.enable_progress_bar = False
+            cfg.trainer.enable_model_summary = False
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> FedPruneCLI:
+    """Parse ``args`` (default: ``sys.argv``) and, with ``run=True``, run the subcommand."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    return FedPruneCLI(
+        FederatedLightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=False,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point (``fedprune``, ``python -m lightning_fedprune``)."""
+    build_cli(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
