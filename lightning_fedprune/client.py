@@ -29,7 +29,9 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
+from lightning_fedprune.pruning.compact import compact_module
 from lightning_fedprune.protocol import ClientConfig, ClientPlan, ClientResult, RoundPayload
+from lightning_fedprune.wire import STRUCTURED_PATTERNS, decode_state, encode_state
 
 
 class ClientData(Protocol):
@@ -228,7 +230,6 @@ class ClientRunner:
         self._params = params
         self._manual = not self.replica.automatic_optimization
         self._clip_overridden = is_overridden("configure_gradient_clipping", self.replica, pl.LightningModule)
-        self.transform: Any = None  # optional model transform (compact sub-models), set by the pruning layer
 
     # ------------------------------------------------------------------ public
     def run(self, payload: RoundPayload, plan: ClientPlan) -> ClientResult:
@@ -240,13 +241,18 @@ class ClientRunner:
         except Exception as err:  # a failing client must not take the round down
             tb = traceback.format_exc(limit=-3)
             result = ClientResult(plan.client_id, plan.round, error=f"{type(err).__name__}: {err}\n{tb}")
-        result.seconds = time.perf_counter() - start
         result.check_finite()
+        if result.ok:
+            # what travels up: kept entries only (the server knows the masks, so no index is sent)
+            result.payload = encode_state(result.state, payload.masks, payload.patterns, send_index=False)
+            result.bytes_up = result.payload.nbytes
+            result.state = {}
+        result.seconds = time.perf_counter() - start
         return result
 
     # ------------------------------------------------------------------ internals
     def _load(self, payload: RoundPayload) -> None:
-        state = payload.state
+        state = payload.state if payload.state else decode_state(payload.encoded)
         with torch.no_grad():
             for name, tensor in self._targets:
                 tensor.copy_(state[name])
@@ -255,26 +261,36 @@ class ClientRunner:
         task = self.replica
         self._load(payload)
         task.train()
-        masked = [(self._params[n], m) for n, m in payload.masks.items()]
+        masks = payload.masks
+        compacted = None
+        if self.config.compact and any(payload.patterns.get(n) in STRUCTURED_PATTERNS for n in masks):
+            # a physically smaller replica: structured-pruned nn.Linear layers hold only their kept slice
+            compacted = compact_module(task, masks, payload.patterns)
+            masks = compacted.fallback_masks
+        params_now = dict(task.named_parameters()) if compacted is not None else self._params
+        masked = [(params_now[n], m) for n, m in masks.items()]  # masked-dense: everything not compacted
         with torch.no_grad():
             for p, m in masked:
                 p.mul_(m)
-
-        optimizers, sched_configs = self._configure_optimizers(task)
-        wrapped = [ClientOptimizer(o, masked) for o in optimizers]
-        view = ClientTrainerView(round=plan.round, max_rounds=payload.max_rounds, client_id=plan.client_id, config=self.config)
-        view.optimizers = [w.optimizer for w in wrapped]
-        view.lr_scheduler_configs = sched_configs
-        log = _ClientLog()
-        self._bind(task, view, wrapped, sched_configs, log)
         try:
-            loss_sum, num_losses, num_examples, num_steps = self._loop(task, plan, view, wrapped, sched_configs, masked)
+            optimizers, sched_configs = self._configure_optimizers(task)
+            wrapped = [ClientOptimizer(o, masked) for o in optimizers]
+            view = ClientTrainerView(round=plan.round, max_rounds=payload.max_rounds, client_id=plan.client_id,
+                                     config=self.config)
+            view.optimizers = [w.optimizer for w in wrapped]
+            view.lr_scheduler_configs = sched_configs
+            log = _ClientLog()
+            self._bind(task, view, wrapped, sched_configs, log)
+            try:
+                loss_sum, num_losses, num_examples, num_steps = self._loop(task, plan, view, wrapped, sched_configs)
+            finally:
+                self._unbind(task)
         finally:
-            self._unbind(task)
-
+            if compacted is not None:
+                compacted.restore(copy_back=True)  # trained values back in full coordinates, zeros where pruned
         with torch.no_grad():
-            for p, m in masked:
-                p.mul_(m)
+            for n, m in payload.masks.items():
+                self._params[n].mul_(m)
             state = {name: tensor.detach().clone() for name, tensor in self._targets}
         size = self.data.client_size(plan.client_id)
         weight = float(size if self.weighting == "num_samples" else num_examples if self.weighting == "num_examples" else 1.0)
@@ -390,7 +406,7 @@ class ClientRunner:
             yield -1, None, True
             epoch += 1
 
-    def _loop(self, task, plan, view, wrapped, configs, masked) -> tuple[float, int, int, int]:
+    def _loop(self, task, plan, view, wrapped, configs) -> tuple[float, int, int, int]:
         device = task.device
         cfg = self.config
         loss_sum = torch.zeros((), dtype=torch.float64)

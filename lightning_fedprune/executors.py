@@ -38,10 +38,6 @@ class Executor:
     def run(self, payload: RoundPayload, plans: Sequence[ClientPlan], on_result: ResultCallback | None = None) -> list[ClientResult]:
         raise NotImplementedError
 
-    def set_transform(self, transform: Any) -> None:
-        """Install a client-side model transform (e.g. compact sub-models) on every runner."""
-        self.transform = transform
-
     def teardown(self) -> None:
         pass
 
@@ -51,16 +47,9 @@ class SequentialExecutor(Executor):
 
     def __init__(self) -> None:
         self.runner: ClientRunner | None = None
-        self.transform: Any = None
 
     def setup(self, task: pl.LightningModule, data: ClientData, config: ClientConfig, weighting: str) -> None:
         self.runner = ClientRunner(task, data, config, weighting)
-        self.runner.transform = self.transform
-
-    def set_transform(self, transform: Any) -> None:
-        self.transform = transform
-        if self.runner is not None:
-            self.runner.transform = transform
 
     def run(self, payload: RoundPayload, plans: Sequence[ClientPlan], on_result: ResultCallback | None = None) -> list[ClientResult]:
         if self.runner is None:
@@ -79,9 +68,8 @@ class SequentialExecutor(Executor):
 
 def _worker_main(conn: Connection, init_blob: bytes, num_threads: int) -> None:
     torch.set_num_threads(num_threads)
-    task, data, config, weighting, transform = pickle.loads(init_blob)
+    task, data, config, weighting = pickle.loads(init_blob)
     runner = ClientRunner(task, data, config, weighting)
-    runner.transform = transform
     payload: RoundPayload | None = None
     while True:
         try:
@@ -90,8 +78,6 @@ def _worker_main(conn: Connection, init_blob: bytes, num_threads: int) -> None:
             return
         if kind == "payload":
             payload = obj
-        elif kind == "transform":
-            runner.transform = obj
         elif kind == "plan":
             assert payload is not None
             result = runner.run(payload, obj)
@@ -120,7 +106,6 @@ class ProcessPoolExecutor(Executor):
         self.num_workers = num_workers
         self.start_method = start_method
         self.threads_per_worker = threads_per_worker or max(1, torch.get_num_threads() // num_workers)
-        self.transform: Any = None
         self._init_blob: bytes | None = None
         self._workers: list[tuple[Any, Connection]] = []
 
@@ -137,7 +122,7 @@ class ProcessPoolExecutor(Executor):
         trainer = task._trainer
         task._trainer = None
         try:
-            self._init_blob = pickle.dumps((task, data, config, weighting, self.transform), protocol=pickle.HIGHEST_PROTOCOL)
+            self._init_blob = pickle.dumps((task, data, config, weighting), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as err:
             raise TypeError(
                 "ProcessPoolExecutor must pickle the task and the client datasets to send them to worker processes "
@@ -148,16 +133,11 @@ class ProcessPoolExecutor(Executor):
             task._trainer = trainer
         self._workers = [self._start_worker() for _ in range(self.num_workers)]
 
-    def set_transform(self, transform: Any) -> None:
-        self.transform = transform
-        blob = pickle.dumps(("transform", transform), protocol=pickle.HIGHEST_PROTOCOL)
-        for _, conn in self._workers:
-            conn.send_bytes(blob)
-
     def run(self, payload: RoundPayload, plans: Sequence[ClientPlan], on_result: ResultCallback | None = None) -> list[ClientResult]:
         if not self._workers:
             raise RuntimeError("ProcessPoolExecutor.run called before setup")
-        blob = pickle.dumps(("payload", payload), protocol=pickle.HIGHEST_PROTOCOL)
+        # the round's broadcast goes to each worker once, in wire form (kept entries + indices / bitmasks)
+        blob = pickle.dumps(("payload", payload.for_transport()), protocol=pickle.HIGHEST_PROTOCOL)
         for _, conn in self._workers:
             conn.send_bytes(blob)
         pending = list(plans)

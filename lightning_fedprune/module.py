@@ -33,6 +33,7 @@ from lightning_fedprune.executors import EXECUTORS, Executor, make_executor
 from lightning_fedprune.hooks import RoundSummary
 from lightning_fedprune.protocol import ClientConfig, ClientPlan, ClientResult, RoundPayload, derive_seed
 from lightning_fedprune.pruning.state import PruningState
+from lightning_fedprune.wire import decode_state, dense_nbytes, encode_state
 
 WEIGHTINGS = ("num_samples", "num_examples", "uniform")
 
@@ -126,6 +127,7 @@ class FederatedLightningModule(pl.LightningModule):
         self.pruning = PruningState()
         self.last_summary: RoundSummary | None = None
         self._executor_ready = False
+        self._dense_bytes = 0
         self._param_names, self._buffer_names = state_names(task)
 
     # ------------------------------------------------------------------ convenience
@@ -201,10 +203,16 @@ class FederatedLightningModule(pl.LightningModule):
 
         ok = [r for r in results if r.ok]
         failed = [r for r in results if not r.ok]
+        for r in ok:
+            if r.payload is not None:
+                r.state = decode_state(r.payload, payload.masks)
         for r in failed:
             first_line = (r.error or "").strip().splitlines()[0] if r.error else "unknown error"
             warnings.warn(f"round {rnd}: client {r.client_id} failed and is left out of the aggregate: {first_line}", stacklevel=2)
         summary = RoundSummary(round=rnd, cohort=cohort, clients_ok=len(ok), clients_failed=len(failed))
+        summary.bytes_down = payload.encoded.nbytes * len(plans)
+        summary.bytes_up = sum(r.bytes_up for r in results)
+        summary.dense_bytes = 2 * self._dense_bytes * len(plans)
         optimizer = self.optimizers()
         if ok:
             summary.total_weight = float(sum(r.weight for r in ok))
@@ -232,8 +240,11 @@ class FederatedLightningModule(pl.LightningModule):
         for name, b in self.global_buffers().items():
             state[name] = b.detach()
         max_rounds = self.trainer.max_steps if self._trainer is not None else -1
-        return RoundPayload(round=rnd, state=state, masks=dict(masks), patterns=dict(self.pruning.patterns),
-                            max_rounds=max_rounds)
+        patterns = dict(self.pruning.patterns)
+        encoded = encode_state(state, masks, patterns, send_index=True)
+        self._dense_bytes = dense_nbytes(state)
+        return RoundPayload(round=rnd, state=state, masks=dict(masks), patterns=patterns, max_rounds=max_rounds,
+                            encoded=encoded)
 
     def _server_step(self, optimizer: Any, ok: list[ClientResult]) -> dict[str, Tensor]:
         names = self._param_names + self._buffer_names
@@ -286,6 +297,11 @@ class FederatedLightningModule(pl.LightningModule):
         self.log("round/clients_ok", float(summary.clients_ok), **log)
         self.log("round/clients_failed", float(summary.clients_failed), **log)
         self.log("round/seconds", summary.seconds, **log)
+        self.log("comm/bytes_down", float(summary.bytes_down), **log)
+        self.log("comm/bytes_up", float(summary.bytes_up), **log)
+        self.log("comm/dense_bytes", float(summary.dense_bytes), **log)
+        if summary.dense_bytes:
+            self.log("comm/ratio", (summary.bytes_down + summary.bytes_up) / summary.dense_bytes, **log)
         options: dict[str, dict[str, Any]] = {}
         for r in ok:
             options.update(r.log_options)

@@ -68,6 +68,11 @@ class RoundPayload:
     masks: dict[str, Tensor] = field(default_factory=dict)
     patterns: dict[str, str] = field(default_factory=dict)
     max_rounds: int = -1
+    encoded: Any = None  # the wire form (lightning_fedprune.wire.Payload) of ``state``; its nbytes is what travels down
+
+    def for_transport(self) -> RoundPayload:
+        """The payload as it crosses a process boundary: the wire form only, no decoded tensors."""
+        return RoundPayload(self.round, {}, self.masks, self.patterns, self.max_rounds, self.encoded)
 
 
 @dataclass
@@ -84,7 +89,8 @@ class ClientResult:
     """What one client returns.
 
     ``state`` holds the client's final parameters (kept entries; pruned entries are exact zeros)
-    and buffers in full coordinates. ``weight`` is the aggregation weight (the client's dataset
+    and buffers in full coordinates; on the way to the server it travels as ``payload`` (the
+    wire form, kept entries only) and the server decodes it back into ``state``. ``weight`` is the aggregation weight (the client's dataset
     size by default), ``num_examples`` the examples it processed. ``metrics`` are the means of the
     values the task logged with ``self.log`` during local training. ``error`` is set when the
     client failed; then ``state`` is empty.
@@ -100,6 +106,7 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
     log_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    payload: Any = None  # the wire form of ``state`` sent up (kept entries only); decoded by the server
     bytes_up: int = 0
     error: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)

@@ -266,3 +266,15 @@ def test_compact_module_leaves_mha_conv_tied_unstructured_alone():
     handle.restore()
     assert type(cm.ff1) is nn.Linear
     torch.testing.assert_close(cm(x), expected, atol=1e-5, rtol=0)
+
+
+def test_compact_linear_pickles_and_moves():
+    import pickle
+
+    lin = nn.Linear(8, 6)
+    cl = compact_linear(lin, _mask(lin.weight.shape, "half_row"), "half_row")
+    cl2 = pickle.loads(pickle.dumps(cl))
+    x = torch.randn(2, 8)
+    assert torch.equal(cl2(x), cl(x)) and torch.equal(cl2.keep1, cl.keep1)
+    cl3 = copy.deepcopy(cl).double()
+    assert cl3.keep0.dtype == torch.long and cl3.full_weight().dtype == torch.float64

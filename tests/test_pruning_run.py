@@ -18,6 +18,7 @@ from lightning_fedprune.callbacks import (
     SparsityRampCallback,
 )
 from lightning_fedprune.pruning.state import PruningState
+from lightning_fedprune.wire import decode_state
 
 
 class SpyExecutor(SequentialExecutor):
@@ -27,13 +28,21 @@ class SpyExecutor(SequentialExecutor):
         super().__init__()
         self.checked = 0
 
+    @staticmethod
+    def _num_values(enc):
+        return sum(a.size for k, a in enc.arrays.items() if k.startswith("values"))
+
     def run(self, payload, plans, on_result=None):
         for name, mask in payload.masks.items():
             assert torch.all(payload.state[name][~mask] == 0), name
+            assert self._num_values(payload.encoded.tensors[name]) == int(mask.sum()), name  # only kept values go down
         results = super().run(payload, plans, on_result)
         for r in results:
+            decoded = decode_state(r.payload, payload.masks)
             for name, mask in payload.masks.items():
-                assert torch.all(r.state[name][~mask] == 0), name
+                enc = r.payload.tensors[name]
+                assert not enc.has_index and self._num_values(enc) == int(mask.sum()), name  # only kept values go up
+                assert torch.all(decoded[name][~mask] == 0), name
                 self.checked += 1
         return results
 

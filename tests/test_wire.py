@@ -284,3 +284,12 @@ def test_encoded_tensor_is_plain_data():
     e = encode_tensor(t)
     t.zero_()
     assert (e.arrays["values"] == 1).all()
+
+
+def test_payload_pickles():
+    import pickle
+
+    W = torch.randn(8, 6)
+    p = encode_state({"w": W}, {"w": _random_mask((8, 6), "row")}, {"w": "row"})
+    q = pickle.loads(pickle.dumps(p))
+    assert q.nbytes == p.nbytes and torch.equal(decode_state(q)["w"], decode_state(p)["w"])
