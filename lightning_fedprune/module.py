@@ -48,7 +48,9 @@ class FederatedLightningModule(pl.LightningModule):
     Args:
         task: the user's LightningModule. Its ``training_step`` and ``configure_optimizers``
             define client training (a fresh client optimiser every round, as in FedAvg); its
-            ``validation_step``/``test_step`` evaluate the global model.
+            ``validation_step``/``test_step`` evaluate the global model — the *pruned* model
+            clients get (pruned entries are zeroed during evaluation and the server's kept
+            values restored afterwards).
         clients_per_round: cohort size sampled each round (seeded by ``seed`` and the round).
         local_steps: optimiser steps per client per round (give this or ``local_epochs``).
         local_epochs: passes over the client's data per round (default 1 if neither is given).
@@ -128,6 +130,7 @@ class FederatedLightningModule(pl.LightningModule):
         self.last_summary: RoundSummary | None = None
         self._executor_ready = False
         self._dense_bytes = 0
+        self._stash: dict[str, Tensor] = {}
         self._param_names, self._buffer_names = state_names(task)
 
     # ------------------------------------------------------------------ convenience
@@ -332,17 +335,49 @@ class FederatedLightningModule(pl.LightningModule):
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         return self._delegate("predict_step", *args, **kwargs)
 
+    def _mask_for_eval(self) -> None:
+        """Evaluate the pruned model clients get: pruned entries zeroed (the server's values are stashed)."""
+        self._stash = {}
+        if self.pruning.masks and not self.pruning.permanent:
+            params = self.global_params()
+            with torch.no_grad():
+                for name, mask in self.pruning.masks.items():
+                    self._stash[name] = params[name].detach().clone()
+                    params[name].mul_(mask)
+
+    def _unmask_after_eval(self) -> None:
+        stash, self._stash = self._stash, {}
+        if stash:
+            params = self.global_params()
+            with torch.no_grad():
+                for name, value in stash.items():
+                    params[name].copy_(value)
+
     def on_validation_epoch_start(self) -> None:
+        self._mask_for_eval()
         self._delegate("on_validation_epoch_start")
 
     def on_validation_epoch_end(self) -> None:
-        self._delegate("on_validation_epoch_end")
+        try:
+            self._delegate("on_validation_epoch_end")
+        finally:
+            self._unmask_after_eval()  # before ModelCheckpoint's on_validation_end saves the server state
 
     def on_test_epoch_start(self) -> None:
+        self._mask_for_eval()
         self._delegate("on_test_epoch_start")
 
     def on_test_epoch_end(self) -> None:
-        self._delegate("on_test_epoch_end")
+        try:
+            self._delegate("on_test_epoch_end")
+        finally:
+            self._unmask_after_eval()
+
+    def on_predict_epoch_start(self) -> None:
+        self._mask_for_eval()
+
+    def on_predict_epoch_end(self) -> None:
+        self._unmask_after_eval()
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

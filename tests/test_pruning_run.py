@@ -298,3 +298,50 @@ def test_setup_errors(callbacks, match):
     dm = FederatedDataModule(GaussianMixtureDataset(40, dim=16, num_classes=3), num_clients=4, batch_size=8)
     with pytest.raises(ValueError, match=match):
         quiet_trainer(max_steps=1, callbacks=callbacks).fit(fed, datamodule=dm)
+
+
+class EvalProbe(MLPClassifier):
+    def validation_step(self, batch, batch_idx):
+        self.seen = self.body[0].weight.detach().clone()
+        return super().validation_step(batch, batch_idx)
+
+
+def test_validation_evaluates_the_pruned_model_and_restores_server_values():
+    torch.manual_seed(0)
+    task = EvalProbe(in_dim=16, hidden=32, num_classes=4)
+    dm = FederatedDataModule(GaussianMixtureDataset(120, dim=16, num_classes=4),
+                             val_dataset=GaussianMixtureDataset(40, dim=16, num_classes=4, seed=3), num_clients=4, batch_size=8)
+    fed = FederatedLightningModule(task, clients_per_round=2, local_steps=2)
+    cbs = [SparsityRampCallback(target_sparsity=0.5, start_round=1, pattern="unstructured", parameters=r"body\.0\.weight")]
+    quiet_trainer(max_steps=3, val_check_interval=3, callbacks=cbs).fit(fed, datamodule=dm)
+    mask = fed.masks["body.0.weight"]
+    assert torch.all(task.seen[~mask] == 0)  # evaluation saw the pruned model
+    assert torch.all(task.body[0].weight[~mask] != 0)  # the server still keeps the pruned values
+    assert torch.equal(task.seen[mask], task.body[0].weight[mask])
+
+
+def test_checkpoint_saved_after_validation_keeps_server_values(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        task = MLPClassifier(in_dim=16, hidden=32, num_classes=4, lr=0.1, momentum=0.9)
+        dm = FederatedDataModule(GaussianMixtureDataset(120, dim=16, num_classes=4),
+                                 val_dataset=GaussianMixtureDataset(40, dim=16, num_classes=4, seed=3), num_clients=4,
+                                 batch_size=8)
+        return FederatedLightningModule(task, clients_per_round=2, local_steps=2), dm
+
+    def cbs():
+        return [SparsityRampCallback(target_sparsity=0.5, start_round=1, end_round=4, schedule="linear",
+                                     pattern="unstructured", parameters=r"body\..*\.weight")]
+
+    full, dm = make()
+    quiet_trainer(max_steps=8, callbacks=cbs()).fit(full, datamodule=dm)
+    first, dm = make()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{step}")  # saves at validation end
+    quiet_trainer(max_steps=4, val_check_interval=4, enable_checkpointing=True, callbacks=cbs() + [ckpt]).fit(first, datamodule=dm)
+    path = tmp_path / "step=4.ckpt"
+    saved = torch.load(path, weights_only=False)["state_dict"]["task.body.0.weight"]
+    assert (saved != 0).all()  # the checkpoint holds the server's kept pruned values, not the zeroed eval view
+    resumed, dm = make()
+    quiet_trainer(max_steps=8, callbacks=cbs()).fit(resumed, datamodule=dm, ckpt_path=str(path))
+    for (name, a), (_, b) in zip(full.task.state_dict().items(), resumed.task.state_dict().items()):
+        assert torch.equal(a, b), name
