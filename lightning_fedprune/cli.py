@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_fedprune.module import FederatedLightningModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
+    "log_every_n_steps": 1,  # one step is one federated round: log every round
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "runs", "name": "fedprune"},
@@ -39,6 +40,21 @@ class FedPruneCLI(LightningCLI):
         if cfg is not None and cfg.get("quiet"):
             cfg.trainer.enable_progress_bar = False
             cfg.trainer.enable_model_summary = False
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """Uses :class:`FederatedProgressBar` as the default progress bar (unless the progress bar is
+        disabled or a progress bar callback is configured)."""
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from lightning_fedprune.callbacks.progress import FederatedProgressBar
+
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        callbacks = kwargs.get("callbacks", trainer_cfg.get("callbacks")) or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        enabled = kwargs.get("enable_progress_bar", trainer_cfg.get("enable_progress_bar"))
+        if enabled is not False and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            kwargs["callbacks"] = [*callbacks, FederatedProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> FedPruneCLI:

@@ -142,12 +142,15 @@ class FederatedDataModule(pl.LightningDataModule):
             when the dataset provides that list (so partitioning never loads the samples).
         label_key: for ``dirichlet``, a callable or a field name giving the label (default:
             ``dataset.targets`` when present, else the last tuple element).
-        batch_size: client (local) batch size. ``eval_batch_size`` for validation/test.
+        batch_size: client (local) batch size.
+        eval_batch_size: batch size of the validation/test loaders (default: ``batch_size``).
         min_client_samples: clients with fewer samples are reported (warning + ``small_clients``)
             and not sampled into cohorts; they are never dropped silently.
         rounds_per_epoch: rounds in one Trainer epoch (default: ``trainer.max_steps`` when set,
             else ``ceil(num_clients / clients_per_round)``).
         collate_fn: collate function for client and evaluation batches.
+        shuffle: shuffle each client's data every round (seeded by ``(seed, round, client)``).
+        drop_last: drop a client's last incomplete batch.
         seed: partition seed.
     """
 

@@ -1,0 +1,79 @@
+"""Plot a run's quality and sparsity over rounds from its TensorBoard event files.
+
+    python -m lightning_fedprune.plot runs/fedprune/version_0 --out docs/img/main_job.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalar series of the event files under ``log_dir``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(Path(log_dir).rglob("events.out.tfevents.*"))
+    if not files:
+        raise FileNotFoundError(f"no TensorBoard event files under {log_dir}")
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in files:
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def plot_run(log_dir: str | Path, out: str | Path, metric: str | None = None, title: str | None = None) -> Path:
+    """Quality metric (``val/wer`` if logged, else ``val/acc``/``val/loss``) and ``prune/sparsity`` vs round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scalars = read_scalars(log_dir)
+    if metric is None:
+        metric = next((m for m in ("val/wer", "val/acc", "val/loss") if m in scalars), None)
+    if metric is None or metric not in scalars:
+        raise ValueError(f"metric {metric!r} not logged in {log_dir}; available: {sorted(scalars)}")
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    steps, values = zip(*scalars[metric])
+    ax.plot(steps, values, "o-", color="tab:blue", label=metric)
+    ax.set_xlabel("federated round")
+    ax.set_ylabel(metric, color="tab:blue")
+    if "prune/sparsity" in scalars:
+        ax2 = ax.twinx()
+        s_steps, s_values = zip(*scalars["prune/sparsity"])
+        ax2.plot(s_steps, s_values, "-", color="tab:red", label="prune/sparsity")
+        ax2.set_ylabel("sparsity", color="tab:red")
+        ax2.set_ylim(0, 1)
+        if "prune/phase" in scalars:
+            changes = [(s, int(p)) for i, (s, p) in enumerate(scalars["prune/phase"])
+                       if i == 0 or int(p) != int(scalars["prune/phase"][i - 1][1])]
+            names = {0: "dense", 1: "ramp", 2: "refine", 3: "fine-tune"}
+            for s, p in changes:
+                ax.axvline(s, color="grey", lw=0.6, ls=":")
+                ax.text(s, ax.get_ylim()[1], f" {names.get(p, p)}", fontsize=7, va="top", color="grey")
+    ax.set_title(title or f"{metric} and sparsity over rounds")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("log_dir", help="a TensorBoard log directory (e.g. runs/fedprune/version_0)")
+    parser.add_argument("--out", default="run.png", help="output PNG")
+    parser.add_argument("--metric", default=None, help="scalar to plot (default: val/wer, val/acc or val/loss)")
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+    print(plot_run(args.log_dir, args.out, args.metric, args.title))
+
+
+if __name__ == "__main__":
+    main()
