@@ -239,7 +239,7 @@ class FederatedLightningModule(pl.LightningModule):
         state: dict[str, Tensor] = {}
         for name, p in self.global_params().items():
             t = p.detach()
-            state[name] = t * masks[name] if name in masks else t
+            state[name] = t.masked_fill(~masks[name], 0) if name in masks else t
         for name, b in self.global_buffers().items():
             state[name] = b.detach()
         max_rounds = self.trainer.max_steps if self._trainer is not None else -1

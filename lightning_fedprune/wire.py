@@ -18,9 +18,12 @@ Kinds (``EncodedTensor.kind``) and the arrays each one carries::
     half_column   index|index_bits, values0, values1
                                                W2d = [W1 ; W2]: values_h = Wh[:, kept_h]
 
-``W2d`` is the design's 2-D view ``t.reshape(t.shape[0], -1)`` (a 1-D tensor is ``(n, 1)``,
-a 0-d tensor ``(1, 1)``). Structured group indices are block-major (``half_row``: group
-``h*R + r``; ``half_column``: group ``h*C + c``), sorted ascending.
+``W2d``, the groups and their block-major indices (``half_row``: group ``h*R + r``;
+``half_column``: group ``h*C + c``) are those of :mod:`lightning_fedprune.pruning.patterns`
+(``to_2d``, ``groups_from_mask``, ``expand_groups``, ``split_groups``); indices are sorted
+ascending. Any tensor can go ``dense`` (0-d and empty ones included); a masked one must be
+one :func:`~lightning_fedprune.pruning.patterns.check_pattern` accepts (at least one dimension
+and one entry, an even split axis for the half patterns).
 
 **Index encoding** (structured kinds): the kept group indices are sent either as ``index``
 (int32, one per kept group) or as ``index_bits`` (``numpy.packbits`` over all groups, one
@@ -47,9 +50,19 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .pruning.patterns import (
+    STRUCTURED_PATTERNS,
+    check_pattern,
+    expand_groups,
+    groups_from_mask,
+    num_groups,
+    shape_2d,
+    split_groups,
+    to_2d,
+)
+
 __all__ = [
-    "PATTERNS",
-    "STRUCTURED_PATTERNS",
+    "STRUCTURED_PATTERNS",  # re-exported from pruning.patterns
     "EncodedTensor",
     "Payload",
     "encode_tensor",
@@ -57,14 +70,7 @@ __all__ = [
     "encode_state",
     "decode_state",
     "dense_nbytes",
-    "view2d_shape",
-    "num_groups",
-    "mask_to_groups",
-    "groups_to_mask",
 ]
-
-PATTERNS = ("unstructured", "row", "column", "half_row", "half_column")
-STRUCTURED_PATTERNS = ("row", "column", "half_row", "half_column")
 
 # --------------------------------------------------------------------------------------
 # dtypes
@@ -110,94 +116,6 @@ def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# 2-D view and groups (the shared conventions of docs/design.md)
-# --------------------------------------------------------------------------------------
-
-
-def view2d_shape(shape: Sequence[int]) -> tuple[int, int]:
-    """``(R, C)`` of the design's 2-D view ``t.reshape(t.shape[0], -1)``; 0-d -> ``(1, 1)``."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) == 0:
-        return 1, 1
-    return shape[0], math.prod(shape[1:])
-
-
-def _check_pattern(pattern: str) -> None:
-    if pattern not in PATTERNS:
-        raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS}")
-
-
-def _check_divisible(pattern: str, R: int, C: int, shape: Sequence[int]) -> None:
-    if pattern == "half_row" and C % 2:
-        raise ValueError(
-            f"pattern 'half_row' needs an even number of columns, got 2-D view {R}x{C} of shape {tuple(shape)}"
-        )
-    if pattern == "half_column" and R % 2:
-        raise ValueError(
-            f"pattern 'half_column' needs an even number of rows, got 2-D view {R}x{C} of shape {tuple(shape)}"
-        )
-
-
-def num_groups(shape: Sequence[int], pattern: str) -> int:
-    """Number of groups of ``pattern`` for a tensor of ``shape``."""
-    _check_pattern(pattern)
-    R, C = view2d_shape(shape)
-    _check_divisible(pattern, R, C, shape)
-    return {"unstructured": R * C, "row": R, "column": C, "half_row": 2 * R, "half_column": 2 * C}[pattern]
-
-
-def mask_to_groups(mask: torch.Tensor, pattern: str, *, name: str = "tensor") -> torch.Tensor:
-    """Per-group keep flags (bool, block-major, length :func:`num_groups`) of ``mask``.
-
-    Raises ``ValueError`` if ``mask`` is not a union of whole groups of ``pattern``.
-    """
-    _check_pattern(pattern)
-    R, C = view2d_shape(mask.shape)
-    _check_divisible(pattern, R, C, mask.shape)
-    m = mask.detach().to(torch.bool).reshape(R, C)
-    if pattern == "unstructured":
-        return m.reshape(-1)
-    if pattern == "row":
-        g = m.any(1)
-    elif pattern == "column":
-        g = m.any(0)
-    elif pattern == "half_row":
-        g = m.reshape(R, 2, C // 2).any(-1).t().reshape(-1)
-    else:  # half_column
-        g = m.reshape(2, R // 2, C).any(1).reshape(-1)
-    back = groups_to_mask(g, (R, C), pattern)
-    if not torch.equal(back, m):
-        bad = int((back != m).sum())
-        raise ValueError(
-            f"mask of {name} (shape {tuple(mask.shape)}) is not a union of whole {pattern!r} groups: "
-            f"{bad} entries are pruned inside kept groups"
-        )
-    return g
-
-
-def groups_to_mask(groups: torch.Tensor, shape: Sequence[int], pattern: str) -> torch.Tensor:
-    """Inverse of :func:`mask_to_groups`: the full bool mask of ``shape`` from per-group flags."""
-    _check_pattern(pattern)
-    shape = tuple(int(s) for s in shape)
-    R, C = view2d_shape(shape)
-    g = groups.to(torch.bool).reshape(-1)
-    n = num_groups(shape, pattern)
-    if g.numel() != n:
-        raise ValueError(f"expected {n} group flags for pattern {pattern!r} and shape {shape}, got {g.numel()}")
-    if pattern == "unstructured":
-        m = g.reshape(R, C)
-    elif pattern == "row":
-        m = g[:, None].expand(R, C)
-    elif pattern == "column":
-        m = g[None, :].expand(R, C)
-    elif pattern == "half_row":
-        m = g.reshape(2, R).t()[:, :, None].expand(R, 2, C // 2).reshape(R, C)
-    else:  # half_column
-        m = g.reshape(2, 1, C).expand(2, R // 2, C).reshape(R, C)
-    return m.reshape(shape).clone()
-
-
-# --------------------------------------------------------------------------------------
 # EncodedTensor
 # --------------------------------------------------------------------------------------
 
@@ -227,13 +145,13 @@ class EncodedTensor:
 
     @property
     def shape2d(self) -> tuple[int, int]:
-        return view2d_shape(self.shape)
+        return shape_2d(self.shape)
 
     @property
     def num_groups(self) -> int:
         if self.kind == "dense":
             return 1
-        return num_groups(self.shape, self.kind)
+        return num_groups(self.kind, self.shape)
 
     # -- indices --------------------------------------------------------------------
     def group_flags(self, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,13 +170,13 @@ class EncodedTensor:
                 flags[torch.from_numpy(self.arrays["index"].astype(np.int64))] = True
             if mask is not None:
                 self._check_mask_shape(mask)
-                if not torch.equal(mask_to_groups(mask.cpu(), self.kind), flags):
+                if not torch.equal(groups_from_mask(mask.cpu(), self.kind), flags):
                     raise ValueError("the mask given does not match the index sent with the tensor")
             return flags
         if mask is None:
             raise ValueError(f"this {self.kind!r} tensor was encoded with send_index=False: pass its mask")
         self._check_mask_shape(mask)
-        return mask_to_groups(mask.cpu(), self.kind)
+        return groups_from_mask(mask.cpu(), self.kind)
 
     def kept_groups(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Kept group indices (int64, ascending, block-major); for ``unstructured`` the flat
@@ -269,23 +187,19 @@ class EncodedTensor:
         """The full bool keep-mask of ``shape``."""
         if self.kind == "dense":
             return torch.ones(self.shape, dtype=torch.bool)
-        return groups_to_mask(self.group_flags(mask), self.shape, self.kind)
+        return expand_groups(self.group_flags(mask), self.kind, self.shape)
 
     def blocks(self, mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(kept, values), ...]`` without scattering, for building a compact layer.
 
-        * ``row``: one block, ``kept`` rows and ``values = W2d[kept]`` ``(k, C)``;
-        * ``column``: one block, ``kept`` columns and ``values = W2d[:, kept]`` ``(R, k)``;
-        * ``half_row``: two blocks ``h = 0, 1`` (left/right halves), ``kept`` rows local to the
-          block and ``values = Wh[kept]`` ``(k_h, C/2)``;
-        * ``half_column``: two blocks (top/bottom), ``kept`` columns and ``values = Wh[:, kept]``
-          ``(R/2, k_h)``;
+        * structured patterns: the blocks of :func:`~lightning_fedprune.pruning.patterns.split_groups`
+          (one for ``row``/``column``, two for the half patterns);
         * ``unstructured``: one block, flat kept indices and the 1-D kept values;
-        * ``dense``: one block, ``arange(R)`` and the 2-D view.
+        * ``dense``: one block, ``arange(R)`` and the 2-D view (a 0-d tensor is ``(1, 1)``).
         """
         if self.kind == "dense":
-            R, C = self.shape2d
-            return [(torch.arange(R), _from_numpy(self.arrays["values"], self.torch_dtype).reshape(R, C))]
+            W = to_2d(torch.atleast_1d(_from_numpy(self.arrays["values"], self.torch_dtype).reshape(self.shape)))
+            return [(torch.arange(W.shape[0]), W)]
         return self._blocks(self.group_flags(mask))
 
     def _blocks(self, flags: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -327,11 +241,12 @@ def encode_tensor(
 ) -> EncodedTensor:
     """Encode ``t``; with a ``mask`` only the kept entries travel (see module docstring).
 
-    ``pattern`` defaults to ``"unstructured"`` when a mask is given (valid for any mask);
-    without a mask the tensor is sent ``dense`` whatever the pattern.
+    ``pattern`` defaults to ``"unstructured"`` when a mask is given (valid for any mask of a
+    tensor with at least one dimension and one entry); without a mask the tensor is sent
+    ``dense`` whatever the pattern.
     """
     if pattern is not None:
-        _check_pattern(pattern)
+        check_pattern(pattern)
     shape = tuple(int(s) for s in t.shape)
     dtype = _dtype_name(t.dtype)
     t = t.detach()
@@ -342,9 +257,8 @@ def encode_tensor(
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match shape {shape} of {name}")
     if mask.dtype != torch.bool:
         raise ValueError(f"mask of {name} must be a bool tensor (True = kept), got {mask.dtype}")
+    check_pattern(pattern, shape, name)
     mask = mask.detach().to(t.device)
-    R, C = view2d_shape(shape)
-    W = t.reshape(R, C)
     arrays: dict[str, np.ndarray] = {}
     index = None
     if pattern == "unstructured":
@@ -355,7 +269,7 @@ def encode_tensor(
         arrays["values"] = _to_numpy(t.reshape(-1)[flat])
         return EncodedTensor(pattern, shape, dtype, pattern, index, arrays)
 
-    flags = mask_to_groups(mask, pattern, name=name)  # validates
+    flags = groups_from_mask(mask, pattern, name)  # validates
     if send_index:
         kept = flags.nonzero().reshape(-1).cpu()
         n = flags.numel()
@@ -365,18 +279,11 @@ def encode_tensor(
         else:
             index = "int32"
             arrays["index"] = kept.numpy().astype(np.int32)
-    if pattern == "row":
-        arrays["values"] = _to_numpy(W[flags])
-    elif pattern == "column":
-        arrays["values"] = _to_numpy(W[:, flags])
-    elif pattern == "half_row":
-        f = flags.reshape(2, R)
-        arrays["values0"] = _to_numpy(W[:, : C // 2][f[0]])
-        arrays["values1"] = _to_numpy(W[:, C // 2 :][f[1]])
-    else:  # half_column
-        f = flags.reshape(2, C)
-        arrays["values0"] = _to_numpy(W[: R // 2][:, f[0]])
-        arrays["values1"] = _to_numpy(W[R // 2 :][:, f[1]])
+    blocks = split_groups(to_2d(t), flags, pattern)
+    if len(blocks) == 1:
+        arrays["values"] = _to_numpy(blocks[0][1])
+    else:
+        arrays["values0"], arrays["values1"] = (_to_numpy(values) for _, values in blocks)
     return EncodedTensor(pattern, shape, dtype, pattern, index, arrays)
 
 

@@ -12,14 +12,15 @@ from lightning_fedprune.pruning.compact import (
     compact_module,
     mask_gradients_,
 )
-from lightning_fedprune.wire import STRUCTURED_PATTERNS, encode_tensor, groups_to_mask, num_groups
+from lightning_fedprune.pruning.patterns import STRUCTURED_PATTERNS, expand_groups, num_groups
+from lightning_fedprune.wire import encode_tensor
 
 
 def _mask(shape, pattern, frac=0.5, seed=0):
-    n = num_groups(shape, pattern)
+    n = num_groups(pattern, shape)
     flags = torch.zeros(n, dtype=torch.bool)
     flags[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: round(frac * n)]] = True
-    return groups_to_mask(flags, shape, pattern)
+    return expand_groups(flags, pattern, shape)
 
 
 def _masked_dense(linear, mask):
@@ -189,9 +190,9 @@ def test_edge_cases_empty_and_full_blocks():
             cl = compact_linear(lin, mask, pattern)
             torch.testing.assert_close(cl(x), _masked_dense(lin, mask)(x), atol=1e-6, rtol=0)
         # one block empty, the other full
-        n = num_groups(lin.weight.shape, pattern)
+        n = num_groups(pattern, lin.weight.shape)
         flags = torch.arange(n) >= n // 2
-        mask = groups_to_mask(flags, lin.weight.shape, pattern)
+        mask = expand_groups(flags, pattern, lin.weight.shape)
         cl = compact_linear(lin, mask, pattern)
         torch.testing.assert_close(cl(x), _masked_dense(lin, mask)(x), atol=1e-6, rtol=0)
 
@@ -208,6 +209,12 @@ def test_compact_errors():
         compact_linear(lin, torch.ones(6, 4, dtype=torch.bool), "row")
     with pytest.raises(TypeError):
         compact_linear(nn.Conv1d(2, 2, 3), torch.ones(2, 2, 3, dtype=torch.bool), "row")
+    with pytest.raises(ValueError, match=r"'half_row'.*axis 1 \(columns\) has odd length 5"):
+        CompactLinear(5, 4, "half_row", [torch.arange(0)] * 2, [torch.zeros(0, 2)] * 2)
+    with pytest.raises(ValueError, match=r"'half_column'.*axis 0 \(rows\) has odd length 3"):
+        CompactLinear(4, 3, "half_column", [torch.arange(0)] * 2, [torch.zeros(1, 0)] * 2)
+    with pytest.raises(ValueError, match="mask of 'linear weight'.*not a union of whole 'half_row'"):
+        compact_linear(lin, bad, "half_row")
 
 
 class _Model(nn.Module):

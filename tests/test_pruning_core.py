@@ -553,6 +553,32 @@ def test_layer_importance_errors():
         P.layer_importance(torch.tensor([1.0, math.nan]))
 
 
+@pytest.mark.parametrize(
+    "pattern,shape", applicable(patterns.STRUCTURED_PATTERNS, [(8, 6), (4, 2, 3, 3), (6,)])
+)
+def test_split_groups_are_the_kept_slices(pattern, shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    g = torch.rand(P.num_groups(pattern, shape), generator=torch.Generator().manual_seed(4)) > 0.5
+    x2d = P.to_2d(x)
+    rows, cols = patterns.shape_2d(shape)
+    assert x2d.shape == (rows, cols)
+    blocks = patterns.split_groups(x2d, g, pattern)
+    assert len(blocks) == (2 if pattern.startswith("half_") else 1)
+    # scattering the blocks back gives the masked matrix; kept are the block-local group indices
+    out = torch.zeros_like(x2d)
+    n = len(g) // len(blocks)
+    for h, (kept, values) in enumerate(blocks):
+        assert kept.dtype == torch.int64 and torch.equal(kept, g[h * n : (h + 1) * n].nonzero().reshape(-1))
+        view = {
+            "row": out,
+            "column": out.t(),
+            "half_row": out[:, h * cols // 2 : (h + 1) * cols // 2],
+            "half_column": out[h * rows // 2 : (h + 1) * rows // 2].t(),
+        }[pattern]
+        view[kept] = values if pattern in ("row", "half_row") else values.t()
+    assert torch.equal(out, x2d * P.to_2d(P.expand_groups(g, pattern, shape)))
+
+
 # --------------------------------------------------------------------------- pattern errors
 
 
@@ -564,6 +590,7 @@ def test_half_pattern_odd_dimension_errors():
     with pytest.raises(ValueError, match=r"\(3, 18\).*axis 0"):
         P.compute_mask(torch.randn(3, 2, 3, 3), "half_column", 0.5, name="conv")
     P.check_pattern("half_row", (3, 2, 3, 3))  # 18 columns: fine
+    P.check_pattern("half_row")  # name only: no shape to check
     with pytest.raises(ValueError, match=r"\(5, 1\).*axis 1"):
         P.compute_mask(torch.randn(5), "half_row", 0.5)
     for fn in (
@@ -599,6 +626,22 @@ def test_half_pattern_odd_dimension_errors():
          "group 1"),
         (lambda: P.groups_from_mask(torch.tensor([[0.5, 1.0]]), "row"), "only 0 and 1"),
         (lambda: P.groups_from_mask([True], "row"), "`mask` must be a torch.Tensor"),
+        (lambda: P.groups_from_mask(torch.tensor([[True, False]]), "row", name="fc.w"),
+         r"the mask of 'fc.w' \(shape \(1, 2\)\) is not a union of whole 'row' groups: group 0"),
+        (lambda: P.groups_from_mask(torch.tensor([[2, 0]]), "row", name="fc.w"),
+         "the mask of 'fc.w' must be boolean or contain only 0 and 1"),
+        (lambda: P.groups_from_mask(torch.ones(3, 1), "half_column", name="fc.w"), "'fc.w'.*odd length 3"),
+        (lambda: P.check_pattern("diagonal"), "`pattern` must be one of"),
+        (lambda: patterns.shape_2d((), "b"), "'b' is a 0-d"),
+        (lambda: patterns.shape_2d((2, -1)), "negative"),
+        (lambda: patterns.split_groups(torch.ones(2, 2), torch.ones(4, dtype=torch.bool), "unstructured"),
+         "`pattern` must be one of"),
+        (lambda: patterns.split_groups(torch.ones(4), torch.ones(4, dtype=torch.bool), "row"), "2-D"),
+        (lambda: patterns.split_groups(torch.ones(2, 2), torch.ones(3, dtype=torch.bool), "row"),
+         r"`group_mask` must be a 1-D boolean tensor of 2 entries.*shape \(3,\)"),
+        (lambda: patterns.split_groups(torch.ones(2, 2), torch.ones(2), "row"), "boolean"),
+        (lambda: patterns.split_groups(torch.ones(2, 3), torch.ones(4, dtype=torch.bool), "half_row"),
+         "odd length 3"),
         (lambda: P.mask_from_scores(torch.ones(2, 2), 0.5), "1-D"),
         (lambda: P.mask_from_scores(torch.ones(3), 1.5), "`sparsity`"),
         (lambda: P.mask_from_scores(torch.ones(3), -0.1), "`sparsity`"),

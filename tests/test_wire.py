@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_fedprune.pruning.patterns import PATTERNS, expand_groups, groups_from_mask, num_groups
 from lightning_fedprune.wire import (
-    PATTERNS,
     STRUCTURED_PATTERNS,
     EncodedTensor,
     Payload,
@@ -15,9 +15,6 @@ from lightning_fedprune.wire import (
     dense_nbytes,
     encode_state,
     encode_tensor,
-    groups_to_mask,
-    mask_to_groups,
-    num_groups,
 )
 
 SHAPES = [(8, 6), (6, 4, 3, 2), (10,), (4, 2, 5)]
@@ -36,9 +33,9 @@ def _tensor(shape, dtype, seed=0):
 
 def _random_mask(shape, pattern, frac=0.5, seed=1):
     g = torch.Generator().manual_seed(seed)
-    n = num_groups(shape, pattern)
+    n = num_groups(pattern, shape)
     flags = torch.rand(n, generator=g) < frac
-    return groups_to_mask(flags, shape, pattern)
+    return expand_groups(flags, pattern, shape)
 
 
 def _applicable(shape, pattern):
@@ -89,6 +86,9 @@ def test_dense_roundtrip(shape, dtype):
     assert enc.kind == "dense"
     assert enc.nbytes == t.numel() * t.element_size() == dense_nbytes({"t": t})
     assert torch.equal(decode_tensor(enc), t)
+    ((kept, values),) = enc.blocks()  # the 2-D view; a 0-d tensor is (1, 1)
+    R = shape[0] if shape else 1
+    assert torch.equal(kept, torch.arange(R)) and torch.equal(values, t.reshape(R, math.prod(shape[1:])))
 
 
 def test_noncontiguous_and_special_values():
@@ -114,19 +114,19 @@ def test_bfloat16_bits_exact():
 def test_kept_groups_and_blocks_without_scatter():
     W = torch.arange(8 * 6, dtype=torch.float32).reshape(8, 6) + 1
     # row
-    mask = groups_to_mask(torch.tensor([1, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool), W.shape, "row")
+    mask = expand_groups(torch.tensor([1, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool), "row", W.shape)
     enc = encode_tensor(W, mask, "row")
     assert enc.kept_groups().tolist() == [0, 2, 3, 7]
     ((k, v),) = enc.blocks()
     assert torch.equal(v, W[k])
     # column
-    mask = groups_to_mask(torch.tensor([0, 1, 1, 0, 0, 1], dtype=torch.bool), W.shape, "column")
+    mask = expand_groups(torch.tensor([0, 1, 1, 0, 0, 1], dtype=torch.bool), "column", W.shape)
     ((k, v),) = encode_tensor(W, mask, "column").blocks()
     assert k.tolist() == [1, 2, 5] and torch.equal(v, W[:, k])
     # half_row: group h*R + r, block h = columns [h*C/2, (h+1)*C/2)
     flags = torch.zeros(16, dtype=torch.bool)
     flags[[1, 4, 8 + 0, 8 + 4, 8 + 7]] = True
-    mask = groups_to_mask(flags, W.shape, "half_row")
+    mask = expand_groups(flags, "half_row", W.shape)
     assert torch.equal(mask[:, :3], flags[:8, None].expand(8, 3))
     assert torch.equal(mask[:, 3:], flags[8:, None].expand(8, 3))
     enc = encode_tensor(W, mask, "half_row")
@@ -137,7 +137,7 @@ def test_kept_groups_and_blocks_without_scatter():
     # half_column: group h*C + c, block h = rows [h*R/2, (h+1)*R/2)
     flags = torch.zeros(12, dtype=torch.bool)
     flags[[0, 5, 6 + 2]] = True
-    mask = groups_to_mask(flags, W.shape, "half_column")
+    mask = expand_groups(flags, "half_column", W.shape)
     (k0, v0), (k1, v1) = encode_tensor(W, mask, "half_column").blocks()
     assert k0.tolist() == [0, 5] and k1.tolist() == [2]
     assert torch.equal(v0, W[:4][:, k0]) and torch.equal(v1, W[4:][:, k1])
@@ -146,12 +146,12 @@ def test_kept_groups_and_blocks_without_scatter():
     assert up.kept_groups(mask).tolist() == [0, 5, 8]
 
 
-def test_mask_to_groups_roundtrip_all_patterns():
+def test_groups_from_mask_roundtrip_all_patterns():
     for shape, pattern in CASES:
         m = _random_mask(shape, pattern, seed=7)
-        g = mask_to_groups(m, pattern)
-        assert g.numel() == num_groups(shape, pattern)
-        assert torch.equal(groups_to_mask(g, shape, pattern), m)
+        g = groups_from_mask(m, pattern)
+        assert g.numel() == num_groups(pattern, shape)
+        assert torch.equal(expand_groups(g, pattern, shape), m)
 
 
 def test_index_encoding_picks_smaller():
@@ -180,15 +180,15 @@ def test_all_pruned_and_all_kept():
 @pytest.mark.parametrize("pattern", STRUCTURED_PATTERNS)
 def test_byte_ratio_structured_half_sparsity(pattern):
     W = torch.randn(1024, 256)
-    n = num_groups(W.shape, pattern)
+    n = num_groups(pattern, W.shape)
     flags = torch.zeros(n, dtype=torch.bool)
     flags[torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // 2]] = True
-    enc = encode_tensor(W, groups_to_mask(flags, W.shape, pattern), pattern)
+    enc = encode_tensor(W, expand_groups(flags, pattern, W.shape), pattern)
     dense = dense_nbytes([W])
     index_bytes = (n + 7) // 8
     assert enc.nbytes == dense // 2 + index_bytes
     assert 0.5 < enc.nbytes / dense < 0.5 + 0.001
-    up = encode_tensor(W, groups_to_mask(flags, W.shape, pattern), pattern, send_index=False)
+    up = encode_tensor(W, expand_groups(flags, pattern, W.shape), pattern, send_index=False)
     assert up.nbytes == dense // 2
 
 
@@ -246,21 +246,26 @@ def test_errors():
     W = torch.randn(8, 6)
     with pytest.raises(ValueError, match="mask shape"):
         encode_tensor(W, torch.ones(6, 8, dtype=torch.bool), "row")
-    with pytest.raises(ValueError, match="unknown pattern"):
+    with pytest.raises(ValueError, match="`pattern` must be one of .*'diagonal'"):
         encode_tensor(W, torch.ones(8, 6, dtype=torch.bool), "diagonal")
-    with pytest.raises(ValueError, match="unknown pattern"):
-        num_groups((8, 6), "blocks")
+    with pytest.raises(ValueError, match="`pattern` must be one of .*'blocks'"):
+        encode_tensor(W, None, "blocks")  # the name is checked even when the tensor goes dense
     with pytest.raises(ValueError, match="bool"):
         encode_tensor(W, torch.ones(8, 6), "row")
     bad = torch.ones(8, 6, dtype=torch.bool)
     bad[0, 0] = False  # not a union of whole rows / columns / half-rows / half-columns
     for pattern in STRUCTURED_PATTERNS:
-        with pytest.raises(ValueError, match="not a union of whole"):
-            encode_tensor(W, bad, pattern)
-    with pytest.raises(ValueError, match="even"):
-        encode_tensor(torch.randn(4, 5), torch.ones(4, 5, dtype=torch.bool), "half_row")
-    with pytest.raises(ValueError, match="even"):
+        with pytest.raises(ValueError, match=rf"mask of 'fc.w' \(shape \(8, 6\)\) is not a union of whole '{pattern}'"):
+            encode_tensor(W, bad, pattern, name="fc.w")
+    with pytest.raises(ValueError, match=r"'half_row'.*'fc.w'.*axis 1 \(columns\) has odd length 5"):
+        encode_tensor(torch.randn(4, 5), torch.ones(4, 5, dtype=torch.bool), "half_row", name="fc.w")
+    with pytest.raises(ValueError, match=r"'half_column'.*axis 0 \(rows\) has odd length 5"):
         encode_tensor(torch.randn(5, 4), torch.ones(5, 4, dtype=torch.bool), "half_column")
+    # a mask needs something to prune: 0-d and empty tensors only travel dense
+    with pytest.raises(ValueError, match="'b' is a 0-d"):
+        encode_tensor(torch.tensor(1.0), torch.tensor(True), name="b")
+    with pytest.raises(ValueError, match="'e' is empty"):
+        encode_tensor(torch.ones(0, 3), torch.ones(0, 3, dtype=torch.bool), "row", name="e")
     m = _random_mask((8, 6), "row")
     up = encode_tensor(W, m, "row", send_index=False)
     with pytest.raises(ValueError, match="mask shape"):

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..wire import STRUCTURED_PATTERNS, EncodedTensor, groups_to_mask, mask_to_groups
+from ..wire import EncodedTensor
+from .patterns import STRUCTURED_PATTERNS, check_pattern, expand_groups, groups_from_mask, split_groups
 
 __all__ = [
     "CompactLinear",
@@ -72,10 +73,7 @@ class CompactLinear(nn.Module):
         nb = _blocks_of(pattern)
         if len(kept) != nb or len(blocks) != nb:
             raise ValueError(f"pattern {pattern!r} needs {nb} block(s), got {len(kept)} index sets / {len(blocks)} blocks")
-        if pattern == "half_row" and in_features % 2:
-            raise ValueError("pattern 'half_row' needs an even in_features")
-        if pattern == "half_column" and out_features % 2:
-            raise ValueError("pattern 'half_column' needs an even out_features")
+        check_pattern(pattern, (out_features, in_features), "CompactLinear weight")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.pattern = pattern
@@ -167,7 +165,7 @@ class CompactLinear(nn.Module):
             flags = torch.zeros(2 * n, dtype=torch.bool, device=dev)
             flags[self.keep0] = True
             flags[self.keep1 + n] = True
-        return groups_to_mask(flags, (self.out_features, self.in_features), self.pattern)
+        return expand_groups(flags, self.pattern, (self.out_features, self.in_features))
 
     @torch.no_grad()
     def _scatter(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -239,22 +237,8 @@ def compact_linear(linear: nn.Linear, mask: torch.Tensor, pattern: str, *, requi
     W = linear.weight.detach()
     if tuple(mask.shape) != tuple(W.shape):
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(W.shape)}")
-    flags = mask_to_groups(mask.to(W.device), pattern, name="linear weight")
-    R, C = W.shape
-    if pattern == "row":
-        kept = [flags.nonzero().reshape(-1)]
-        blocks = [W[flags]]
-    elif pattern == "column":
-        kept = [flags.nonzero().reshape(-1)]
-        blocks = [W[:, flags]]
-    elif pattern == "half_row":
-        f = flags.reshape(2, R)
-        kept = [f[0].nonzero().reshape(-1), f[1].nonzero().reshape(-1)]
-        blocks = [W[:, : C // 2][f[0]], W[:, C // 2 :][f[1]]]
-    else:
-        f = flags.reshape(2, C)
-        kept = [f[0].nonzero().reshape(-1), f[1].nonzero().reshape(-1)]
-        blocks = [W[: R // 2][:, f[0]], W[R // 2 :][:, f[1]]]
+    flags = groups_from_mask(mask.to(W.device), pattern, "linear weight")
+    kept, blocks = zip(*split_groups(W, flags, pattern))
     rg = linear.weight.requires_grad if requires_grad is None else requires_grad
     return CompactLinear(linear.in_features, linear.out_features, pattern, kept, blocks, linear.bias, requires_grad=rg)
 

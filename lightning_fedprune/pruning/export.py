@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-STRUCTURED = ("row", "column", "half_row", "half_column")
 
 
 def export_pruned(task: torch.nn.Module, masks: dict[str, Tensor], patterns: dict[str, str]) -> dict[str, Any]:
@@ -23,14 +22,15 @@ def export_pruned(task: torch.nn.Module, masks: dict[str, Tensor], patterns: dic
       smaller layer needs;
     * ``masks``, ``patterns`` and ``sparsity`` (pruned fraction over the masked parameters).
     """
+    from lightning_fedprune.pruning.patterns import STRUCTURED_PATTERNS
     from lightning_fedprune.wire import encode_tensor
 
     state = {k: v.detach().clone() for k, v in task.state_dict().items()}
     compact: dict[str, Any] = {}
     for name, mask in masks.items():
-        state[name] = state[name] * mask
+        state[name] = state[name].masked_fill(~mask, 0)
         pattern = patterns.get(name, "unstructured")
-        if pattern in STRUCTURED:
+        if pattern in STRUCTURED_PATTERNS:
             enc = encode_tensor(state[name], mask, pattern, name=name)
             compact[name] = {
                 "pattern": pattern,

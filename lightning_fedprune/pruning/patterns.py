@@ -34,6 +34,7 @@ from torch import Tensor
 __all__ = [
     "NORMS",
     "PATTERNS",
+    "STRUCTURED_PATTERNS",
     "check_pattern",
     "compute_mask",
     "expand_groups",
@@ -43,10 +44,14 @@ __all__ = [
     "mask_from_scores",
     "num_groups",
     "num_to_prune",
+    "shape_2d",
+    "split_groups",
     "to_2d",
 ]
 
 PATTERNS: tuple[str, ...] = ("unstructured", "row", "column", "half_row", "half_column")
+#: The patterns whose groups are whole rows / columns (of the full matrix or of one half).
+STRUCTURED_PATTERNS: tuple[str, ...] = ("row", "column", "half_row", "half_column")
 NORMS: tuple[str, ...] = ("l1", "l2")
 
 ShapeLike = torch.Size | Sequence[int]
@@ -57,8 +62,17 @@ _DIRECT_SELECT = 1 << 16
 _SAMPLE = 1 << 14
 
 
-def _shape_2d(shape: ShapeLike, name: str = "tensor") -> tuple[int, int]:
-    """(rows, columns) of the 2-D view of ``shape``."""
+def shape_2d(shape: ShapeLike, name: str = "tensor") -> tuple[int, int]:
+    """``(rows, columns)`` of the 2-D view (:func:`to_2d`) of a tensor of ``shape``.
+
+    Raises:
+        ValueError: if ``shape`` is not a sequence of non-negative ints or is 0-d.
+
+    Example:
+        >>> from lightning_fedprune.pruning.patterns import shape_2d
+        >>> shape_2d((8, 3, 5, 5)), shape_2d((4,))
+        ((8, 75), (4, 1))
+    """
     try:
         dims = tuple(int(d) for d in shape)
     except TypeError as err:
@@ -68,6 +82,9 @@ def _shape_2d(shape: ShapeLike, name: str = "tensor") -> tuple[int, int]:
     if any(d < 0 for d in dims):
         raise ValueError(f"`shape` of {name!r} has a negative dimension: {dims}")
     return dims[0], math.prod(dims[1:])
+
+
+_shape_2d = shape_2d  # the name the other pruning modules import
 
 
 def to_2d(t: Tensor) -> Tensor:
@@ -91,11 +108,11 @@ def to_2d(t: Tensor) -> Tensor:
         raise ValueError(f"`t` must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() == 0:
         raise ValueError("`t` is a 0-d (scalar) tensor; the 2-D view needs at least one dimension")
-    rows, cols = _shape_2d(t.shape)
+    rows, cols = shape_2d(t.shape)
     return t.reshape(rows, cols)
 
 
-def check_pattern(pattern: str, shape: ShapeLike, name: str = "tensor") -> None:
+def check_pattern(pattern: str, shape: ShapeLike | None = None, name: str = "tensor") -> None:
     """Raise ``ValueError`` unless ``pattern`` can be applied to a tensor of ``shape``.
 
     Checks that ``pattern`` is one of :data:`PATTERNS`, that the tensor is not 0-d or empty and,
@@ -104,7 +121,7 @@ def check_pattern(pattern: str, shape: ShapeLike, name: str = "tensor") -> None:
 
     Args:
         pattern: pattern name.
-        shape: shape of the (original, not 2-D) tensor.
+        shape: shape of the (original, not 2-D) tensor; ``None`` checks the name only.
         name: name of the tensor, used in error messages.
 
     Example:
@@ -117,7 +134,9 @@ def check_pattern(pattern: str, shape: ShapeLike, name: str = "tensor") -> None:
     """
     if not isinstance(pattern, str) or pattern not in PATTERNS:
         raise ValueError(f"`pattern` must be one of {PATTERNS}, got {pattern!r}")
-    rows, cols = _shape_2d(shape, name)
+    if shape is None:
+        return
+    rows, cols = shape_2d(shape, name)
     if rows * cols == 0:
         raise ValueError(f"{name!r} is empty (shape {tuple(shape)}); there is nothing to prune")
     if pattern == "half_row" and cols % 2:
@@ -144,7 +163,7 @@ def num_groups(pattern: str, shape: ShapeLike) -> int:
         [24, 6, 4, 12, 8]
     """
     check_pattern(pattern, shape)
-    rows, cols = _shape_2d(shape)
+    rows, cols = shape_2d(shape)
     return {
         "unstructured": rows * cols,
         "row": rows,
@@ -164,7 +183,7 @@ def group_size(pattern: str, shape: ShapeLike) -> int:
         [1, 4, 6, 2, 3]
     """
     check_pattern(pattern, shape)
-    rows, cols = _shape_2d(shape)
+    rows, cols = shape_2d(shape)
     return {
         "unstructured": 1,
         "row": cols,
@@ -265,7 +284,7 @@ def expand_groups(group_mask: Tensor, pattern: str, shape: ShapeLike) -> Tensor:
             f"{tuple(shape)}, got shape {tuple(group_mask.shape)}"
         )
     shape = torch.Size(int(d) for d in shape)
-    rows, cols = _shape_2d(shape)
+    rows, cols = shape_2d(shape)
     if pattern == "unstructured":
         out = group_mask.clone()
     elif pattern == "row":
@@ -279,12 +298,13 @@ def expand_groups(group_mask: Tensor, pattern: str, shape: ShapeLike) -> Tensor:
     return out.reshape(shape).contiguous()
 
 
-def groups_from_mask(mask: Tensor, pattern: str) -> Tensor:
+def groups_from_mask(mask: Tensor, pattern: str, name: str | None = None) -> Tensor:
     """Per-group keep vector of an elementwise mask (True = group kept).
 
     Args:
         mask: boolean (or 0/1 numeric) tensor of the parameter's shape.
         pattern: one of :data:`PATTERNS`.
+        name: name of the masked tensor, used in error messages.
 
     Raises:
         ValueError: if ``mask`` is not a union of whole groups of ``pattern`` (some group is
@@ -296,13 +316,18 @@ def groups_from_mask(mask: Tensor, pattern: str) -> Tensor:
         >>> m = torch.tensor([[True, False, True], [True, False, True]])
         >>> groups_from_mask(m, "column")
         tensor([ True, False,  True])
+        >>> groups_from_mask(m, "row", name="fc.weight")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: the mask of 'fc.weight' (shape (2, 3)) is not a union of whole 'row' groups: group 0 (of 2) ...
     """
     if not isinstance(mask, Tensor):
         raise ValueError(f"`mask` must be a torch.Tensor, got {type(mask).__name__}")
-    check_pattern(pattern, mask.shape, "mask")
+    check_pattern(pattern, mask.shape, "mask" if name is None else name)
+    what = "`mask`" if name is None else f"the mask of {name!r}"
     if mask.dtype != torch.bool:
         if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("`mask` must be boolean or contain only 0 and 1")
+            raise ValueError(f"{what} must be boolean or contain only 0 and 1")
         mask = mask != 0
     m2d = to_2d(mask)
     if pattern == "unstructured":
@@ -312,10 +337,57 @@ def groups_from_mask(mask: Tensor, pattern: str) -> Tensor:
     if not torch.equal(kept_all, kept_any):
         bad = int((kept_all != kept_any).nonzero()[0])
         raise ValueError(
-            f"`mask` is not a union of whole {pattern!r} groups: group {bad} (of "
-            f"{kept_all.numel()}) is partly kept"
+            f"{what} (shape {tuple(mask.shape)}) is not a union of whole {pattern!r} groups: "
+            f"group {bad} (of {kept_all.numel()}) is partly kept"
         )
     return kept_all
+
+
+def split_groups(x2d: Tensor, group_mask: Tensor, pattern: str) -> list[tuple[Tensor, Tensor]]:
+    """The kept slices of a 2-D view, one ``(kept, values)`` pair per block, without scattering.
+
+    For a structured pattern (:data:`STRUCTURED_PATTERNS`) and a per-group keep vector:
+
+    * ``row``: one block, ``kept`` rows and ``values = x2d[kept]`` ``(k, C)``;
+    * ``column``: one block, ``kept`` columns and ``values = x2d[:, kept]`` ``(R, k)``;
+    * ``half_row``: ``x2d = [X0 | X1]``, block ``h`` has its kept rows (groups ``h * R + r``)
+      and ``values = Xh[kept]`` ``(k_h, C/2)``;
+    * ``half_column``: ``x2d = [X0 ; X1]``, block ``h`` has its kept columns (groups
+      ``h * C + c``) and ``values = Xh[:, kept]`` ``(R/2, k_h)``.
+
+    ``kept`` are int64 indices local to the block, ascending.
+
+    Example:
+        >>> import torch
+        >>> from lightning_fedprune.pruning.patterns import split_groups
+        >>> x = torch.arange(8.).reshape(2, 4)
+        >>> split_groups(x, torch.tensor([True, False, False, True]), "half_row")
+        [(tensor([0]), tensor([[0., 1.]])), (tensor([1]), tensor([[6., 7.]]))]
+    """
+    if pattern not in STRUCTURED_PATTERNS:
+        raise ValueError(f"`pattern` must be one of {STRUCTURED_PATTERNS}, got {pattern!r}")
+    if not isinstance(x2d, Tensor) or x2d.dim() != 2:
+        raise ValueError("`x2d` must be a 2-D torch.Tensor")
+    rows, cols = x2d.shape
+    if group_mask.dtype != torch.bool or group_mask.shape != (num_groups(pattern, (rows, cols)),):
+        raise ValueError(
+            f"`group_mask` must be a 1-D boolean tensor of {num_groups(pattern, (rows, cols))} "
+            f"entries for pattern {pattern!r} on a ({rows}, {cols}) matrix, got "
+            f"{group_mask.dtype} of shape {tuple(group_mask.shape)}"
+        )
+
+    def kept(flags: Tensor) -> Tensor:
+        return flags.nonzero().reshape(-1)
+
+    if pattern == "row":
+        return [(kept(group_mask), x2d[group_mask])]
+    if pattern == "column":
+        return [(kept(group_mask), x2d[:, group_mask])]
+    if pattern == "half_row":
+        f, h = group_mask.reshape(2, rows), cols // 2
+        return [(kept(f[0]), x2d[:, :h][f[0]]), (kept(f[1]), x2d[:, h:][f[1]])]
+    f, h = group_mask.reshape(2, cols), rows // 2  # half_column
+    return [(kept(f[0]), x2d[:h][:, f[0]]), (kept(f[1]), x2d[h:][:, f[1]])]
 
 
 def num_to_prune(sparsity: float, n: int) -> int:
