@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_fedprune.module import FederatedLightningModule
@@ -34,9 +35,17 @@ class FedPruneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument("--quiet", type=bool, default=False,
                             help="No progress bar and no model summary (CI logs).")
+        parser.add_argument("--torch_threads", type=Optional[int], default=None,
+                            help="torch intra-op threads (default: torch's choice). 1 is often fastest for small "
+                                 "models on small CPU machines.")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        threads = cfg.get("torch_threads") if cfg is not None else None
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"`--torch_threads` must be >= 1, got {threads}.")
+            torch.set_num_threads(threads)
         if cfg is not None and cfg.get("quiet"):
             cfg.trainer.enable_progress_bar = False
             cfg.trainer.enable_model_summary = False

@@ -102,6 +102,7 @@ def test_full_run_phases_payload_zeros_and_freeze():
     for key in ["prune/sparsity", "prune/target_sparsity", "prune/phase", "prune/mask_flips", "prune/restored",
                 "prune/layer_sparsity/body.0.weight"]:
         assert key in trainer.logged_metrics, key
+    assert trainer.logged_metrics["prune/mask_flips"].item() == 0  # the last round recomputed nothing
 
 
 def test_server_keeps_pruned_weights_until_permanent():

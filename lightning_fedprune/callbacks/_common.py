@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_fedprune.pruning.state import MaskChange, PruningState
+from lightning_fedprune.pruning.state import PruningState
 
 
 def fed_module(pl_module: Any, who: str) -> Any:
@@ -38,20 +38,17 @@ def check_fraction(value: Any, name: str, upper_inclusive: bool = False) -> None
         raise ValueError(f"`{name}` must be a number in {bound}, got {value!r}.")
 
 
-def log_masks(pl_module: Any, change: MaskChange | None) -> None:
-    """Log the mask statistics after a recomputation (per-layer sparsity, flips)."""
-    state: PruningState = pl_module.pruning
-    opts = dict(on_step=True, on_epoch=False, batch_size=1)
-    if change is not None:
-        pl_module.log("prune/mask_flips", float(change.flips), **opts)
-        pl_module.log("prune/restored", float(change.restored), **opts)
-        for name, value in state.actual_layer_sparsity().items():
-            pl_module.log(f"prune/layer_sparsity/{name}", value, **opts)
-
-
-def log_round(pl_module: Any) -> None:
+def log_round(pl_module: Any, flips: int, restored: int) -> None:
+    """Log the round's pruning statistics. Everything is logged every round (flips are 0 in rounds
+    without a recomputation): Lightning repeats a step value until it is logged again, so a value
+    logged only in some rounds would show up as stale in the others."""
     state: PruningState = pl_module.pruning
     opts = dict(on_step=True, on_epoch=False, batch_size=1)
     pl_module.log("prune/sparsity", state.sparsity() if state.masks else 0.0, prog_bar=True, **opts)
     pl_module.log("prune/target_sparsity", state.target_sparsity, **opts)
     pl_module.log("prune/phase", float(state.phase), **opts)
+    pl_module.log("prune/mask_flips", float(flips), **opts)
+    pl_module.log("prune/restored", float(restored), **opts)
+    if state.masks:
+        for name, value in state.actual_layer_sparsity().items():
+            pl_module.log(f"prune/layer_sparsity/{name}", value, **opts)

@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_fedprune.callbacks._common import check_round, find_callback, log_masks
+from lightning_fedprune.callbacks._common import check_round, find_callback
 
 
 class MaskRefinementCallback(pl.Callback):
@@ -72,7 +72,6 @@ class MaskRefinementCallback(pl.Callback):
         change = ramp.recompute(pl_module, round, ramp.target_sparsity)
         self.total_flips += change.flips
         self.total_restored += change.restored
-        log_masks(pl_module, change)
 
     def state_dict(self) -> dict[str, Any]:
         return {"total_flips": self.total_flips, "total_restored": self.total_restored}

@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_fedprune.callbacks._common import check_fraction, check_round, fed_module, find_callback, log_masks, log_round
+from lightning_fedprune.callbacks._common import check_fraction, check_round, fed_module, find_callback, log_round
 from lightning_fedprune.pruning.importance import IMPORTANCE, parse_importance
 from lightning_fedprune.pruning.patterns import PATTERNS, check_pattern
 from lightning_fedprune.pruning.schedules import SCHEDULES, sparsity_at, validate_schedule
@@ -110,6 +110,8 @@ class SparsityRampCallback(pl.Callback):
         self.targets: list[str] = []
         self._refine: Any = None
         self._freeze: Any = None
+        self._round_flips = 0
+        self._round_restored = 0
 
     # ------------------------------------------------------------------ setup
     def resolve_targets(self, task: torch.nn.Module) -> list[str]:
@@ -175,8 +177,11 @@ class SparsityRampCallback(pl.Callback):
                            schedule=self.schedule, power=self.power, num_steps=self.num_steps)
 
     def recompute(self, pl_module: Any, round: int, sparsity: float):
-        return pl_module.pruning.recompute(pl_module.global_params(), sparsity, round,
-                                           server_momentum=self._server_momentum(pl_module))
+        change = pl_module.pruning.recompute(pl_module.global_params(), sparsity, round,
+                                             server_momentum=self._server_momentum(pl_module))
+        self._round_flips += change.flips
+        self._round_restored += change.restored
+        return change
 
     def _server_momentum(self, pl_module: Any) -> dict[str, torch.Tensor] | None:
         if self.momentum_source != "server_optimizer":
@@ -197,16 +202,13 @@ class SparsityRampCallback(pl.Callback):
         phase = self.phase_at(round)
         state.phase = phase
         state.frozen = phase == 3 and self._freeze is not None
-        change = None
         if phase == 1:
             due = (round - self.start_round) % self.every_n_rounds == 0 or round == self.end_round
             if due:
-                change = self.recompute(pl_module, round, self.sparsity_at(round))
+                self.recompute(pl_module, round, self.sparsity_at(round))
         elif phase in (2, 3) and not state.frozen and state.target_sparsity != self.target_sparsity:
             # after the ramp (e.g. `every_n_rounds` skipped the last step): settle at the target once
-            change = self.recompute(pl_module, round, self.target_sparsity)
-        if change is not None:
-            log_masks(pl_module, change)
+            self.recompute(pl_module, round, self.target_sparsity)
 
     def on_fed_after_aggregate(self, trainer: pl.Trainer, pl_module: Any, summary: Any) -> None:
         state = pl_module.pruning
@@ -215,7 +217,8 @@ class SparsityRampCallback(pl.Callback):
             state.observe_pseudo_gradient(summary.pseudo_gradient, self.targets)
 
     def on_fed_round_end(self, trainer: pl.Trainer, pl_module: Any, summary: Any) -> None:
-        log_round(pl_module)
+        log_round(pl_module, self._round_flips, self._round_restored)
+        self._round_flips = self._round_restored = 0  # reset here: refinement may run before this callback's round start
 
     def state_dict(self) -> dict[str, Any]:
         return {"targets": list(self.targets)}

@@ -1,0 +1,107 @@
+"""A progress bar for federated training: round, pruning phase, sparsity and clients done in the round."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from lightning_fedprune.pruning.state import PHASES, PruningState
+
+
+class FederatedProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar with the federated fields in front of the logged metrics.
+
+    One bar step is one round. Next to the metrics logged with ``prog_bar=True`` the bar shows
+
+    * ``round``: the index of the current (or last finished) round, as the callbacks count them;
+    * ``phase``: ``dense``, ``ramp``, ``refine`` or ``fine-tune`` (while a module has no pruning
+      callbacks it stays ``dense``);
+    * ``sparsity``: the current overall sparsity of the masked parameters;
+    * ``clients``: clients finished in the round over the cohort size (``"3/10"``, with
+      ``"+1 failed"`` when some failed). It is updated as each client result arrives, so a long
+      round shows progress; refreshes are throttled to ``client_refresh_interval`` seconds.
+
+    It is based on :class:`~lightning.pytorch.callbacks.TQDMProgressBar` (Lightning's default), which
+    also behaves in logs that are not a terminal. With a module that is not federated it is an
+    ordinary tqdm bar. The ``fedprune`` CLI uses it by default.
+
+    Args:
+        refresh_rate: as for ``TQDMProgressBar`` (every how many rounds the bar is redrawn).
+        process_position: as for ``TQDMProgressBar``.
+        leave: as for ``TQDMProgressBar``.
+        client_refresh_interval: minimum seconds between redraws caused by client results
+            (``0`` redraws on every client).
+    """
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False,
+                 client_refresh_interval: float = 0.2) -> None:
+        if isinstance(refresh_rate, bool) or not isinstance(refresh_rate, int) or refresh_rate < 0:
+            raise ValueError(f"`refresh_rate` must be an integer >= 0, got {refresh_rate!r}.")
+        if isinstance(process_position, bool) or not isinstance(process_position, int) or process_position < 0:
+            raise ValueError(f"`process_position` must be an integer >= 0, got {process_position!r}.")
+        if not isinstance(leave, bool):
+            raise ValueError(f"`leave` must be a bool, got {leave!r}.")
+        if isinstance(client_refresh_interval, bool) or not isinstance(client_refresh_interval, (int, float)) \
+                or not client_refresh_interval >= 0:
+            raise ValueError(f"`client_refresh_interval` must be a number >= 0, got {client_refresh_interval!r}.")
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        self.client_refresh_interval = float(client_refresh_interval)
+        self.round: int | None = None
+        self.cohort_size = 0
+        self.clients_done = 0
+        self.clients_failed = 0
+        self._last_client_refresh = 0.0
+
+    # ------------------------------------------------------------------ what is shown
+    def fed_fields(self, pl_module: Any) -> dict[str, Any]:
+        """The federated fields (empty for a module without a pruning state)."""
+        state = getattr(pl_module, "pruning", None)
+        if not isinstance(state, PruningState):
+            return {}
+        fields: dict[str, Any] = {}
+        if self.round is not None:
+            fields["round"] = self.round
+        fields["phase"] = PHASES.get(state.phase, str(state.phase))
+        fields["sparsity"] = f"{state.sparsity() if state.masks else 0.0:.3f}"
+        if self.cohort_size:
+            clients = f"{self.clients_done}/{self.cohort_size}"
+            if self.clients_failed:
+                clients += f"+{self.clients_failed} failed"
+            fields["clients"] = clients
+        return fields
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        fields = self.fed_fields(pl_module)
+        if fields:
+            metrics.pop("prune/sparsity", None)  # shown as `sparsity`
+        return {**fields, **metrics}
+
+    def _refresh(self, trainer: pl.Trainer, pl_module: Any, force: bool) -> None:
+        bar = self._train_progress_bar
+        if bar is None or bar.disable:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_client_refresh < self.client_refresh_interval:
+            return
+        self._last_client_refresh = now
+        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
+
+    # ------------------------------------------------------------------ federated hooks
+    def on_fed_round_start(self, trainer: pl.Trainer, pl_module: Any, round: int, cohort: list[int]) -> None:
+        self.round = int(round)
+        self.cohort_size = len(cohort)
+        self.clients_done = 0
+        self.clients_failed = 0
+        self._refresh(trainer, pl_module, force=True)
+
+    def on_fed_client_result(self, trainer: pl.Trainer, pl_module: Any, result: Any) -> None:
+        if getattr(result, "ok", True):
+            self.clients_done += 1
+        else:
+            self.clients_failed += 1
+        last = self.clients_done + self.clients_failed >= self.cohort_size
+        self._refresh(trainer, pl_module, force=last)

@@ -1,0 +1,158 @@
+"""TensorBoard pictures of the pruning: a per-layer sparsity bar chart and mask images."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from lightning_fedprune.pruning.state import PHASES, PruningState
+
+CHART_TAG = "prune/layer_sparsity_chart"
+MASK_TAG = "prune/mask/"
+
+
+class PruningImages(pl.Callback):
+    """Logs images of the masks to every attached :class:`~lightning.pytorch.loggers.TensorBoardLogger`
+    whenever the masks change (a ramp step, a refinement, the first masks after a resume).
+
+    * ``prune/layer_sparsity_chart``: a horizontal bar chart of every masked parameter's actual
+      sparsity, with the overall sparsity as a dashed line (drawn with matplotlib's Agg canvas, so
+      it needs no display and leaves no figure open);
+    * ``prune/mask/<parameter name>``: the mask of up to ``max_layers`` parameters as a picture of
+      its 2-D view ``t.reshape(t.shape[0], -1)`` (rows = output units); white = kept, black = pruned.
+      A mask larger than ``max_size`` pixels along a side is shrunk by averaging (grey = the kept
+      fraction of the cell), a tiny one is enlarged by repeating pixels.
+
+    Change detection is cheap: the callback compares ``pl_module.pruning.last_update_round`` at the
+    end of every round with the last round it drew. Without a TensorBoardLogger it does nothing.
+
+    Args:
+        max_layers: number of parameters whose mask is drawn (in the masks' order: the order of
+            the task's parameters); ``0`` draws no mask pictures.
+        layers: optional regular expression (``re.fullmatch`` over parameter names) choosing which
+            masked parameters are drawn (still at most ``max_layers``).
+        max_size: largest side of a mask picture in pixels (>= 8).
+        bar_chart: draw the per-layer sparsity bar chart.
+        dpi: resolution of the bar chart.
+    """
+
+    def __init__(self, max_layers: int = 4, layers: str | None = None, max_size: int = 256, bar_chart: bool = True,
+                 dpi: int = 80) -> None:
+        if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 0:
+            raise ValueError(f"`max_layers` must be an integer >= 0, got {max_layers!r}.")
+        if layers is not None:
+            if not isinstance(layers, str):
+                raise ValueError(f"`layers` must be a regular expression string or None, got {layers!r}.")
+            try:
+                re.compile(layers)
+            except re.error as err:
+                raise ValueError(f"`layers` is not a valid regular expression ({layers!r}): {err}") from err
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 8:
+            raise ValueError(f"`max_size` must be an integer >= 8, got {max_size!r}.")
+        if not isinstance(bar_chart, bool):
+            raise ValueError(f"`bar_chart` must be a bool, got {bar_chart!r}.")
+        if isinstance(dpi, bool) or not isinstance(dpi, int) or not 10 <= dpi <= 600:
+            raise ValueError(f"`dpi` must be an integer in [10, 600], got {dpi!r}.")
+        self.max_layers = max_layers
+        self.layers = layers
+        self.max_size = max_size
+        self.bar_chart = bar_chart
+        self.dpi = dpi
+        self._drawn_round: int | None = None
+        self.images_logged = 0
+
+    # ------------------------------------------------------------------ hooks
+    def on_fed_round_end(self, trainer: pl.Trainer, pl_module: Any, summary: Any) -> None:
+        state = getattr(pl_module, "pruning", None)
+        if not isinstance(state, PruningState) or not state.masks:
+            return
+        if state.last_update_round == self._drawn_round:
+            return
+        self._drawn_round = state.last_update_round
+        loggers = tensorboard_loggers(trainer)
+        if not loggers or not trainer.is_global_zero:
+            return
+        self.log_images(loggers, state, step=int(summary.round), round=int(summary.round))
+
+    # ------------------------------------------------------------------ drawing
+    def log_images(self, loggers: list[TensorBoardLogger], state: PruningState, step: int, round: int) -> None:
+        images: dict[str, tuple[np.ndarray, str]] = {}
+        if self.bar_chart:
+            images[CHART_TAG] = (sparsity_chart(state, round=round, dpi=self.dpi), "HWC")
+        for name in self.selected_layers(state):
+            images[MASK_TAG + name] = (mask_image(state.masks[name], self.max_size), "HW")
+        for logger in loggers:
+            writer = logger.experiment
+            for tag, (img, fmt) in images.items():
+                writer.add_image(tag, img, global_step=step, dataformats=fmt)
+            writer.flush()
+        self.images_logged += len(images) * len(loggers)
+
+    def selected_layers(self, state: PruningState) -> list[str]:
+        names = list(state.masks)
+        if self.layers is not None:
+            names = [n for n in names if re.fullmatch(self.layers, n)]
+        return names[: self.max_layers]
+
+
+def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def mask_image(mask: Tensor, max_size: int = 256, min_size: int = 64) -> np.ndarray:
+    """The 2-D view of ``mask`` as a float ``(H, W)`` image in ``[0, 1]`` (1 = kept).
+
+    Shrunk by area averaging so that no side exceeds ``max_size``; enlarged by an integer factor
+    (nearest) while the longer side is below ``min_size``.
+    """
+    m = mask.detach().reshape(mask.shape[0], -1).float() if mask.dim() > 0 else mask.detach().reshape(1, 1).float()
+    rows, cols = m.shape
+    longest = max(rows, cols)
+    if longest > max_size:
+        scale = longest / max_size
+        out = (max(1, min(max_size, math.ceil(rows / scale))), max(1, min(max_size, math.ceil(cols / scale))))
+        m = F.adaptive_avg_pool2d(m[None, None], out)[0, 0]
+    elif longest < min_size:
+        factor = max(1, min(min_size // longest, max_size // longest))
+        m = m.repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+    return m.clamp(0, 1).cpu().numpy()
+
+
+def sparsity_chart(state: PruningState, round: int | None = None, dpi: int = 80) -> np.ndarray:
+    """A horizontal bar chart of the per-layer sparsity as an ``(H, W, 3)`` uint8 image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    per_layer = state.actual_layer_sparsity()
+    names = list(per_layer)
+    values = [per_layer[n] for n in names]
+    overall = state.sparsity()
+    fig = Figure(figsize=(7.0, 1.2 + 0.24 * max(1, len(names))), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    try:
+        ax = fig.add_subplot()
+        y = np.arange(len(names))
+        bars = ax.barh(y, values, color="tab:blue", height=0.7)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+        ax.axvline(overall, color="tab:red", linestyle="--", linewidth=1, label=f"overall {overall:.3f}")
+        ax.set_yticks(y, labels=names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("sparsity (fraction pruned)")
+        title = f"phase {PHASES.get(state.phase, state.phase)}, target {state.target_sparsity:.3f}"
+        if round is not None:
+            title = f"round {round}: {title}"
+        ax.set_title(title, fontsize=9)
+        ax.legend(loc="lower right", fontsize=7)
+        fig.tight_layout()
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    finally:
+        fig.clear()
