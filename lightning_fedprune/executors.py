@@ -119,6 +119,8 @@ class ProcessPoolExecutor(Executor):
 
     def setup(self, task: pl.LightningModule, data: ClientData, config: ClientConfig, weighting: str) -> None:
         self.teardown()
+        if hasattr(data, "client_data"):  # a data module: ship only its picklable client-data view
+            data = data.client_data()
         trainer = task._trainer
         task._trainer = None
         try:

@@ -170,9 +170,7 @@ class FederatedLightningModule(pl.LightningModule):
         self._param_names, self._buffer_names = state_names(self.task)
 
     def on_fit_start(self) -> None:
-        dm = self.trainer.datamodule
-        data = dm if self.executor.__class__.__name__ == "SequentialExecutor" else dm.client_data()
-        self.executor.setup(self.task, data, self.client_config, self.weighting)
+        self.executor.setup(self.task, self.trainer.datamodule, self.client_config, self.weighting)
         self._executor_ready = True
         self._delegate("on_fit_start")
 
