@@ -120,6 +120,7 @@ class ClientOptimizer:
         self._optimizer = optimizer
         ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._masked = [(p, m) for p, m in masked if id(p) in ids]
+        self._grads_masked = False  # set when the loop already masked this step's gradients
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -132,6 +133,7 @@ class ClientOptimizer:
         for p, m in self._masked:
             if p.grad is not None:
                 p.grad.mul_(m)
+        self._grads_masked = True
 
     def reapply_masks(self) -> None:
         with torch.no_grad():
@@ -150,8 +152,10 @@ class ClientOptimizer:
                 self.mask_gradients()
                 return out
 
-        self.mask_gradients()
+        if not self._grads_masked:
+            self.mask_gradients()
         out = self._optimizer.step(closure, **kwargs) if closure is not None else self._optimizer.step(**kwargs)
+        self._grads_masked = False
         self.reapply_masks()
         return out
 
@@ -236,14 +240,17 @@ class ClientRunner:
         start = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(plan.seed)
+                # seed only the CPU generator that fork_rng restores (torch.manual_seed would also
+                # reseed, lazily and expensively, every accelerator generator of the process)
+                torch.default_generator.manual_seed(plan.seed)
                 result = self._train(payload, plan)
         except Exception as err:  # a failing client must not take the round down
             tb = traceback.format_exc(limit=-3)
             result = ClientResult(plan.client_id, plan.round, error=f"{type(err).__name__}: {err}\n{tb}")
-        result.check_finite()
+        result.check_finite(values=False)  # the values are checked once, on the server's average
         if result.ok:
-            # what travels up: kept entries only (the server knows the masks, so no index is sent)
+            # what travels up: kept entries only (the server knows the masks, so no index is sent);
+            # encoding copies the replica's live tensors, which the next client overwrites
             result.payload = encode_state(result.state, payload.masks, payload.patterns, send_index=False)
             result.bytes_up = result.payload.nbytes
             result.state = {}
@@ -265,7 +272,7 @@ class ClientRunner:
         compacted = None
         if self.config.compact and any(payload.patterns.get(n) in STRUCTURED_PATTERNS for n in masks):
             # a physically smaller replica: structured-pruned nn.Linear layers hold only their kept slice
-            compacted = compact_module(task, masks, payload.patterns)
+            compacted = compact_module(task, masks, payload.patterns, release=True)
             masks = compacted.fallback_masks
         params_now = dict(task.named_parameters()) if compacted is not None else self._params
         masked = [(params_now[n], m) for n, m in masks.items()]  # masked-dense: everything not compacted
@@ -291,7 +298,7 @@ class ClientRunner:
         with torch.no_grad():
             for n, m in payload.masks.items():
                 self._params[n].mul_(m)
-            state = {name: tensor.detach().clone() for name, tensor in self._targets}
+            state = {name: tensor.detach() for name, tensor in self._targets}  # live views: encoded (copied) in run()
         size = self.data.client_size(plan.client_id)
         weight = float(size if self.weighting == "num_samples" else num_examples if self.weighting == "num_examples" else 1.0)
         return ClientResult(

@@ -13,6 +13,7 @@ The round, top to bottom, is :meth:`FederatedLightningModule.training_step`:
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Any
@@ -202,11 +203,17 @@ class FederatedLightningModule(pl.LightningModule):
         plans = [ClientPlan(cid, rnd, derive_seed(self.seed, rnd, cid)) for cid in cohort]
         results = self.executor.run(payload, plans, on_result=lambda r: self._call_fed_hook("on_fed_client_result", r))
 
-        ok = [r for r in results if r.ok]
-        failed = [r for r in results if not r.ok]
-        for r in ok:
-            if r.payload is not None:
+        for r in results:
+            if r.ok and r.payload is not None:
                 r.state = decode_state(r.payload, payload.masks)
+        ok = [r for r in results if r.ok]
+        avg = self._average(ok)
+        if avg is None and ok:  # some client sent NaN/Inf values: find it, leave it out
+            for r in ok:
+                r.check_finite()
+            ok = [r for r in results if r.ok]
+            avg = self._average(ok)
+        failed = [r for r in results if not r.ok]
         for r in failed:
             first_line = (r.error or "").strip().splitlines()[0] if r.error else "unknown error"
             warnings.warn(f"round {rnd}: client {r.client_id} failed and is left out of the aggregate: {first_line}", stacklevel=2)
@@ -219,7 +226,7 @@ class FederatedLightningModule(pl.LightningModule):
             summary.total_weight = float(sum(r.weight for r in ok))
             summary.train_loss = float(sum(r.loss * r.weight for r in ok) / summary.total_weight)
             summary.metrics = self._aggregate_metrics(ok)
-            summary.pseudo_gradient = self._server_step(optimizer, ok)
+            summary.pseudo_gradient = self._server_step(optimizer, avg)
         else:
             warnings.warn(f"round {rnd}: all {len(results)} clients failed; the global model is left unchanged.", stacklevel=2)
             for p in self.global_params().values():
@@ -247,9 +254,22 @@ class FederatedLightningModule(pl.LightningModule):
         return RoundPayload(round=rnd, state=state, masks=dict(masks), patterns=patterns, max_rounds=max_rounds,
                             encoded=encoded)
 
-    def _server_step(self, optimizer: Any, ok: list[ClientResult]) -> dict[str, Tensor]:
-        names = self._param_names + self._buffer_names
-        avg = weighted_average(ok, names)
+    def _average(self, ok: list[ClientResult]) -> dict[str, Tensor] | None:
+        """Weighted average of the healthy results, or None if it is not finite.
+
+        A NaN/Inf in any client makes the weighted sum non-finite, so one cheap check of the
+        average (a sum per tensor; the exact scan only if that sum is not finite) replaces a
+        scan of every client's every tensor.
+        """
+        if not ok:
+            return None
+        avg = weighted_average(ok, self._param_names + self._buffer_names)
+        for t in avg.values():
+            if t.is_floating_point() and not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+                return None
+        return avg
+
+    def _server_step(self, optimizer: Any, avg: dict[str, Tensor]) -> dict[str, Tensor]:
         masks = self.pruning.masks
         params = self.global_params()
         pseudo: dict[str, Tensor] = {}

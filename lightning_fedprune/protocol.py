@@ -115,13 +115,13 @@ class ClientResult:
     def ok(self) -> bool:
         return self.error is None
 
-    def check_finite(self) -> None:
-        """Turn a result with a NaN/Inf loss or state into a failed one (in place)."""
+    def check_finite(self, values: bool = True) -> None:
+        """Turn a result with a NaN/Inf loss (or, with ``values``, state) into a failed one (in place)."""
         if self.error is not None:
             return
         if not math.isfinite(self.loss):
             self.error = f"non-finite loss {self.loss}"
-        else:
+        elif values:
             for name, value in self.state.items():
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     self.error = f"non-finite values in {name!r}"

@@ -106,7 +106,9 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.from_numpy(np.array(a, copy=True, order="C"))  # copy: arrays may be read-only
+    if not (a.flags.writeable and a.flags.c_contiguous):
+        a = np.array(a, copy=True, order="C")  # read-only (e.g. from bytes) or strided: copy
+    t = torch.from_numpy(a)  # otherwise share memory: a decoded tensor may alias its payload's array
     if t.dtype != dtype:
         if dtype in _VIEW_DTYPES and t.dtype == _VIEW_DTYPES[dtype]:
             t = t.view(dtype)

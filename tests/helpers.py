@@ -85,6 +85,19 @@ class FailingTask(MLPClassifier):
         return loss
 
 
+class PoisonTask(MLPClassifier):
+    """A finite loss, but the weights of chosen clients turn to NaN: caught on the server's average."""
+
+    def __init__(self, poison_clients: tuple[int, ...] = (), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.poison_clients = tuple(poison_clients)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.trainer.client_id in self.poison_clients:
+            with torch.no_grad():
+                self.head.weight[0, 0] = float("inf")
+
+
 class BNTask(pl.LightningModule):
     def __init__(self, dim: int = 32, num_classes: int = 10) -> None:
         super().__init__()
@@ -104,5 +117,5 @@ class NoTrainingStep(pl.LightningModule):
         self.layer = nn.Linear(2, 2)
 
 
-__all__ = ["GaussianMixtureDataset", "MLPClassifier", "ManualTask", "ScheduledTask", "ListOptTask", "FailingTask",
+__all__ = ["PoisonTask", "GaussianMixtureDataset", "MLPClassifier", "ManualTask", "ScheduledTask", "ListOptTask", "FailingTask",
            "BNTask", "NoTrainingStep", "quiet_trainer", "params_of"]

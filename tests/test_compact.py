@@ -285,3 +285,21 @@ def test_compact_linear_pickles_and_moves():
     assert torch.equal(cl2(x), cl(x)) and torch.equal(cl2.keep1, cl.keep1)
     cl3 = copy.deepcopy(cl).double()
     assert cl3.keep0.dtype == torch.long and cl3.full_weight().dtype == torch.float64
+
+
+def test_release_frees_the_full_weight_while_compacted_and_restore_recreates_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    weight = model[0].weight
+    mask = torch.ones(6, 8, dtype=torch.bool)
+    mask[:, ::2] = False
+    handle = compact_module(model, {"0.weight": mask}, {"0.weight": "column"}, release=True)
+    assert weight.numel() == 0  # the original storage is gone while the compact layer trains
+    with torch.no_grad():
+        model[0].weight_blocks[0].add_(1.0)
+    expected = model[0].full_weight().detach().clone()
+    with pytest.raises(RuntimeError, match="copy_back=True"):
+        handle.restore(copy_back=False)
+    handle.restore(copy_back=True)
+    assert model[0].weight is weight and torch.equal(weight, expected)
+    assert torch.all(weight[~mask] == 0)

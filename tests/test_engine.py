@@ -18,6 +18,7 @@ from helpers import (
     ManualTask,
     MLPClassifier,
     NoTrainingStep,
+    PoisonTask,
     ScheduledTask,
     params_of,
     quiet_trainer,
@@ -248,6 +249,29 @@ def test_aggregate_uses_only_healthy_clients():
     # reference: clients 1 and 2 only
     outs = []
     for c in (1, 2):
+        t = MLPClassifier(in_dim=8, hidden=16, num_classes=3)
+        t.load_state_dict(init)
+        opt = torch.optim.SGD(t.parameters(), lr=t.hparams.lr)
+        idx = dm.partitions[c]
+        F.cross_entropy(t(dm.train_dataset.x[idx]), dm.train_dataset.targets[idx]).backward()
+        opt.step()
+        outs.append(params_of(t))
+    for name, value in fed.task.state_dict().items():
+        torch.testing.assert_close(value, (outs[0][name] + outs[1][name]) / 2, msg=name)
+
+
+def test_client_with_non_finite_weights_is_found_and_excluded():
+    torch.manual_seed(0)
+    task = PoisonTask(poison_clients=(2,), in_dim=8, hidden=16, num_classes=3)
+    init = params_of(task)
+    fed = FederatedLightningModule(task, clients_per_round=3, local_steps=1)
+    dm = _dm(n=30, num_clients=3, batch_size=10)
+    trainer = quiet_trainer(max_steps=1)
+    with pytest.warns(UserWarning, match=r"client 2 failed .*non-finite values in 'head.weight'"):
+        trainer.fit(fed, datamodule=dm)
+    assert trainer.callback_metrics["round/clients_failed"].item() == 1
+    outs = []
+    for c in (0, 1):
         t = MLPClassifier(in_dim=8, hidden=16, num_classes=3)
         t.load_state_dict(init)
         opt = torch.optim.SGD(t.parameters(), lr=t.hparams.lr)

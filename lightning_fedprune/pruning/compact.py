@@ -266,6 +266,7 @@ class CompactedModule:
     fallback_masks: dict[str, torch.Tensor] = field(default_factory=dict)
     state_keys: list[str] = field(default_factory=list)
     restored: bool = False
+    released: bool = False
 
     @property
     def compacted_names(self) -> list[str]:
@@ -291,9 +292,15 @@ class CompactedModule:
         by the trained compact values (exact zeros at pruned weight entries)."""
         if self.restored:
             return
+        if self.released and not copy_back:
+            raise RuntimeError("compact_module(..., release=True) freed the original weights: restore needs copy_back=True")
         for name, orig in self.originals.items():
             cl = self.compacted[name]
-            if copy_back:
+            if copy_back and self.released:
+                orig.weight.data = cl.full_weight().detach()  # same Parameter object, new full-size storage
+                if orig.bias is not None:
+                    orig.bias.copy_(cl.bias)
+            elif copy_back:
                 orig.weight.copy_(cl.full_weight())
                 if orig.bias is not None:
                     orig.bias.copy_(cl.bias)
@@ -315,13 +322,18 @@ def compact_module(
     root: nn.Module,
     masks: Mapping[str, torch.Tensor],
     patterns: Mapping[str, str],
+    *,
+    release: bool = False,
 ) -> CompactedModule:
     """Swap, in place on ``root``, every ``nn.Linear`` whose ``.weight`` has a structured mask
     for a :class:`CompactLinear`. Left to the masked-dense fallback (reported in
     ``.fallback``): non-Linear modules, ``unstructured`` masks, Linear subclasses with their
     own ``forward``, Linears owned by ``nn.MultiheadAttention`` (it reads
     ``out_proj.weight`` directly), shared (tied) weights, parametrized modules or modules with
-    forward hooks, and ``root`` itself."""
+    forward hooks, and ``root`` itself.
+
+    With ``release=True`` the original full-size weights' storage is freed while compacted (so
+    only the kept slices occupy memory) and re-created by ``restore(copy_back=True)``."""
     param_owner: dict[str, str] = {}
     for mod_name, mod in root.named_modules(remove_duplicate=False):
         for pn, _ in mod.named_parameters(recurse=False, remove_duplicate=False):
@@ -367,6 +379,9 @@ def compact_module(
         result.originals[mod_name] = mod
         result.compacted[mod_name] = cl
         _set_submodule(root, mod_name, cl)
+        if release:
+            mod.weight.data = torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device)
+    result.released = release
     return result
 
 
