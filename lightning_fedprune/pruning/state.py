@@ -29,6 +29,7 @@ class MaskChange:
 class PruningState:
     def __init__(self) -> None:
         self.masks: dict[str, Tensor] = {}
+        self._kept: dict[str, int] = {}
         self.patterns: dict[str, str] = {}
         self.layer_sparsity: dict[str, float] = {}
         self.target_sparsity: float = 0.0
@@ -108,20 +109,26 @@ class PruningState:
                                             temperature=self.allocation.get("temperature", 1.0))
         change = MaskChange()
         new_masks: dict[str, Tensor] = {}
+        new_kept: dict[str, int] = {}
         for name in self.targets:
             pattern = self.patterns.get(name, self.pattern)
             scores = group_scores(self.importance, pattern, *sources[name])
             keep = mask_from_scores(scores, per_layer[name])
             mask = expand_groups(keep, pattern, params[name].shape)
+            kept_new = int(keep.sum()) * (mask.numel() // keep.numel())  # every group has the same size
             old = self.masks.get(name)
             if old is not None:
-                change.restored += int((mask & ~old).sum())
-                change.pruned += int((~mask & old).sum())
+                flips = int(torch.count_nonzero(mask ^ old))
+                restored = (flips + kept_new - self._kept_count(name)) // 2  # kept_new - kept_old = restored - pruned
+                change.restored += restored
+                change.pruned += flips - restored
             else:
-                change.pruned += int((~mask).sum())
+                change.pruned += mask.numel() - kept_new
             new_masks[name] = mask
+            new_kept[name] = kept_new
         change.flips = change.restored + change.pruned
         self.masks = new_masks
+        self._kept = new_kept
         self.patterns = {n: self.patterns.get(n, self.pattern) for n in self.targets}
         self.layer_sparsity = dict(per_layer)
         self.target_sparsity = float(sparsity)
@@ -134,17 +141,23 @@ class PruningState:
     def active(self) -> bool:
         return bool(self.masks)
 
+    def _kept_count(self, name: str) -> int:
+        """Kept entries of ``name``'s mask (cached: masks only change in ``recompute``/``load_state_dict``)."""
+        if name not in self._kept:
+            self._kept[name] = int(self.masks[name].sum())
+        return self._kept[name]
+
     def sparsity(self, names: list[str] | None = None) -> float:
         """Fraction of pruned entries over the masked parameters (or ``names``)."""
         names = list(self.masks) if names is None else names
         total = sum(self.masks[n].numel() for n in names)
         if total == 0:
             return 0.0
-        kept = sum(int(self.masks[n].sum()) for n in names)
+        kept = sum(self._kept_count(n) for n in names)
         return 1.0 - kept / total
 
     def actual_layer_sparsity(self) -> dict[str, float]:
-        return {n: 1.0 - float(m.float().mean()) for n, m in self.masks.items()}
+        return {n: 1.0 - self._kept_count(n) / m.numel() for n, m in self.masks.items()}
 
     # ------------------------------------------------------------------ statistics
     def observe_pseudo_gradient(self, pseudo_gradient: dict[str, Tensor], names: list[str]) -> None:
@@ -184,6 +197,7 @@ class PruningState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.masks = {n: m.clone().bool() for n, m in state["masks"].items()}
+        self._kept = {}
         self.patterns = dict(state["patterns"])
         self.layer_sparsity = dict(state["layer_sparsity"])
         self.target_sparsity = float(state["target_sparsity"])
