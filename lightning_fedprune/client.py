@@ -234,6 +234,10 @@ class ClientRunner:
         self._params = params
         self._manual = not self.replica.automatic_optimization
         self._clip_overridden = is_overridden("configure_gradient_clipping", self.replica, pl.LightningModule)
+        # Lightning hooks the client loop calls, when the task overrides them (no-op calls cost per step)
+        self._hooks = {h for h in ("on_train_batch_start", "on_before_backward", "on_after_backward",
+                                   "on_before_optimizer_step", "on_train_batch_end")
+                       if is_overridden(h, self.replica, pl.LightningModule)}
 
     # ------------------------------------------------------------------ public
     def run(self, payload: RoundPayload, plan: ClientPlan) -> ClientResult:
@@ -416,8 +420,9 @@ class ClientRunner:
     def _loop(self, task, plan, view, wrapped, configs) -> tuple[float, int, int, int]:
         device = task.device
         cfg = self.config
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        num_losses = num_examples = num_steps = 0
+        hooks = self._hooks
+        losses: list[Tensor] = []
+        num_examples = num_steps = 0
         step_scheds = [c for c in configs if c.interval == "step"]
         epoch_scheds = [c for c in configs if c.interval == "epoch"]
         for batch_idx, batch, epoch_end in self._batches(plan, view):
@@ -427,11 +432,13 @@ class ClientRunner:
                         if not c.reduce_on_plateau and (view.current_epoch + 1) % c.frequency == 0:
                             c.scheduler.step()
                 continue
+            if batch is None:  # e.g. a collate function that dropped every unreadable sample
+                continue
             if device.type != "cpu":
                 batch = move_data_to_device(batch, device)
-            if task.on_train_batch_start(batch, batch_idx) == -1:
+            if "on_train_batch_start" in hooks and task.on_train_batch_start(batch, batch_idx) == -1:
                 break
-            num_examples += extract_batch_size(batch)
+            num_examples += _batch_size(batch)
             if self._manual:
                 out = task.training_step(batch, batch_idx)
                 loss = _extract_loss(out) if out is not None else None
@@ -443,11 +450,14 @@ class ClientRunner:
                 out = task.training_step(batch, batch_idx)
                 loss = _extract_loss(out)
                 if loss is not None:
-                    task.on_before_backward(loss)
+                    if "on_before_backward" in hooks:
+                        task.on_before_backward(loss)
                     loss.backward()
-                    task.on_after_backward()
+                    if "on_after_backward" in hooks:
+                        task.on_after_backward()
                     opt.mask_gradients()
-                    task.on_before_optimizer_step(opt.optimizer)
+                    if "on_before_optimizer_step" in hooks:
+                        task.on_before_optimizer_step(opt.optimizer)
                     if self._clip_overridden:
                         task.configure_gradient_clipping(opt, cfg.gradient_clip_val, cfg.gradient_clip_algorithm)
                     elif cfg.gradient_clip_val:
@@ -456,10 +466,23 @@ class ClientRunner:
                     for c in step_scheds:
                         if not c.reduce_on_plateau and (num_steps + 1) % c.frequency == 0:
                             c.scheduler.step()
-            task.on_train_batch_end(out, batch, batch_idx)
+            if "on_train_batch_end" in hooks:
+                task.on_train_batch_end(out, batch, batch_idx)
             num_steps += 1
             if loss is not None:
-                loss_sum += loss.detach().to(torch.float64)
-                num_losses += 1
-        loss_value = float(loss_sum) if num_losses else math.nan
-        return loss_value, num_losses, num_examples, num_steps
+                losses.append(loss.detach())
+        loss_value = float(torch.stack(losses).to(torch.float64).sum()) if losses else math.nan
+        return loss_value, len(losses), num_examples, num_steps
+
+
+def _batch_size(batch: Any) -> int:
+    """Examples in a batch: the fast common cases, else Lightning's own inference."""
+    if isinstance(batch, Tensor):
+        return len(batch)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) and batch[0].dim() > 0:
+        return len(batch[0])
+    if isinstance(batch, dict):  # the first batched tensor (e.g. ASR: features, lengths, texts, ...)
+        for value in batch.values():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                return len(value)
+    return extract_batch_size(batch)

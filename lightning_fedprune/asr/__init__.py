@@ -39,6 +39,11 @@ _LAZY = {
     "spec_augment": "features",
     "log_mel": "features",
     "load_audio": "features",
+    # conformer_transducer.py
+    "ConformerTransducer": "conformer_transducer",
+    # datamodule.py
+    "ASRDataModule": "datamodule",
+    "SpeakerDataset": "datamodule",
 }
 
 __all__ = sorted(_LAZY)
@@ -58,6 +63,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .conformer_transducer import ConformerTransducer
+    from .datamodule import ASRDataModule, SpeakerDataset
     from .features import (FeatureCache, FeatureConfig, FeatureExtractor, SpecAugment, load_audio, log_mel,
                            spec_augment)
     from .librispeech import (AudioReadError, CorpusFormatError, LibriSpeechDataset, LibriSpeechIndex, Utterance,

@@ -11,6 +11,7 @@ Architecture (parameter names, which pruning regexes match, in brackets)::
       RNN-T: prediction network Embedding -> LSTM                                 [predictor.embedding.*, predictor.lstm.*]
              joint network Linear(enc) + Linear(pred) -> tanh -> Linear(vocab)   [joiner.enc_proj.*, joiner.pred_proj.*, joiner.out.*]
       CTC:   Linear(vocab)                                                        [ctc_head.*]
+      RNN-T with ``ctc_weight > 0``: both; the CTC head is an auxiliary training loss only
 
 The blank is the last vocabulary id (see :mod:`.tokenizer`) and is the prediction
 network's start symbol. The predictor/joiner follow the component interface of
@@ -171,12 +172,14 @@ class ConformerTransducer(L.LightningModule):
 
     Args:
         preset: ``"tiny"`` (~3.5 M params, CPU) or ``"paper"`` (~120 M, the article's model).
-        d_model, num_layers, num_heads, ffn_dim, conv_kernel_size, pred_dim, pred_layers,
-            joint_dim, dropout: override the preset (``None`` = preset value).
+        d_model, num_layers, num_heads, ffn_dim, conv_kernel_size: override the preset's encoder
+            sizes (``None`` = preset value).
+        pred_dim, pred_layers, joint_dim, dropout: override the preset's prediction network,
+            joint network and dropout (``None`` = preset value).
         n_mels: input feature dimension.
-        lr, weight_decay: AdamW settings. warmup_steps: linear LR warm-up over that many
-            optimiser steps of the optimiser returned by ``configure_optimizers`` (0 = none,
-            plain optimiser is returned).
+        lr, weight_decay: AdamW settings (client optimiser under federated training).
+        warmup_steps: linear LR warm-up over that many optimiser steps of the optimiser returned
+            by ``configure_optimizers`` (0 = none, plain optimiser is returned).
         loss: ``"rnnt"`` (Transducer) or ``"ctc"`` (CTC head on the encoder, no
             predictor/joiner are built).
         decoder: ``"greedy"`` or ``"beam"`` (``RNNTBeamSearch``; RNN-T only) for val/test.
@@ -191,6 +194,11 @@ class ConformerTransducer(L.LightningModule):
             utterances with activation checkpointing (for big models: the (B, T, U, joint_dim)
             joint tensor dominates memory). ``None`` = whole batch at once.
         log_examples: number of (reference, hypothesis) pairs to log on the first val/test batch.
+        ctc_weight: with ``loss="rnnt"``, add ``ctc_weight`` x an auxiliary CTC loss (a linear CTC
+            head on the encoder, both losses summed per utterance and averaged over the batch) to
+            the training objective -- the usual remedy for the RNN-T plateau where the prediction
+            network has learnt the language model but the encoder is not used yet (icefall and
+            ESPnet use 0.1-0.3). Decoding stays RNN-T; the head is unused at inference. 0 = off.
     """
 
     def __init__(
@@ -219,6 +227,7 @@ class ConformerTransducer(L.LightningModule):
         subsampling_channels: Optional[int] = None,
         joint_chunk_size: Optional[int] = None,
         log_examples: int = 3,
+        ctc_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -226,6 +235,8 @@ class ConformerTransducer(L.LightningModule):
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         if loss not in ("rnnt", "ctc"):
             raise ValueError(f"loss must be 'rnnt' or 'ctc', got {loss!r}")
+        if not ctc_weight >= 0:
+            raise ValueError(f"ctc_weight must be >= 0, got {ctc_weight!r}")
         if decoder not in ("greedy", "beam"):
             raise ValueError(f"decoder must be 'greedy' or 'beam', got {decoder!r}")
         overrides = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim,
@@ -247,6 +258,8 @@ class ConformerTransducer(L.LightningModule):
         if loss == "rnnt":
             self.predictor = Predictor(vocab, cfg["pred_dim"], cfg["pred_layers"], cfg["dropout"])
             self.joiner = Joiner(cfg["d_model"], cfg["pred_dim"], cfg["joint_dim"], vocab)
+            if ctc_weight > 0:
+                self.ctc_head = nn.Linear(cfg["d_model"], vocab)  # auxiliary loss only
         else:
             self.ctc_head = nn.Linear(cfg["d_model"], vocab)
 
@@ -310,7 +323,13 @@ class ConformerTransducer(L.LightningModule):
             log_probs = F.log_softmax(self.ctc_head(enc_out).float(), dim=-1)
             return F.ctc_loss(log_probs.transpose(0, 1), targets, enc_lengths, target_lengths,
                               blank=self.blank_id, reduction="mean", zero_infinity=True)
-        return self._rnnt_loss(enc_out, enc_lengths, targets, target_lengths)
+        loss = self._rnnt_loss(enc_out, enc_lengths, targets, target_lengths)
+        if self.hparams.ctc_weight > 0:  # auxiliary CTC, summed per utterance like the RNN-T loss
+            log_probs = F.log_softmax(self.ctc_head(enc_out).float(), dim=-1)
+            ctc = F.ctc_loss(log_probs.transpose(0, 1), targets, enc_lengths, target_lengths,
+                             blank=self.blank_id, reduction="sum", zero_infinity=True) / max(1, enc_out.shape[0])
+            loss = loss + self.hparams.ctc_weight * ctc
+        return loss
 
     def _rnnt_loss(self, enc_out: Tensor, enc_lengths: Tensor, targets: Tensor, target_lengths: Tensor) -> Tensor:
         from torchaudio.functional import rnnt_loss
@@ -374,12 +393,16 @@ class ConformerTransducer(L.LightningModule):
         targets, target_lengths = self.tokenize(batch["texts"], enc_out.device)
         return self.compute_loss(enc_out, enc_lengths, targets, target_lengths), enc_out, enc_lengths
 
-    def training_step(self, batch: dict, batch_idx: int = 0) -> Tensor:
+    def training_step(self, batch: Optional[dict], batch_idx: int = 0) -> Optional[Tensor]:
+        if batch is None:  # every item of the batch was unreadable (collate_asr dropped them): skip it
+            return None
         loss, _, _ = self._batch_loss(batch)
         self._log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["texts"]))
         return loss
 
-    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> Tensor:
+    def _eval_step(self, batch: Optional[dict], batch_idx: int, stage: str) -> Optional[Tensor]:
+        if batch is None:  # every item of the batch was unreadable: nothing to score
+            return None
         loss, enc_out, enc_lengths = self._batch_loss(batch)
         hyps = [self.tokenizer.decode(h) for h in self.decode_encoder(enc_out, enc_lengths)]
         refs = [self.tokenizer.normalize(t) for t in batch["texts"]]
@@ -392,13 +415,15 @@ class ConformerTransducer(L.LightningModule):
             self._log_examples(stage, batch, refs, hyps)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int = 0) -> Tensor:
+    def validation_step(self, batch: Optional[dict], batch_idx: int = 0) -> Optional[Tensor]:
         return self._eval_step(batch, batch_idx, "val")
 
-    def test_step(self, batch: dict, batch_idx: int = 0) -> Tensor:
+    def test_step(self, batch: Optional[dict], batch_idx: int = 0) -> Optional[Tensor]:
         return self._eval_step(batch, batch_idx, "test")
 
-    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[str]:
+    def predict_step(self, batch: Optional[dict], batch_idx: int = 0) -> list[str]:
+        if batch is None:
+            return []
         return self.transcribe(batch["features"], batch.get("feature_lengths"))
 
     def _log_examples(self, stage: str, batch: dict, refs: list[str], hyps: list[str]) -> None:

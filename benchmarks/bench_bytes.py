@@ -1,0 +1,114 @@
+"""P3 bytes per round: broadcast + upload bytes of a real pruned round vs plain FedAvg (dense).
+
+A Linear-heavy task where nearly every parameter is prunable: MLPClassifier(in_dim=512,
+hidden=512, depth=4, num_classes=16) -- 4 x Linear(512, 512) + Linear(512, 16): 1,058,832
+parameters of which 1,056,768 (99.81 %) are weights (the biases stay dense). A real fit of one
+round (2 clients x 1 local step) with SparsityRampCallback(target_sparsity=S, one shot at round
+0, pattern=...), so the masks are set before the round's payload is built. The figures are the
+``RoundSummary`` of that round, read by a callback:
+
+* bytes_down = the encoded broadcast's ``nbytes`` x clients (kept values + index: a bitmask or
+  int32 indices for structured patterns, a 1-bit-per-entry bitmask for unstructured);
+* bytes_up   = the sum of the clients' encoded uploads (kept values only: the server knows the
+  mask);
+* dense_bytes = 2 x (dense float32 state bytes) x clients: what plain FedAvg sends down + up.
+
+Bytes are counted from the numpy arrays that would go on the wire (wire.py); metadata (names,
+shapes, a JSON spec) is not counted on either side. The ``comm/ratio`` the module logs is
+checked to agree. Deterministic: no repetitions needed (sizes do not depend on timing).
+
+    python benchmarks/bench_bytes.py            # S=0.5 table (5 patterns) + curve over S
+    python benchmarks/bench_bytes.py --quick
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from _common import apply_threads, base_parser, header, load, quiet_lightning, quiet_trainer, table, verdict
+
+import lightning.pytorch as pl
+
+from lightning_fedprune import FederatedDataModule, FederatedLightningModule
+from lightning_fedprune.callbacks import SparsityRampCallback
+from lightning_fedprune.demos import GaussianMixtureDataset, MLPClassifier
+
+GOALS = {"column": 0.52, "row": 0.52, "unstructured": 0.56}
+IN_DIM, HIDDEN, DEPTH, CLASSES = 512, 512, 4, 16
+
+
+class BytesRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.summaries = []
+
+    def on_fed_round_end(self, trainer, pl_module, summary) -> None:
+        self.summaries.append(summary)
+
+
+def one_round(pattern: str, sparsity: float, clients: int = 2) -> dict[str, float]:
+    task = MLPClassifier(in_dim=IN_DIM, hidden=HIDDEN, depth=DEPTH, num_classes=CLASSES, lr=0.01)
+    ds = GaussianMixtureDataset(num_samples=64 * clients, dim=IN_DIM, num_classes=CLASSES, seed=0)
+    dm = FederatedDataModule(ds, num_clients=clients, batch_size=32, seed=0)
+    fed = FederatedLightningModule(task, clients_per_round=clients, local_steps=1, seed=0)
+    rec = BytesRecorder()
+    ramp = SparsityRampCallback(target_sparsity=sparsity, start_round=0, schedule="one_shot", pattern=pattern,
+                                importance="weight_l2")
+    trainer = quiet_trainer(max_steps=1, callbacks=[ramp, rec])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(fed, datamodule=dm)
+    (s,) = rec.summaries
+    assert s.clients_ok == clients and s.clients_failed == 0
+    ratio = (s.bytes_down + s.bytes_up) / s.dense_bytes
+    logged = float(trainer.callback_metrics["comm/ratio"])
+    assert abs(logged - ratio) < 1e-4, (logged, ratio)
+    n_params = sum(p.numel() for p in task.parameters())
+    n_pruned = sum(int((~m).sum()) for m in fed.masks.values())
+    return {
+        "down": s.bytes_down / clients, "up": s.bytes_up / clients, "dense_one_way": s.dense_bytes / (2 * clients),
+        "ratio": ratio, "down_ratio": s.bytes_down / (s.dense_bytes / 2), "up_ratio": s.bytes_up / (s.dense_bytes / 2),
+        "actual_sparsity_all_params": n_pruned / n_params, "logged_ratio": logged,
+    }
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    args = p.parse_args()
+    apply_threads(args)
+    quiet_lightning()
+    header("P3 bytes per round (real encoded payloads of a real round)", args)
+    task = MLPClassifier(in_dim=IN_DIM, hidden=HIDDEN, depth=DEPTH, num_classes=CLASSES)
+    total = sum(p.numel() for p in task.parameters())
+    prunable = sum(p.numel() for p in task.parameters() if p.dim() >= 2)
+    print(f"   model: MLPClassifier({IN_DIM}, {DEPTH}x{HIDDEN}, {CLASSES} classes): {total:,} params, "
+          f"{prunable:,} prunable ({prunable / total:.2%}); float32")
+    patterns = ["column", "row", "unstructured"] if args.quick else ["column", "row", "unstructured", "half_row", "half_column"]
+    rows = []
+    at_half = {}
+    for pattern in patterns:
+        r = one_round(pattern, 0.5)
+        at_half[pattern] = r["ratio"]
+        rows.append([pattern, f"{r['dense_one_way']:,.0f}", f"{r['down']:,.0f}", f"{r['up']:,.0f}", r["down_ratio"],
+                     r["up_ratio"], r["ratio"], r["actual_sparsity_all_params"], str(GOALS.get(pattern, "-"))])
+    print("\n-- S = 0.5, per client per round (bytes) --")
+    print(table(rows, ["pattern", "dense one way", "down", "up", "down/dense", "up/dense", "(down+up)/(2 dense)",
+                       "pruned share of all params", "goal"]))
+    for pattern, goal in GOALS.items():
+        verdict(f"P3 bytes {pattern} S=0.5 (down+up)/dense", at_half[pattern], goal)
+
+    levels = [0.0, 0.5, 0.9] if args.quick else [0.0, 0.1, 0.3, 0.5, 0.7, 0.9]
+    curve_patterns = ["column", "row", "unstructured"]
+    rows = []
+    for s in levels:
+        row = [s]
+        for pattern in curve_patterns:
+            row.append(one_round(pattern, s)["ratio"])
+        row.append(1 - s)
+        rows.append(row)
+    print("\n-- curve: (down+up) / dense over the target sparsity S --")
+    print(table(rows, ["S"] + curve_patterns + ["1 - S (values only)"]))
+    print(f"   [{load()}]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""P6 process pool: ProcessPoolExecutor(2 workers) vs SequentialExecutor on a 2-core machine.
+
+Compute-bound clients: 8 clients x 20 local steps of MLPClassifier(in_dim=128, hidden=512,
+depth=3), batch 64, SGD; every round trains all 8 clients. The same federated fit
+(FederatedLightningModule + Trainer(max_steps=R)) is run with
+
+* ``pool``: ``ProcessPoolExecutor(num_workers=2, start_method="spawn", threads_per_worker=1)``
+  (what ``executor="process"`` gives on 2 cores: cores // workers = 1 thread each);
+* ``seq-1t``: ``executor="sequential"`` with ``torch.set_num_threads(1)`` in the server process;
+* ``seq-2t`` (with ``--seq2``): ``executor="sequential"`` with 2 intra-op threads (torch's
+  default on 2 cores; pathologically slow while other processes load the machine).
+
+Round time: perf_counter from ``on_fed_round_start`` to ``on_fed_round_end`` (a callback); the
+first round of each fit is dropped (for the pool it also absorbs the workers' start-up: spawn,
+imports, unpickling the task and data), the per-fit value is the median of the remaining
+rounds. Worker start-up is reported separately: the executor's ``setup`` (pickling + starting
+the processes: on_fit_start -> on_train_start of a callback) and the extra time of round 0 over
+a steady round. The three variants alternate fit by fit; median over >= 5 fits each.
+
+The goal ratio is pool / seq-1t (the stricter reference: on this loaded machine one thread is
+faster than two for the sequential executor, see docs/benchmarks.md).
+
+    python benchmarks/bench_process_pool.py
+    python benchmarks/bench_process_pool.py --seq2 --reps 3 --rounds 3
+    python benchmarks/bench_process_pool.py --quick
+"""
+
+from __future__ import annotations
+
+import time
+
+from _common import alternate, base_parser, header, load, median, quiet_lightning, quiet_trainer, table, verdict
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_fedprune import FederatedDataModule, FederatedLightningModule, ProcessPoolExecutor
+from lightning_fedprune.demos import GaussianMixtureDataset, MLPClassifier
+
+GOAL = 0.6
+
+
+def _cpu_seconds(pid: int | None = None) -> float:
+    """utime + stime of a process (all its threads) from /proc/<pid>/stat."""
+    if pid is None:
+        return time.process_time()
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+_TICKS = __import__("os").sysconf("SC_CLK_TCK")
+
+
+class Clock(pl.Callback):
+    """Round wall time, and the CPU time our client code got in the round (the server process for the
+    sequential executor, the two workers for the pool): cpu / wall = cores actually obtained."""
+
+    def __init__(self) -> None:
+        self.rounds: list[float] = []
+        self.cores: list[float] = []
+        self.fit_start = self.train_start = 0.0
+        self._t0 = 0.0
+        self._c0 = 0.0
+        self._pids: list[int | None] = [None]
+        self.client_s: list[float] = []  # ClientResult.seconds: one client's run() where it ran
+        self.server_cpu: list[float] = []
+        self._s0 = 0.0
+        self._round_clients: list[float] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # called before the module's on_fit_start (executor setup)
+        self.fit_start = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.train_start = time.perf_counter()
+        workers = getattr(pl_module.executor, "_workers", None)  # private: read-only use for CPU accounting
+        if workers:
+            self._pids = [None] + [proc.pid for proc, _ in workers]
+
+    def _cpu(self) -> float:
+        return sum(_cpu_seconds(pid) for pid in self._pids)
+
+    def on_fed_round_start(self, trainer, pl_module, round, cohort) -> None:
+        self._c0 = self._cpu()
+        self._s0 = time.process_time()
+        self._t0 = time.perf_counter()
+        self._round_clients = []
+
+    def on_fed_client_result(self, trainer, pl_module, result) -> None:
+        self._round_clients.append(result.seconds)
+
+    def on_fed_round_end(self, trainer, pl_module, summary) -> None:
+        wall = time.perf_counter() - self._t0
+        self.rounds.append(wall)
+        self.cores.append((self._cpu() - self._c0) / wall)
+        self.server_cpu.append(time.process_time() - self._s0)
+        self.client_s.append(median(self._round_clients))
+
+
+def fit(variant: str, clients: int, steps: int, batch: int, rounds: int, dataset) -> Clock:
+    torch.set_num_threads(2 if variant == "seq-2t" else 1)
+    torch.manual_seed(0)
+    task = MLPClassifier(in_dim=128, hidden=512, depth=3, num_classes=10, lr=0.05)
+    dm = FederatedDataModule(dataset, num_clients=clients, batch_size=batch, seed=0)
+    executor = ProcessPoolExecutor(num_workers=2, start_method="spawn", threads_per_worker=1) if variant == "pool" \
+        else "sequential"
+    fed = FederatedLightningModule(task, clients_per_round=clients, local_steps=steps, executor=executor, seed=0)
+    clock = Clock()
+    quiet_trainer(max_steps=rounds, callbacks=[clock]).fit(fed, datamodule=dm)
+    assert len(clock.rounds) == rounds
+    return clock
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq2", action="store_true",
+                   help="also run the sequential executor with 2 intra-op threads (very slow on a loaded machine)")
+    args = p.parse_args()
+    quiet_lightning()
+    reps = args.reps or (2 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 6)
+    torch.set_num_threads(1)  # each variant sets its own server-process thread count again in fit()
+    header("P6 process pool (2 workers) vs sequential executor", args)
+    dataset = GaussianMixtureDataset(num_samples=args.clients * args.steps * args.batch, dim=128, num_classes=10, seed=0)
+    variants = ["pool", "seq-1t"] + (["seq-2t"] if args.seq2 else [])
+    steady: dict[str, list[float]] = {v: [] for v in variants}
+    cores: dict[str, list[float]] = {v: [] for v in variants}
+    client_s: dict[str, list[float]] = {v: [] for v in variants}
+    server_cpu: dict[str, list[float]] = {v: [] for v in variants}
+    startup_setup: list[float] = []
+    startup_extra: list[float] = []
+
+    def make(variant):
+        def fn() -> float:
+            clock = fit(variant, args.clients, args.steps, args.batch, rounds, dataset)
+            s = median(clock.rounds[1:])
+            cores[variant].append(median(clock.cores[1:]))
+            client_s[variant].append(median(clock.client_s[1:]))
+            server_cpu[variant].append(median(clock.server_cpu[1:]))
+            if variant == "pool":
+                startup_setup.append(clock.train_start - clock.fit_start)
+                startup_extra.append(clock.rounds[0] - s)
+            steady[variant].append(s)
+            return s
+        return fn
+
+    fit("seq-1t", args.clients, args.steps, args.batch, 2, dataset)  # warm-up
+    print(f"   {args.clients} clients x {args.steps} steps, batch {args.batch}, {rounds} rounds per fit, {reps} fits each")
+    alternate({v: make(v) for v in variants}, reps)
+    med = {v: median(steady[v]) for v in variants}
+    ref2 = med.get("seq-2t")
+    rows = [[v, med[v], min(steady[v]), max(steady[v]), med[v] / med["seq-1t"], med[v] / ref2 if ref2 else "-",
+             median(cores[v]), med[v] * median(cores[v]), median(server_cpu[v]), median(client_s[v]) * 1e3]
+            for v in variants]
+    print()
+    print(table(rows, ["executor", "round s (median)", "min", "max", "/ seq-1t", "/ seq-2t",
+                       "cores obtained (cpu s / wall s)", "cpu s per round (all)", "server-process cpu s per round",
+                       "one client's run() ms (where it ran)"]))
+    print(f"pool start-up: executor.setup (pickle task+data, start 2 spawn workers) {median(startup_setup):.3f} s; "
+          f"round 0 took {median(startup_extra):.3f} s longer than a steady round (workers importing torch/lightning "
+          f"and unpickling) -> start-up ~{median(startup_setup) + median(startup_extra):.2f} s once per fit   [{load()}]")
+    verdict("P6 round time pool / sequential (1 thread)", med["pool"] / med["seq-1t"], GOAL)
+    if ref2:
+        verdict("P6 round time pool / sequential (2 threads, torch default)", med["pool"] / ref2, GOAL)
+
+
+if __name__ == "__main__":
+    main()

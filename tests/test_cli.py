@@ -1,0 +1,68 @@
+"""The `fedprune` CLI: every shipped config runs as written for a couple of rounds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_fedprune.cli import build_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "examples").rglob("*.yaml"))
+
+# fast settings for a couple of rounds; everything else exactly as shipped
+FAST = {
+    "examples/quickstart.yaml": ["--trainer.max_steps=3", "--trainer.val_check_interval=3"],
+    "examples/asr/digits_fp.yaml": [
+        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+        "--model.clients_per_round=2", "--model.local_steps=1",
+    ],
+    "examples/asr/commands_fp.yaml": [
+        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+        "--model.clients_per_round=2", "--model.local_steps=1",
+    ],
+}
+
+
+def test_every_shipped_config_is_covered():
+    assert "examples/quickstart.yaml" in CONFIGS and "examples/asr/digits_fp.yaml" in CONFIGS
+    assert set(CONFIGS) <= set(FAST) | {"examples/asr/smoke.yaml"}, "add fast overrides for new configs"
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c in FAST])
+def test_shipped_config_runs(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", "--config", str(ROOT / config), "--quiet=true",
+                     f"--trainer.logger.init_args.save_dir={tmp_path}", *FAST[config]])
+    trainer = cli.trainer
+    assert trainer.global_step == int(FAST[config][0].split("=")[1])
+    assert any(k.startswith("val/") for k in trainer.callback_metrics), trainer.callback_metrics.keys()
+    assert "round/train_loss" in trainer.callback_metrics
+
+
+def test_print_config_and_module_entry_point(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "lightning_fedprune", "fit", "--config", "examples/quickstart.yaml",
+                          "--print_config"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "SparsityRampCallback" in out.stdout and "clients_per_round: 5" in out.stdout
+
+
+def test_cli_rejects_bad_values_naming_the_argument(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((ValueError, SystemExit)):
+        build_cli(["fit", "--config", str(ROOT / "examples/quickstart.yaml"), "--model.clients_per_round=0",
+                   "--trainer.logger=false"], run=False)
+
+
+def test_summary_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build_cli(["fit", "--config", str(ROOT / "examples/quickstart.yaml"), "--quiet=true",
+               f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=20",
+               "--trainer.val_check_interval=20"])
+    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    assert summary["rounds"] == 20 and 0 < summary["sparsity"] <= 0.5
+    assert summary["bytes_saved_percent"] > 0 and "val/acc" in summary["metrics"]
