@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
