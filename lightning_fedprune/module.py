@@ -213,6 +213,10 @@ class FederatedLightningModule(pl.LightningModule):
                 r.check_finite()
             ok = [r for r in results if r.ok]
             avg = self._average(ok)
+            if avg is None and ok:  # finite clients, non-finite average (overflow): skip the update
+                for r in ok:
+                    r.error = "the weighted average of the cohort's updates is not finite (overflow)"
+                ok = []
         failed = [r for r in results if not r.ok]
         for r in failed:
             first_line = (r.error or "").strip().splitlines()[0] if r.error else "unknown error"
