@@ -33,13 +33,6 @@ from lightning_fedprune.asr.librispeech import (  # noqa: E402
 TINY = dict(num_speakers=4, utterances_per_speaker=5, test_speakers=2, test_utterances_per_speaker=3, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny tensors on a shared, oversubscribed CPU: intra-op threads only add overhead
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

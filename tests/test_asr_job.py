@@ -27,12 +27,6 @@ TINY = dict(num_speakers=4, utterances_per_speaker=3, test_speakers=2, test_utte
             min_words=1, max_words=2, n_mels=20)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -236,6 +236,22 @@ def test_failing_and_nan_clients_are_excluded_and_reported():
     assert all(torch.isfinite(p).all() for p in fed.task.parameters())
 
 
+def _assert_fedavg_of_one_step(fed, init, dm, clients):
+    """The global model equals the mean of one full-batch SGD step from ``init`` on each of ``clients``
+    (equal-size clients), i.e. FedAvg over exactly those clients."""
+    outs = []
+    for c in clients:
+        t = MLPClassifier(in_dim=8, hidden=16, num_classes=3)
+        t.load_state_dict(init)
+        opt = torch.optim.SGD(t.parameters(), lr=t.hparams.lr)
+        idx = dm.partitions[c]
+        F.cross_entropy(t(dm.train_dataset.x[idx]), dm.train_dataset.targets[idx]).backward()
+        opt.step()
+        outs.append(params_of(t))
+    for name, value in fed.task.state_dict().items():
+        torch.testing.assert_close(value, sum(o[name] for o in outs) / len(outs), msg=name)
+
+
 def test_aggregate_uses_only_healthy_clients():
     torch.manual_seed(0)
     base = FailingTask(fail_clients=(0,), in_dim=8, hidden=16, num_classes=3)
@@ -245,17 +261,7 @@ def test_aggregate_uses_only_healthy_clients():
     with pytest.warns(UserWarning):
         quiet_trainer(max_steps=1).fit(fed, datamodule=dm)
     # reference: clients 1 and 2 only
-    outs = []
-    for c in (1, 2):
-        t = MLPClassifier(in_dim=8, hidden=16, num_classes=3)
-        t.load_state_dict(init)
-        opt = torch.optim.SGD(t.parameters(), lr=t.hparams.lr)
-        idx = dm.partitions[c]
-        F.cross_entropy(t(dm.train_dataset.x[idx]), dm.train_dataset.targets[idx]).backward()
-        opt.step()
-        outs.append(params_of(t))
-    for name, value in fed.task.state_dict().items():
-        torch.testing.assert_close(value, (outs[0][name] + outs[1][name]) / 2, msg=name)
+    _assert_fedavg_of_one_step(fed, init, dm, clients=(1, 2))
 
 
 def test_client_with_non_finite_weights_is_found_and_excluded():
@@ -268,17 +274,7 @@ def test_client_with_non_finite_weights_is_found_and_excluded():
     with pytest.warns(UserWarning, match=r"client 2 failed .*non-finite values in 'head.weight'"):
         trainer.fit(fed, datamodule=dm)
     assert trainer.callback_metrics["round/clients_failed"].item() == 1
-    outs = []
-    for c in (0, 1):
-        t = MLPClassifier(in_dim=8, hidden=16, num_classes=3)
-        t.load_state_dict(init)
-        opt = torch.optim.SGD(t.parameters(), lr=t.hparams.lr)
-        idx = dm.partitions[c]
-        F.cross_entropy(t(dm.train_dataset.x[idx]), dm.train_dataset.targets[idx]).backward()
-        opt.step()
-        outs.append(params_of(t))
-    for name, value in fed.task.state_dict().items():
-        torch.testing.assert_close(value, (outs[0][name] + outs[1][name]) / 2, msg=name)
+    _assert_fedavg_of_one_step(fed, init, dm, clients=(0, 1))
 
 
 def test_all_clients_failing_leaves_model_unchanged():

@@ -59,16 +59,6 @@ def loop_reduce(x: torch.Tensor, pattern: str, norm: str) -> torch.Tensor:
     return torch.stack([g.pow(2).sum().sqrt() for g in groups])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU this avoids waiting on a
-    descheduled worker thread at every parallel op. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SPARSITIES = [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.7, 0.95, 1.0]
 
 

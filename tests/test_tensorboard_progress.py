@@ -30,7 +30,6 @@ from lightning_fedprune.callbacks import (
 from lightning_fedprune.callbacks.tensorboard import mask_image
 from lightning_fedprune.pruning.state import PruningState
 
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 12
 
