@@ -299,10 +299,9 @@ class ClientRunner:
         finally:
             if compacted is not None:
                 compacted.restore(copy_back=True)  # trained values back in full coordinates, zeros where pruned
-        with torch.no_grad():
-            for n, m in payload.masks.items():
-                self._params[n].mul_(m)
-            state = {name: tensor.detach() for name, tensor in self._targets}  # live views: encoded (copied) in run()
+        # live views, encoded (copied) in run(); the upload carries kept entries only, so pruned
+        # entries never leave the client whatever their value here
+        state = {name: tensor.detach() for name, tensor in self._targets}
         size = self.data.client_size(plan.client_id)
         weight = float(size if self.weighting == "num_samples" else num_examples if self.weighting == "num_examples" else 1.0)
         return ClientResult(

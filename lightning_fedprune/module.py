@@ -130,7 +130,6 @@ class FederatedLightningModule(pl.LightningModule):
         self.pruning = PruningState()
         self.last_summary: RoundSummary | None = None
         self._executor_ready = False
-        self._dense_bytes = 0
         self._stash: dict[str, Tensor] = {}
         self._param_names, self._buffer_names = state_names(task)
 
@@ -224,7 +223,7 @@ class FederatedLightningModule(pl.LightningModule):
         summary = RoundSummary(round=rnd, cohort=cohort, clients_ok=len(ok), clients_failed=len(failed))
         summary.bytes_down = payload.encoded.nbytes * len(plans)
         summary.bytes_up = sum(r.bytes_up for r in results)
-        summary.dense_bytes = 2 * self._dense_bytes * len(plans)
+        summary.dense_bytes = 2 * dense_nbytes(payload.state) * len(plans)
         optimizer = self.optimizers()
         if ok:
             summary.total_weight = float(sum(r.weight for r in ok))
@@ -254,7 +253,6 @@ class FederatedLightningModule(pl.LightningModule):
         max_rounds = self.trainer.max_steps if self._trainer is not None else -1
         patterns = dict(self.pruning.patterns)
         encoded = encode_state(state, masks, patterns, send_index=True)
-        self._dense_bytes = dense_nbytes(state)
         return RoundPayload(round=rnd, state=state, masks=dict(masks), patterns=patterns, max_rounds=max_rounds,
                             encoded=encoded)
 
@@ -362,10 +360,8 @@ class FederatedLightningModule(pl.LightningModule):
         self._stash = {}
         if self.pruning.masks and not self.pruning.permanent:
             params = self.global_params()
-            with torch.no_grad():
-                for name, mask in self.pruning.masks.items():
-                    self._stash[name] = params[name].detach().clone()
-                    params[name].mul_(mask)
+            self._stash = {name: params[name].detach().clone() for name in self.pruning.masks}
+            self.pruning.zero_pruned_(params)
 
     def _unmask_after_eval(self) -> None:
         stash, self._stash = self._stash, {}

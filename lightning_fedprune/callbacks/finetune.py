@@ -70,9 +70,6 @@ class FineTuneFreeze(pl.Callback):
 def make_permanent(pl_module: Any) -> None:
     """Drop the pruned values from the global model (exact zeros) and mark the pruning permanent."""
     state = pl_module.pruning
-    params = pl_module.global_params()
-    with torch.no_grad():
-        for name, mask in state.masks.items():
-            params[name].mul_(mask)
+    state.zero_pruned_(pl_module.global_params())
     state.permanent = True
     state.frozen = True

@@ -159,6 +159,12 @@ class PruningState:
     def actual_layer_sparsity(self) -> dict[str, float]:
         return {n: 1.0 - self._kept_count(n) / m.numel() for n, m in self.masks.items()}
 
+    def zero_pruned_(self, params: dict[str, Tensor]) -> None:
+        """Set the pruned entries of ``params`` (by name) to exact zeros, in place."""
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                params[name].masked_fill_(~mask, 0)
+
     # ------------------------------------------------------------------ statistics
     def observe_pseudo_gradient(self, pseudo_gradient: dict[str, Tensor], names: list[str]) -> None:
         """Update the server-side gradient / momentum statistics of ``names``.
