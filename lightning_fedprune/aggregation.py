@@ -33,21 +33,30 @@ def validate_server_optimizer(name: str, lr: float, momentum: float, betas: Sequ
             raise ValueError(f"`server_eps` must be > 0, got {eps!r}.")
 
 
+class ServerSGD(torch.optim.SGD):
+    """The server's SGD (FedAvg / FedAvgM): its own class so ``LearningRateMonitor`` names it ``lr-ServerSGD``,
+    apart from the task's (client) optimisers."""
+
+
+class ServerAdam(torch.optim.Adam):
+    """The server's Adam (FedAdam), logged by ``LearningRateMonitor`` as ``lr-ServerAdam``."""
+
+
 def make_server_optimizer(params: Iterable[Tensor], name: str, lr: float, momentum: float = 0.9,
                           betas: Sequence[float] = (0.9, 0.99), eps: float = 1e-3) -> torch.optim.Optimizer:
     """The server optimiser over the global parameters (``eps`` default 1e-3 as in FedAdam)."""
     validate_server_optimizer(name, lr, momentum, betas, eps)
     params = list(params)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
+        return ServerSGD(params, lr=lr)
     if name == "sgdm":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum)
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps)
+        return ServerSGD(params, lr=lr, momentum=momentum)
+    return ServerAdam(params, lr=lr, betas=tuple(betas), eps=eps)
 
 
 def is_plain_fedavg(optimizer: torch.optim.Optimizer) -> bool:
     """True for SGD with lr 1, no momentum, no weight decay: the new global model is the average itself."""
-    if type(optimizer) is not torch.optim.SGD:
+    if not isinstance(optimizer, torch.optim.SGD):
         return False
     return all(g["lr"] == 1.0 and g["momentum"] == 0 and g["weight_decay"] == 0 and not g["nesterov"]
                for g in optimizer.param_groups)

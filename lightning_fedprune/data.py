@@ -132,7 +132,8 @@ class FederatedDataModule(pl.LightningDataModule):
 
     Args:
         train_dataset: any map-style dataset of training examples.
-        val_dataset / test_dataset: held-out examples, evaluated on the global model.
+        val_dataset / test_dataset / predict_dataset: held-out examples, evaluated on (or predicted
+            by) the global model.
         partition: ``"iid"``, ``"dirichlet"`` (label skew, needs labels and ``alpha``) or
             ``"by_key"`` (one client per distinct key, e.g. speaker id: natural clients).
         num_clients: number of clients for ``iid``/``dirichlet`` (``by_key`` derives it).
@@ -146,8 +147,10 @@ class FederatedDataModule(pl.LightningDataModule):
         eval_batch_size: batch size of the validation/test loaders (default: ``batch_size``).
         min_client_samples: clients with fewer samples are reported (warning + ``small_clients``)
             and not sampled into cohorts; they are never dropped silently.
-        rounds_per_epoch: rounds in one Trainer epoch (default: ``trainer.max_steps`` when set,
-            else ``ceil(num_clients / clients_per_round)``).
+        rounds_per_epoch: rounds in one Trainer epoch (default 1: an epoch is a round, so
+            Lightning's per-epoch machinery — ``check_val_every_n_epoch``, ``EarlyStopping``,
+            ``ModelCheckpoint(every_n_epochs)``, epoch-interval schedulers on the server — works per
+            round). Larger values make one epoch that many rounds.
         collate_fn: collate function for client and evaluation batches.
         shuffle: shuffle each client's data every round (seeded by ``(seed, round, client)``).
         drop_last: drop a client's last incomplete batch.
@@ -159,6 +162,7 @@ class FederatedDataModule(pl.LightningDataModule):
         train_dataset: Dataset,
         val_dataset: Dataset | None = None,
         test_dataset: Dataset | None = None,
+        predict_dataset: Dataset | None = None,
         partition: str = "iid",
         num_clients: int | None = 10,
         alpha: float = 0.5,
@@ -196,6 +200,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         self.test_dataset = test_dataset
+        self.predict_dataset = predict_dataset
         self.partition = partition
         self._num_clients_arg = num_clients
         self.alpha = alpha
@@ -284,6 +289,13 @@ class FederatedDataModule(pl.LightningDataModule):
     def client_size(self, client_id: int) -> int:
         return len(self.partitions[client_id])
 
+    @property
+    def max_client_batches(self) -> int:
+        """The most local batches one epoch of any sampled client has (bounds a round's optimiser steps)."""
+        sizes = [len(self.partitions[c]) for c in self.population]
+        largest = max(sizes, default=0)
+        return largest // self.batch_size if self.drop_last else math.ceil(largest / self.batch_size)
+
     def client_loader(self, client_id: int, seed: int) -> DataLoader:
         """The local training loader of ``client_id``; shuffling is seeded by ``seed`` (round, client)."""
         return self.client_data().client_loader(client_id, seed)
@@ -301,11 +313,7 @@ class FederatedDataModule(pl.LightningDataModule):
                 f"`clients_per_round` ({k}) is larger than the number of clients available for sampling "
                 f"({len(pop)} of {self.num_clients}; see `small_clients`)."
             )
-        rpe = self.rounds_per_epoch
-        if rpe is None:
-            max_steps = self.trainer.max_steps if self.trainer is not None else -1
-            rpe = max_steps if max_steps and max_steps > 0 else math.ceil(len(pop) / k)
-        return CohortLoader(pop, k, seed, rpe, trainer=self.trainer)
+        return CohortLoader(pop, k, seed, self.rounds_per_epoch or 1, trainer=self.trainer)
 
     def _eval_loader(self, ds: Dataset | None) -> DataLoader | list:
         if ds is None:
@@ -317,6 +325,11 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def test_dataloader(self):
         return self._eval_loader(self.test_dataset)
+
+    def predict_dataloader(self):
+        if self.predict_dataset is None:
+            raise ValueError("`trainer.predict` needs examples: give FederatedDataModule a `predict_dataset`.")
+        return self._eval_loader(self.predict_dataset)
 
 
 class ClientDataSource:

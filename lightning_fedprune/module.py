@@ -20,7 +20,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 
 from lightning_fedprune.aggregation import (
@@ -29,10 +31,26 @@ from lightning_fedprune.aggregation import (
     validate_server_optimizer,
     weighted_average,
 )
-from lightning_fedprune.client import state_names
+from lightning_fedprune.client import (
+    CLIENT_PRECISIONS,
+    ClientTrainerView,
+    client_precision_plugin,
+    configure_task_optimizers,
+    load_optim_state,
+    optim_state_of,
+    state_names,
+)
 from lightning_fedprune.executors import EXECUTORS, Executor, make_executor
 from lightning_fedprune.hooks import RoundSummary
-from lightning_fedprune.protocol import ClientConfig, ClientPlan, ClientResult, RoundPayload, derive_seed
+from lightning_fedprune.protocol import (
+    ClientConfig,
+    ClientPlan,
+    ClientResult,
+    LoggedValue,
+    OptimState,
+    RoundPayload,
+    derive_seed,
+)
 from lightning_fedprune.pruning.state import PruningState
 from lightning_fedprune.wire import decode_state, dense_nbytes, encode_state
 
@@ -41,19 +59,26 @@ WEIGHTINGS = ("num_samples", "num_examples", "uniform")
 # A checkpoint taken after a round holds the state after the server step, which is what a round-level
 # checkpoint should hold; Lightning's generic warning about manual optimisation does not apply.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+# The wrapper forwards the batch-transfer hooks of evaluation batches to the task, so it always overrides them;
+# Lightning's note that the module's hooks (not the data module's) are used is then always true and says nothing.
+warnings.filterwarnings("ignore", message="You have overridden `(on_before_batch_transfer|transfer_batch_to_device|"
+                                          "on_after_batch_transfer)` in `LightningModule` but have passed in a")
 
 
 class FederatedLightningModule(pl.LightningModule):
     """Trains any LightningModule (the *task*) by federated learning across simulated clients.
 
     Args:
-        task: the user's LightningModule. Its ``training_step`` and ``configure_optimizers``
-            define client training (a fresh client optimiser every round, as in FedAvg); its
-            ``validation_step``/``test_step`` evaluate the global model — the *pruned* model
-            clients get (pruned entries are zeroed during evaluation and the server's kept
-            values restored afterwards).
+        task: the user's LightningModule. Its ``training_step``, ``configure_optimizers`` and
+            training hooks define client training (fresh client optimiser state every client, as in
+            FedAvg; learning-rate schedules continue across rounds); its
+            ``validation_step``/``test_step``/``predict_step`` and evaluation hooks evaluate the
+            global model — the *pruned* model clients get (pruned entries are zeroed during
+            evaluation and the server's kept values restored afterwards). See docs/dropin.md for
+            where each Lightning hook runs.
         clients_per_round: cohort size sampled each round (seeded by ``seed`` and the round).
-        local_steps: optimiser steps per client per round (give this or ``local_epochs``).
+        local_steps: optimiser steps per client per round (``training_step`` calls with manual
+            optimisation); give this or ``local_epochs``.
         local_epochs: passes over the client's data per round (default 1 if neither is given).
         server_optimizer: ``"sgd"`` (``server_lr=1`` is FedAvg), ``"sgdm"`` (FedAvgM) or ``"adam"`` (FedAdam).
         server_lr, server_momentum, server_betas, server_eps: server optimiser settings.
@@ -64,10 +89,13 @@ class FederatedLightningModule(pl.LightningModule):
         num_workers: worker processes for ``executor="process"``.
         start_method: multiprocessing start method for ``executor="process"``.
         client_gradient_clip_val / client_gradient_clip_algorithm: gradient clipping inside client
-            training (``"norm"`` or ``"value"``); the Trainer's own clipping does not apply to
-            clients.
+            training (``"norm"`` or ``"value"``). ``Trainer(gradient_clip_val=...)`` means the same
+            (give one of the two); ``Trainer(accumulate_grad_batches=...)`` accumulates inside
+            every client, and ``Trainer(precision=...)`` is the clients' precision too.
         compact_clients: let clients train physically smaller sub-models where the pruning
             pattern allows it (row/column patterns on ``nn.Linear``).
+        max_failed_rounds: fit raises (with the first client's traceback) when every client of the
+            first round fails, or every client of this many consecutive rounds.
         seed: seeds cohorts and every client's local randomness (data order, dropout) as pure
             functions of ``(seed, round, client)``.
     """
@@ -90,6 +118,7 @@ class FederatedLightningModule(pl.LightningModule):
         client_gradient_clip_val: float | None = None,
         client_gradient_clip_algorithm: str = "norm",
         compact_clients: bool = True,
+        max_failed_rounds: int = 3,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -106,6 +135,8 @@ class FederatedLightningModule(pl.LightningModule):
             raise ValueError(f"`weighting` must be one of {WEIGHTINGS}, got {weighting!r}.")
         if not isinstance(executor, Executor) and executor not in EXECUTORS:
             raise ValueError(f"`executor` must be one of {EXECUTORS} or an Executor instance, got {executor!r}.")
+        if isinstance(max_failed_rounds, bool) or not isinstance(max_failed_rounds, int) or max_failed_rounds < 1:
+            raise ValueError(f"`max_failed_rounds` must be an integer >= 1, got {max_failed_rounds!r}.")
         if not isinstance(seed, int):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
         self.client_config = ClientConfig(
@@ -126,18 +157,30 @@ class FederatedLightningModule(pl.LightningModule):
         self.server_betas = tuple(server_betas)
         self.server_eps = server_eps
         self.weighting = weighting
+        self.max_failed_rounds = max_failed_rounds
         self.seed = seed
         self.pruning = PruningState()
         self.last_summary: RoundSummary | None = None
         self._executor_ready = False
         self._stash: dict[str, Tensor] = {}
         self._param_names, self._buffer_names = state_names(task)
+        # the task's optimisers and schedulers on the server: the client schedule's position (see OptimState)
+        self._template: tuple[list[torch.optim.Optimizer], list[LRSchedulerConfig]] = ([], [])
+        self._clock = OptimState()  # client optimiser steps / local epochs so far, in federated time
+        self._failed_streak = 0
+        self._rounds_this_fit = 0
 
     # ------------------------------------------------------------------ convenience
     @property
     def masks(self) -> dict[str, Tensor]:
         """``{parameter name: bool tensor}`` of pruned parameters, ``True`` = kept."""
         return self.pruning.masks
+
+    @property
+    def server_optimizer(self) -> torch.optim.Optimizer:
+        """The server optimiser (the first of the Trainer's optimisers; the others are the task's)."""
+        opts = self.optimizers(use_pl_optimizer=False)
+        return opts[0] if isinstance(opts, list) else opts
 
     def global_params(self) -> dict[str, Tensor]:
         params = dict(self.task.named_parameters())
@@ -150,7 +193,69 @@ class FederatedLightningModule(pl.LightningModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.task(*args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes this wrapper does not have are read from the task (e.g. by the task's own callbacks)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            task = modules.get("task") if modules is not None else None
+            if task is None or name.startswith("_"):
+                raise
+            return getattr(task, name)
+
     # ------------------------------------------------------------------ setup / teardown
+    def prepare_data(self) -> None:
+        self._delegate("prepare_data")
+
+    def configure_callbacks(self) -> Any:
+        """The task's own callbacks; also maps the Trainer's client-side settings onto client training.
+
+        Runs before Lightning validates the loop configuration: ``gradient_clip_val`` /
+        ``gradient_clip_algorithm`` and ``accumulate_grad_batches`` (which Lightning refuses for the
+        manually optimised server) move into the clients' configuration, and an integer
+        ``val_check_interval`` longer than an epoch counts rounds across epochs.
+        """
+        self._adopt_trainer_settings(self.trainer)
+        return self._delegate("configure_callbacks")
+
+    def _adopt_trainer_settings(self, trainer: pl.Trainer) -> None:
+        cfg = self.client_config
+        manual = not self.task.automatic_optimization
+        clip = trainer.gradient_clip_val
+        if clip is not None and clip > 0:
+            if manual:
+                raise MisconfigurationException(
+                    f"`Trainer(gradient_clip_val={clip!r})`: the task uses manual optimisation, for which Lightning "
+                    "does not clip automatically; call `self.clip_gradients(opt, gradient_clip_val=...)` in its "
+                    "`training_step` instead."
+                )
+            if cfg.gradient_clip_val is not None and cfg.gradient_clip_val != clip:
+                raise MisconfigurationException(
+                    f"`Trainer(gradient_clip_val={clip!r})` and `FederatedLightningModule(client_gradient_clip_val="
+                    f"{cfg.gradient_clip_val!r})` disagree; give only one of them (both clip inside the clients)."
+                )
+            cfg.gradient_clip_val = float(clip)
+            if trainer.gradient_clip_algorithm is not None:
+                cfg.gradient_clip_algorithm = str(trainer.gradient_clip_algorithm.value)
+            trainer.gradient_clip_val = None  # the server itself never clips (its step is an average)
+            trainer.gradient_clip_algorithm = None
+        accumulate = trainer.accumulate_grad_batches
+        if accumulate != 1:
+            if manual:
+                raise MisconfigurationException(
+                    f"`Trainer(accumulate_grad_batches={accumulate})`: the task uses manual optimisation, for which "
+                    "Lightning does not accumulate automatically; accumulate in its `training_step` instead."
+                )
+            cfg.accumulate_grad_batches = int(accumulate)
+            trainer.accumulate_grad_batches = 1
+        dm = trainer.datamodule
+        rounds_per_epoch = getattr(dm, "rounds_per_epoch", None) or 1
+        interval = trainer.val_check_interval
+        if isinstance(interval, int) and trainer.check_val_every_n_epoch is not None and interval > rounds_per_epoch:
+            # `val_check_interval=N` means "every N rounds", also when an epoch has fewer rounds
+            trainer.check_val_every_n_epoch = None
+
     def setup(self, stage: str) -> None:
         self._delegate("setup", stage)
         if stage != "fit":
@@ -168,11 +273,47 @@ class FederatedLightningModule(pl.LightningModule):
                 f"available for sampling ({population})."
             )
         self._param_names, self._buffer_names = state_names(self.task)
+        self._configure_client_time(self.trainer, dm)
+
+    def _configure_client_time(self, trainer: pl.Trainer, dm: Any) -> None:
+        """The clients' precision and their view of the run's length (``max_steps``, ``estimated_stepping_batches``)."""
+        cfg = self.client_config
+        precision = str(trainer.precision)
+        if precision not in CLIENT_PRECISIONS:
+            raise ValueError(f"`Trainer(precision={precision!r})`: clients train in one of {CLIENT_PRECISIONS}.")
+        cfg.precision = precision
+        rounds_per_epoch = getattr(dm, "rounds_per_epoch", None) or 1
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            max_rounds = trainer.max_steps
+        elif max_epochs > 0:
+            max_rounds = max_epochs * rounds_per_epoch
+        else:
+            max_rounds = -1
+        epochs_per_round = cfg.local_epochs or 1
+        if cfg.local_steps is not None:
+            steps = cfg.local_steps
+        else:
+            batches = getattr(dm, "max_client_batches", 0) or 0
+            steps = cfg.local_epochs * math.ceil(batches / cfg.accumulate_grad_batches) if batches else 0
+        cfg.max_rounds = max_rounds
+        cfg.steps_per_round = steps
+        cfg.max_steps = max_rounds * steps if trainer.max_steps is not None and trainer.max_steps > 0 and steps else -1
+        cfg.max_epochs = max_epochs * rounds_per_epoch * epochs_per_round if max_epochs > 0 else -1
 
     def on_fit_start(self) -> None:
+        self._rounds_this_fit = 0
+        self._failed_streak = 0
+        self._delegate("on_fit_start")
+
+    def on_train_start(self) -> None:
+        self._delegate("on_train_start")
+        # after the task's on_train_start, so the clients' replicas start from what it set up
         self.executor.setup(self.task, self.trainer.datamodule, self.client_config, self.weighting)
         self._executor_ready = True
-        self._delegate("on_fit_start")
+
+    def on_train_end(self) -> None:
+        self._delegate("on_train_end")
 
     def on_fit_end(self) -> None:
         self._delegate("on_fit_end")
@@ -183,11 +324,30 @@ class FederatedLightningModule(pl.LightningModule):
             self._executor_ready = False
         self._delegate("teardown", stage)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_server_optimizer(
+    def configure_optimizers(self) -> Any:
+        """The server optimiser, then the task's optimisers and schedulers (the clients' *template*).
+
+        The template is what ``LearningRateMonitor`` reports (the task's names; the server's is
+        ``lr-Server<Optimizer>``), what checkpoints carry and what every client's fresh optimiser
+        starts from (see :class:`~lightning_fedprune.protocol.OptimState`). It is never stepped with
+        gradients on the server.
+        """
+        server = make_server_optimizer(
             self.global_params().values(), self.server_optimizer_name, self.server_lr,
             self.server_momentum, self.server_betas, self.server_eps,
         )
+        task = self.task
+        trainer = task._trainer
+        view = ClientTrainerView(self.client_config, client_precision_plugin(self.client_config.precision), task)
+        task._trainer = view  # configure_optimizers sees the clients' trainer (e.g. estimated_stepping_batches)
+        try:
+            optimizers, configs = configure_task_optimizers(task)
+        finally:
+            task._trainer = trainer
+        self._template = (optimizers, configs)
+        schedulers = [{"scheduler": c.scheduler, "interval": c.interval, "frequency": c.frequency, "name": c.name}
+                      for c in configs]
+        return [server, *optimizers], schedulers
 
     # ------------------------------------------------------------------ the round
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -220,16 +380,20 @@ class FederatedLightningModule(pl.LightningModule):
         for r in failed:
             first_line = (r.error or "").strip().splitlines()[0] if r.error else "unknown error"
             warnings.warn(f"round {rnd}: client {r.client_id} failed and is left out of the aggregate: {first_line}", stacklevel=2)
+        self._rounds_this_fit += 1
+        if not ok:
+            self._fail_fast(rnd, results)
+        self._failed_streak = 0 if ok else self._failed_streak + 1
         summary = RoundSummary(round=rnd, cohort=cohort, clients_ok=len(ok), clients_failed=len(failed))
         summary.bytes_down = payload.encoded.nbytes * len(plans)
         summary.bytes_up = sum(r.bytes_up for r in results)
         summary.dense_bytes = 2 * dense_nbytes(payload.state) * len(plans)
-        optimizer = self.optimizers()
+        optimizer = self.optimizers()[0]
         if ok:
             summary.total_weight = float(sum(r.weight for r in ok))
             summary.train_loss = float(sum(r.loss * r.weight for r in ok) / summary.total_weight)
-            summary.metrics = self._aggregate_metrics(ok)
             summary.pseudo_gradient = self._server_step(optimizer, avg)
+            self._advance_client_clock(ok)
         else:
             warnings.warn(f"round {rnd}: all {len(results)} clients failed; the global model is left unchanged.", stacklevel=2)
             for p in self.global_params().values():
@@ -237,12 +401,24 @@ class FederatedLightningModule(pl.LightningModule):
             optimizer.step()  # no parameter has a gradient: nothing changes, the round is still counted
         self._call_fed_hook("on_fed_after_aggregate", summary)
         summary.seconds = time.perf_counter() - start
-        self._log_round(summary, ok)
+        summary.metrics = self._log_round(summary, ok)
         self.last_summary = summary
         self._call_fed_hook("on_fed_round_end", summary)
 
+    def _fail_fast(self, rnd: int, results: list[ClientResult]) -> None:
+        """No run ends "successfully" with an untrained model: raise when clients keep failing."""
+        streak = self._failed_streak + 1
+        if self._rounds_this_fit > 1 and streak < self.max_failed_rounds:
+            return
+        first = next((r for r in results if r.error), None)
+        why = (f"every client of the first round ({rnd}) failed" if self._rounds_this_fit == 1
+               else f"every client failed in {streak} consecutive rounds (up to round {rnd}; max_failed_rounds="
+                    f"{self.max_failed_rounds})")
+        detail = f"client {first.client_id}: {first.error}" if first is not None else "no client ran"
+        raise RuntimeError(f"Federated training stopped: {why}. The first client's error:\n{detail}")
+
     def build_payload(self, rnd: int) -> RoundPayload:
-        """The broadcast of round ``rnd``: global weights with pruned entries zeroed, plus masks."""
+        """The broadcast of round ``rnd``: global weights with pruned entries zeroed, masks, the clients' schedule."""
         masks = self.pruning.masks
         state: dict[str, Tensor] = {}
         for name, p in self.global_params().items():
@@ -250,11 +426,49 @@ class FederatedLightningModule(pl.LightningModule):
             state[name] = t.masked_fill(~masks[name], 0) if name in masks else t
         for name, b in self.global_buffers().items():
             state[name] = b.detach()
-        max_rounds = self.trainer.max_steps if self._trainer is not None else -1
         patterns = dict(self.pruning.patterns)
         encoded = encode_state(state, masks, patterns, send_index=True)
-        return RoundPayload(round=rnd, state=state, masks=dict(masks), patterns=patterns, max_rounds=max_rounds,
-                            encoded=encoded)
+        optimizers, configs = self._template
+        optim = optim_state_of(optimizers, configs, self._clock.global_step, self._clock.epoch)
+        return RoundPayload(round=rnd, state=state, masks=dict(masks), patterns=patterns,
+                            max_rounds=self.client_config.max_rounds, encoded=encoded, optim=optim)
+
+    def _advance_client_clock(self, ok: list[ClientResult]) -> None:
+        """Adopt the schedule position of the client that took the most optimiser steps (the first on ties)."""
+        moved = [r for r in ok if r.optim is not None]
+        if not moved:
+            return
+        best = max(moved, key=lambda r: r.optim.global_step)
+        optimizers, configs = self._template
+        load_optim_state(best.optim, optimizers, configs)
+        self._clock = OptimState(global_step=best.optim.global_step, epoch=best.optim.epoch)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._step_plateau_schedulers("step")
+
+    def on_train_epoch_end(self) -> None:
+        # after validation: ReduceLROnPlateau schedulers of the task follow the server's metrics
+        self._step_plateau_schedulers("epoch")
+
+    def _step_plateau_schedulers(self, interval: str) -> None:
+        _, configs = self._template
+        trainer = self.trainer
+        index = trainer.fit_loop.epoch_loop.batch_idx if interval == "step" else trainer.current_epoch
+        for config in configs:
+            if not config.reduce_on_plateau or config.interval != interval or (index + 1) % config.frequency:
+                continue
+            value = trainer.callback_metrics.get(config.monitor)
+            if value is None:
+                if config.strict:
+                    raise MisconfigurationException(
+                        f"ReduceLROnPlateau conditioned on metric {config.monitor} which is not available. Available "
+                        f"metrics are: {list(trainer.callback_metrics)}. Condition can be set using `monitor` key in "
+                        "lr scheduler dict"
+                    )
+                warnings.warn(f"ReduceLROnPlateau conditioned on metric {config.monitor} which is not available but "
+                              "strict is set to `False`. Skipping learning rate update.", RuntimeWarning, stacklevel=2)
+                continue
+            config.scheduler.step(float(value))
 
     def _average(self, ok: list[ClientResult]) -> dict[str, Tensor] | None:
         """Weighted average of the healthy results, or None if it is not finite.
@@ -304,16 +518,14 @@ class FederatedLightningModule(pl.LightningModule):
                 b.copy_(avg[name])
         return pseudo
 
-    def _aggregate_metrics(self, ok: list[ClientResult]) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
-        for r in ok:
-            for name, value in r.metrics.items():
-                sums[name] = sums.get(name, 0.0) + value * r.weight
-                weights[name] = weights.get(name, 0.0) + r.weight
-        return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
+    def _log_round(self, summary: RoundSummary, ok: list[ClientResult]) -> dict[str, float]:
+        """Log the round (``round/*``, ``comm/*``) and the cohort's values of what the task logged.
 
-    def _log_round(self, summary: RoundSummary, ok: list[ClientResult]) -> None:
+        A name the task logged with ``self.log`` in client training is logged here once per round
+        with the task's options, its value the cohort's reduction: for ``reduce_fx="mean"`` the mean
+        weighted by the examples behind each client's value, so Lightning's epoch mean over rounds
+        (``X_epoch``) weights every example alike.
+        """
         log = dict(on_step=True, on_epoch=False, batch_size=1)
         if ok:
             self.log("round/train_loss", summary.train_loss, prog_bar=True, **log)
@@ -325,11 +537,18 @@ class FederatedLightningModule(pl.LightningModule):
         self.log("comm/dense_bytes", float(summary.dense_bytes), **log)
         if summary.dense_bytes:
             self.log("comm/ratio", (summary.bytes_down + summary.bytes_up) / summary.dense_bytes, **log)
-        options: dict[str, dict[str, Any]] = {}
+        values: dict[str, list[LoggedValue]] = {}
         for r in ok:
-            options.update(r.log_options)
-        for name, value in summary.metrics.items():
-            self.log(name, value, prog_bar=options.get(name, {}).get("prog_bar", False), **log)
+            for name, logged in r.logged.items():
+                values.setdefault(name, []).append(logged)
+        metrics: dict[str, float] = {}
+        for name, logged in values.items():
+            value, weight = cohort_value(logged)
+            first = logged[0]
+            self.log(name, value, on_step=first.on_step, on_epoch=first.on_epoch, reduce_fx=first.reduce_fx,
+                     prog_bar=first.prog_bar, logger=first.logger, batch_size=max(1, int(round(weight))))
+            metrics[name] = value
+        return metrics
 
     def _call_fed_hook(self, hook: str, *args: Any) -> None:
         if self._trainer is None:
@@ -393,17 +612,80 @@ class FederatedLightningModule(pl.LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         self._mask_for_eval()
+        self._delegate("on_predict_epoch_start")
 
     def on_predict_epoch_end(self) -> None:
-        self._unmask_after_eval()
+        try:
+            self._delegate("on_predict_epoch_end")
+        finally:
+            self._unmask_after_eval()
+
+    # batches: the training "batches" are cohorts (client ids), only evaluation batches are the task's
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch if self.trainer.training else self._delegate("on_before_batch_transfer", batch, dataloader_idx)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if self.trainer.training:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        return self._delegate("transfer_batch_to_device", batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch if self.trainer.training else self._delegate("on_after_batch_transfer", batch, dataloader_idx)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["fedprune"] = {"version": 1, "pruning": self.pruning.state_dict()}
+        checkpoint["fedprune"] = {"version": 1, "pruning": self.pruning.state_dict(),
+                                  "client_clock": {"global_step": self._clock.global_step, "epoch": self._clock.epoch}}
         self.task.on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("fedprune")
         if state is not None:
             self.pruning.load_state_dict(state["pruning"])
+            clock = state.get("client_clock", {})
+            self._clock = OptimState(global_step=int(clock.get("global_step", 0)), epoch=int(clock.get("epoch", 0)))
         self.task.on_load_checkpoint(checkpoint)
+
+
+#: The task's hooks around evaluation of the global model (validation, test, predict), forwarded as they are.
+EVALUATION_HOOKS = (
+    "on_validation_start", "on_validation_end", "on_validation_batch_start", "on_validation_batch_end",
+    "on_validation_model_eval", "on_validation_model_train", "on_validation_model_zero_grad",
+    "on_test_start", "on_test_end", "on_test_batch_start", "on_test_batch_end", "on_test_model_eval",
+    "on_test_model_train", "on_predict_start", "on_predict_end", "on_predict_batch_start", "on_predict_batch_end",
+    "on_predict_model_eval",
+)
+
+
+def _forward_to_task(hook: str) -> Any:
+    def forward(self: FederatedLightningModule, *args: Any, **kwargs: Any) -> Any:
+        return self._delegate(hook, *args, **kwargs)
+
+    forward.__name__ = forward.__qualname__ = hook
+    forward.__doc__ = f"Runs the task's ``{hook}`` (evaluation of the global model)."
+    return forward
+
+
+for _hook in EVALUATION_HOOKS:
+    setattr(FederatedLightningModule, _hook, _forward_to_task(_hook))
+
+
+def cohort_value(logged: list[LoggedValue]) -> tuple[float, float]:
+    """The cohort's value of one logged name and the examples behind it.
+
+    ``mean``: the mean weighted by each client's examples; ``sum``/``max``/``min``: over clients.
+
+    >>> cohort_value([LoggedValue(1.0, 3.0), LoggedValue(3.0, 1.0)])
+    (1.5, 4.0)
+    >>> cohort_value([LoggedValue(1.0, 3.0, reduce_fx="max"), LoggedValue(3.0, 1.0, reduce_fx="max")])
+    (3.0, 4.0)
+    """
+    weight = math.fsum(v.weight for v in logged)
+    reduce = logged[0].reduce_fx
+    if reduce == "mean":
+        value = math.fsum(v.value * v.weight for v in logged) / weight if weight > 0 else math.nan
+    elif reduce == "sum":
+        value = math.fsum(v.value for v in logged)
+    else:
+        value = (max if reduce == "max" else min)(v.value for v in logged)
+    return value, weight

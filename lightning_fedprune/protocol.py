@@ -30,13 +30,28 @@ def derive_seed(*parts: int) -> int:
 
 @dataclass
 class ClientConfig:
-    """How a client trains locally; the same for every client of a run."""
+    """How a client trains locally; the same for every client of a run.
+
+    ``local_steps`` counts optimiser steps (each of ``accumulate_grad_batches`` batches) with
+    automatic optimisation and ``training_step`` calls with manual optimisation. ``precision`` is
+    the Trainer's precision (the client trains under the same autocast / dtype as Lightning would).
+    ``max_rounds`` and ``steps_per_round`` (an upper bound of one client's optimiser steps in a
+    round) give the client's ``self.trainer.estimated_stepping_batches``; ``max_steps`` and
+    ``max_epochs`` are the client's ``self.trainer.max_steps`` / ``max_epochs`` in federated time.
+    The server sets these when fit starts.
+    """
 
     local_steps: int | None = None
     local_epochs: int | None = None
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str = "norm"
     compact: bool = True
+    accumulate_grad_batches: int = 1
+    precision: str = "32-true"
+    max_rounds: int = -1
+    steps_per_round: int = 0
+    max_steps: int = -1
+    max_epochs: int = -1
 
     def __post_init__(self) -> None:
         if (self.local_steps is None) == (self.local_epochs is None):
@@ -51,6 +66,49 @@ class ClientConfig:
             raise ValueError(
                 f"`client_gradient_clip_algorithm` must be 'norm' or 'value', got {self.gradient_clip_algorithm!r}."
             )
+
+
+@dataclass
+class OptimState:
+    """Where the task's client optimisers stand in federated time: what a fresh client optimiser starts from.
+
+    The server holds the task's optimisers and schedulers once (the *template*: what the
+    LearningRateMonitor reads and checkpoints carry). Every client builds fresh optimiser state
+    (no momentum from another client or round, as in FedAvg) but starts from the template's
+    hyper-parameters and scheduler positions, so a learning-rate schedule runs across rounds as it
+    would across epochs of centralised training. A client returns where it ended; the server adopts
+    the position of the client that took the most optimiser steps.
+
+    ``param_groups`` holds, per optimiser, every param group's hyper-parameters (without
+    ``params``); ``schedulers`` the ``state_dict()`` of every scheduler in configuration order;
+    ``global_step`` and ``epoch`` count client optimiser steps and local epochs in federated time
+    (``self.trainer.global_step`` / ``current_epoch`` inside the client).
+    """
+
+    param_groups: list[list[dict[str, Any]]] = field(default_factory=list)
+    schedulers: list[dict[str, Any]] = field(default_factory=list)
+    global_step: int = 0
+    epoch: int = 0
+
+
+@dataclass
+class LoggedValue:
+    """One name a client logged with ``self.log`` during local training, reduced over its steps.
+
+    ``value`` is the client's reduction (``reduce_fx`` over its logged steps, a mean weighted by
+    batch size as Lightning's epoch mean; a torchmetrics object's ``compute()``); ``weight`` the
+    examples behind it (what the server weights the cohort mean by). The options are the ones the
+    task passed (Lightning's defaults for the hook it logged from), so the server logs the cohort
+    value the way Lightning would (``X_step`` / ``X_epoch`` names, progress bar, logger).
+    """
+
+    value: float
+    weight: float
+    on_step: bool = True
+    on_epoch: bool = False
+    reduce_fx: str = "mean"
+    prog_bar: bool = False
+    logger: bool | None = None
 
 
 @dataclass
@@ -69,10 +127,11 @@ class RoundPayload:
     patterns: dict[str, str] = field(default_factory=dict)
     max_rounds: int = -1
     encoded: Any = None  # the wire form (lightning_fedprune.wire.Payload) of ``state``; its nbytes is what travels down
+    optim: OptimState | None = None
 
     def for_transport(self) -> RoundPayload:
         """The payload as it crosses a process boundary: the wire form only, no decoded tensors."""
-        return RoundPayload(self.round, {}, self.masks, self.patterns, self.max_rounds, self.encoded)
+        return RoundPayload(self.round, {}, self.masks, self.patterns, self.max_rounds, self.encoded, self.optim)
 
 
 @dataclass
@@ -90,10 +149,11 @@ class ClientResult:
 
     ``state`` holds the client's final parameters (kept entries; pruned entries are exact zeros)
     and buffers in full coordinates; on the way to the server it travels as ``payload`` (the
-    wire form, kept entries only) and the server decodes it back into ``state``. ``weight`` is the aggregation weight (the client's dataset
-    size by default), ``num_examples`` the examples it processed. ``metrics`` are the means of the
-    values the task logged with ``self.log`` during local training. ``error`` is set when the
-    client failed; then ``state`` is empty.
+    wire form, kept entries only) and the server decodes it back into ``state``. ``weight`` is the
+    aggregation weight (the client's dataset size by default), ``num_examples`` the examples it
+    processed. ``logged`` holds what the task logged with ``self.log`` during local training,
+    reduced over the client's steps; ``optim`` where its optimisers and schedulers ended (see
+    :class:`OptimState`). ``error`` is set when the client failed; then ``state`` is empty.
     """
 
     client_id: int
@@ -101,15 +161,13 @@ class ClientResult:
     state: dict[str, Tensor] = field(default_factory=dict)
     weight: float = 0.0
     num_examples: int = 0
-    num_steps: int = 0
     loss: float = float("nan")
-    metrics: dict[str, float] = field(default_factory=dict)
-    log_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    logged: dict[str, LoggedValue] = field(default_factory=dict)
+    optim: OptimState | None = None
     seconds: float = 0.0
     payload: Any = None  # the wire form of ``state`` sent up (kept entries only); decoded by the server
     bytes_up: int = 0
     error: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

@@ -45,7 +45,8 @@ class ManualTask(MLPClassifier):
             sched.step()
         gathered = self.all_gather(loss.detach())
         self.log("manual/loss", gathered)
-        self.log("manual/round", float(self.trainer.global_step))
+        self.log("manual/round", float(self.trainer.fed_round))
+        self.log("manual/global_step", float(self.trainer.global_step))
         return loss
 
     def configure_optimizers(self):
@@ -70,14 +71,16 @@ class ListOptTask(MLPClassifier):
 class FailingTask(MLPClassifier):
     """Raises for chosen clients (read from the client's trainer view) or returns NaN."""
 
-    def __init__(self, fail_clients: tuple[int, ...] = (), nan_clients: tuple[int, ...] = (), **kwargs) -> None:
+    def __init__(self, fail_clients: tuple[int, ...] = (), nan_clients: tuple[int, ...] = (), fail_from_round: int = 0,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.fail_clients = tuple(fail_clients)
         self.nan_clients = tuple(nan_clients)
+        self.fail_from_round = fail_from_round
 
     def training_step(self, batch, batch_idx):
         cid = self.trainer.client_id
-        if cid in self.fail_clients:
+        if cid in self.fail_clients and self.trainer.fed_round >= self.fail_from_round:
             raise RuntimeError(f"boom on client {cid}")
         loss = super().training_step(batch, batch_idx)
         if cid in self.nan_clients:

@@ -53,17 +53,18 @@ def test_compact_client_really_shrinks_the_replica():
     class Probe(SequentialExecutor):
         def run(self, payload, plans, on_result=None):
             runner = self.runner
-            original = runner._configure_optimizers
+            original = runner._loop
 
-            def spy(task):
-                sizes.append(sum(p.numel() for p in task.parameters()))
-                return original(task)
+            def spy(plan, base_epoch):
+                trained = sum(p.numel() for g in runner.optimizers[0].param_groups for p in g["params"])
+                sizes.append((sum(p.numel() for p in runner.replica.parameters()), trained))
+                return original(plan, base_epoch)
 
-            runner._configure_optimizers = spy
+            runner._loop = spy
             try:
                 return super().run(payload, plans, on_result)
             finally:
-                runner._configure_optimizers = original
+                runner._loop = original
 
     torch.manual_seed(0)
     task = MLPClassifier(in_dim=16, hidden=64, num_classes=4)
@@ -73,8 +74,8 @@ def test_compact_client_really_shrinks_the_replica():
     cbs = [SparsityRampCallback(target_sparsity=0.5, start_round=1, pattern="column", parameters=r"body\..*\.weight")]
     quiet_trainer(max_steps=2, callbacks=cbs).fit(fed, datamodule=dm)
     pruned = sum(int((~m).sum()) for m in fed.masks.values())
-    assert sizes[0] == full  # round 0: dense
-    assert sizes[1] == full - pruned  # round 1: the optimiser sees only kept entries
+    assert sizes[0] == (full, full)  # round 0: dense
+    assert sizes[1] == (full - pruned, full - pruned)  # round 1: the replica and its optimiser hold only kept entries
 
 
 def test_byte_accounting_is_logged_and_matches_the_payloads():

@@ -110,7 +110,9 @@ def test_manual_optimisation_task_matches_automatic_and_logs():
         torch.testing.assert_close(a, b, msg=name)
     # client-side self.log values reach the Trainer, aggregated per round
     assert "manual/loss" in tm.callback_metrics
-    assert tm.callback_metrics["manual/round"].item() == 1.0  # self.trainer.global_step inside the client = round
+    assert tm.callback_metrics["manual/round"].item() == 1.0  # self.trainer.fed_round inside the client
+    # self.trainer.global_step counts client optimiser steps in federated time: 3 in round 0, then 4, 5, 6
+    assert tm.callback_metrics["manual/global_step"].item() == 5.0
 
 
 def test_manual_task_with_clipping_runs_and_clips():
@@ -277,16 +279,42 @@ def test_client_with_non_finite_weights_is_found_and_excluded():
     _assert_fedavg_of_one_step(fed, init, dm, clients=(0, 1))
 
 
-def test_all_clients_failing_leaves_model_unchanged():
+def test_every_client_of_the_first_round_failing_raises_with_the_traceback():
     task = FailingTask(fail_clients=(0, 1), in_dim=8, hidden=16, num_classes=3)
-    before = params_of(task)
-    fed = FederatedLightningModule(task, clients_per_round=2, local_steps=1, server_optimizer="adam", server_lr=0.1)
-    trainer = quiet_trainer(max_steps=2)
-    with pytest.warns(UserWarning, match="all 2 clients failed"):
+    fed = FederatedLightningModule(task, clients_per_round=2, local_steps=1)
+    trainer = quiet_trainer(max_steps=5)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=r"(?s)every client of the first round \(0\) "
+                                                                    r"failed.*client 0: RuntimeError: boom on client 0"):
         trainer.fit(fed, datamodule=_dm(n=20, num_clients=2, batch_size=10))
-    assert trainer.global_step == 2  # rounds still counted
-    for name, value in fed.task.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("max_failed_rounds, raises", [(2, True), (3, False)])
+def test_consecutive_all_failed_rounds_raise_after_max_failed_rounds(max_failed_rounds, raises):
+    """Rounds 1 and 2 fail completely: with max_failed_rounds=2 fit raises, with 3 it finishes (model unchanged)."""
+    task = FailingTask(fail_clients=(0, 1), fail_from_round=1, in_dim=8, hidden=16, num_classes=3)
+    fed = FederatedLightningModule(task, clients_per_round=2, local_steps=1, server_optimizer="adam", server_lr=0.1,
+                                   max_failed_rounds=max_failed_rounds)
+    snapshots = []
+
+    class Snap(Callback):
+        def on_fed_round_end(self, trainer, pl_module, summary):
+            snapshots.append(params_of(pl_module.task))
+
+    trainer = quiet_trainer(max_steps=3, callbacks=[Snap()])
+    dm = _dm(n=20, num_clients=2, batch_size=10)
+    if raises:
+        with pytest.warns(UserWarning, match="all 2 clients failed"), \
+                pytest.raises(RuntimeError, match=r"every client failed in 2 consecutive rounds \(up to round 2"):
+            trainer.fit(fed, datamodule=dm)
+        assert len(snapshots) == 2  # round 0 trained, round 1 failed (streak 1), round 2 raised
+    else:
+        with pytest.warns(UserWarning, match="all 2 clients failed"):
+            trainer.fit(fed, datamodule=dm)
+        assert trainer.global_step == 3  # failed rounds are still counted, the model unchanged by them
+        for name, value in snapshots[2].items():
+            assert torch.equal(value, snapshots[0][name]), name
+            assert torch.equal(fed.task.state_dict()[name], snapshots[0][name]), name
 
 
 # ------------------------------------------------------------------ resume

@@ -186,7 +186,7 @@ class SparsityRampCallback(pl.Callback):
     def _server_momentum(self, pl_module: Any) -> dict[str, torch.Tensor] | None:
         if self.momentum_source != "server_optimizer":
             return None
-        opt = pl_module.optimizers().optimizer
+        opt = pl_module.server_optimizer
         params = pl_module.global_params()
         out = {}
         for name in self.targets:
