@@ -292,14 +292,14 @@ class ClientLog:
                               None if logger is None else bool(logger))
         if isinstance(value, Metric):
             self.metrics[name] = value
-            if value not in self._seen_metrics:
+            if not any(seen is value for seen in self._seen_metrics):  # identity: Metric overloads ==
                 self._seen_metrics.append(value)
             return
         if isinstance(value, Tensor):
             if value.numel() != 1:
                 raise ValueError(f"`self.log({name!r}, ...)` was called with a tensor of shape {tuple(value.shape)}; "
                                  "values must be scalars (one element).")
-            value = value.detach()
+            value = value.detach().clone()  # the task may change the tensor in place after logging it
         elif not isinstance(value, numbers.Number) or isinstance(value, bool):
             raise ValueError(f"`self.log({name!r}, {value!r})` was called with a {type(value).__name__}; log a number, "
                              "a one-element tensor or a torchmetrics Metric.")

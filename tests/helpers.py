@@ -54,6 +54,30 @@ class ManualTask(MLPClassifier):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
 
 
+class InitOptimizerTask(MLPClassifier):
+    """MLPClassifier whose optimiser and scheduler are built in ``__init__`` (torchaudio's recipe does this)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
+                                   weight_decay=self.hparams.weight_decay)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=1, gamma=0.9)
+
+    def configure_optimizers(self):
+        return {"optimizer": self.opt, "lr_scheduler": {"scheduler": self.sched, "interval": "epoch"}}
+
+
+class FreshOptimizerTask(MLPClassifier):
+    """The same optimiser and scheduler as InitOptimizerTask, built in ``configure_optimizers``."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
+                              weight_decay=self.hparams.weight_decay)
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9),
+                                 "interval": "epoch"}}
+
+
 class ScheduledTask(MLPClassifier):
     """Automatic optimisation with a per-step LR scheduler in a dict config."""
 
@@ -120,5 +144,5 @@ class NoTrainingStep(pl.LightningModule):
         self.layer = nn.Linear(2, 2)
 
 
-__all__ = ["PoisonTask", "GaussianMixtureDataset", "MLPClassifier", "ManualTask", "ScheduledTask", "ListOptTask", "FailingTask",
+__all__ = ["InitOptimizerTask", "FreshOptimizerTask", "PoisonTask", "GaussianMixtureDataset", "MLPClassifier", "ManualTask", "ScheduledTask", "ListOptTask", "FailingTask",
            "BNTask", "NoTrainingStep", "quiet_trainer", "params_of"]

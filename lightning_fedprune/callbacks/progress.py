@@ -14,7 +14,9 @@ from lightning_fedprune.pruning.state import PHASES, PruningState
 class FederatedProgressBar(TQDMProgressBar):
     """Lightning's tqdm progress bar with the federated fields in front of the logged metrics.
 
-    One bar step is one round. Next to the metrics logged with ``prog_bar=True`` the bar shows
+    One bar spans the whole fit and one bar step is one round (Lightning's bar restarts every epoch,
+    and an epoch is one round by default). Next to the metrics logged with ``prog_bar=True`` the bar
+    shows
 
     * ``round``: the index of the current (or last finished) round, as the callbacks count them;
     * ``phase``: ``dense``, ``ramp``, ``refine`` or ``fine-tune`` (while a module has no pruning
@@ -79,6 +81,37 @@ class FederatedProgressBar(TQDMProgressBar):
         if fields:
             metrics.pop("prune/sparsity", None)  # shown as `sparsity`
         return {**fields, **metrics}
+
+    # ------------------------------------------------------------------ one bar over all rounds
+    def total_rounds(self, trainer: pl.Trainer) -> int | float:
+        """Rounds of the fit: ``max_steps``, else ``max_epochs`` epochs of ``len(train loader)`` rounds."""
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return trainer.max_steps
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            return trainer.max_epochs * self.total_train_batches
+        return float("inf")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if getattr(trainer.lightning_module, "pruning", None) is None:  # not federated: Lightning's bar
+            super().on_train_epoch_start(trainer, *args)
+            return
+        bar = self.train_progress_bar
+        total = self.total_rounds(trainer)
+        if bar.total != (None if total == float("inf") else total):
+            bar.reset(total=None if total == float("inf") else total)
+            bar.initial = 0
+            bar.n = trainer.global_step
+            bar.set_description("Rounds")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if getattr(pl_module, "pruning", None) is None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        bar = self.train_progress_bar
+        n = trainer.global_step
+        if bar is not None and self._should_update(n, bar.total):
+            bar.n = n
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
 
     def _refresh(self, trainer: pl.Trainer, pl_module: Any, force: bool) -> None:
         bar = self._train_progress_bar
