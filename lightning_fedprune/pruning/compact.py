@@ -167,33 +167,61 @@ class CompactLinear(nn.Module):
             flags[self.keep1 + n] = True
         return expand_groups(flags, self.pattern, (self.out_features, self.in_features))
 
-    @torch.no_grad()
     def _scatter(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-        out = blocks[0].new_zeros(self.out_features, self.in_features)
+        """The blocks placed in a full ``(out_features, in_features)`` tensor, zeros elsewhere.
+
+        Built with out-of-place ``index_copy``/``cat``, so it is differentiable: a loss on the
+        result sends its gradient to the kept entries of ``blocks`` (see :attr:`weight`)."""
         p = self.pattern
+        b0 = blocks[0]
         if p == "row":
-            out[self.keep0] = blocks[0]
-        elif p == "column":
-            out[:, self.keep0] = blocks[0]
-        elif p == "half_row":
+            return b0.new_zeros(self.out_features, self.in_features).index_copy(0, self.keep0, b0)
+        if p == "column":
+            return b0.new_zeros(self.out_features, self.in_features).index_copy(1, self.keep0, b0)
+        if p == "half_row":  # [W1 | W2]: kept rows of each half of the columns
             h = self.in_features // 2
-            out[self.keep0, :h] = blocks[0]
-            out[self.keep1, h:] = blocks[1]
-        else:
-            h = self.out_features // 2
-            out[:h, self.keep0] = blocks[0]
-            out[h:, self.keep1] = blocks[1]
-        return out
+            left = b0.new_zeros(self.out_features, h).index_copy(0, self.keep0, b0)
+            right = b0.new_zeros(self.out_features, self.in_features - h).index_copy(0, self.keep1, blocks[1])
+            return torch.cat([left, right], dim=1)
+        h = self.out_features // 2  # half_column, [W1 ; W2]: kept columns of each half of the rows
+        top = b0.new_zeros(h, self.in_features).index_copy(1, self.keep0, b0)
+        bottom = b0.new_zeros(self.out_features - h, self.in_features).index_copy(1, self.keep1, blocks[1])
+        return torch.cat([top, bottom], dim=0)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full ``(out_features, in_features)`` weight, as ``nn.Linear.weight`` reads: exact zeros at
+        pruned entries, the kept values elsewhere.
+
+        It keeps the ``nn.Linear`` attribute surface for tasks that read ``layer.weight`` in
+        ``training_step`` (an L2 penalty, a weight norm): the tensor is a differentiable scatter of
+        :attr:`weight_blocks`, so a penalty's gradient reaches the kept blocks exactly as it reaches
+        the kept entries of the masked-dense layer. It is computed on every read (a full-size
+        temporary; the stored parameters stay compact), so it is read-only: assigning ``.weight``
+        raises, and in-place changes to the returned tensor do not reach the layer (change
+        ``weight_blocks`` instead)."""
+        return self._scatter(list(self.weight_blocks))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__}.`weight` is computed from `weight_blocks` (the kept slice of a compacted "
+                "nn.Linear) and is read-only; write to `weight_blocks` (or train without compaction: "
+                "`compact_clients=False`)."
+            )
+        super().__setattr__(name, value)
+
+    @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
-        """The weight in full coordinates, exact zeros at pruned entries (a new tensor)."""
-        return self._scatter([w.detach() for w in self.weight_blocks])
+        """The weight in full coordinates, exact zeros at pruned entries (a new tensor, no autograd)."""
+        return self._scatter(list(self.weight_blocks))
 
+    @torch.no_grad()
     def full_grad(self) -> torch.Tensor | None:
         """The weight gradient in full coordinates (zeros at pruned entries), or ``None``."""
         if any(w.grad is None for w in self.weight_blocks):
             return None
-        return self._scatter([w.grad.detach() for w in self.weight_blocks])
+        return self._scatter([w.grad for w in self.weight_blocks])
 
     @torch.no_grad()
     def full_bias(self) -> torch.Tensor | None:
