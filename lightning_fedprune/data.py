@@ -119,9 +119,9 @@ def _is_dataset(value: Any) -> bool:
     return isinstance(value, Dataset) or hasattr(value, "__getitem__") or hasattr(value, "__iter__")
 
 
-def _as_key_fn(key: str | Callable[[Any], Hashable], arg: str) -> Callable[[Any], Hashable]:
+def _as_key_fn(key: str | Callable[[Any], Hashable]) -> Callable[[Any], Hashable]:
     """``key`` as a function of a sample: a callable as is, a field name as a dict key, an attribute
-    or (a digit string) a tuple position. ``arg`` names the argument in the error."""
+    or (a digit string) a tuple position."""
     if callable(key):
         return key
 
@@ -141,7 +141,7 @@ def _as_key_fn(key: str | Callable[[Any], Hashable], arg: str) -> Callable[[Any]
 
 def _read_keys(dataset: Dataset, key: str | Callable[[Any], Hashable], arg: str) -> list[Hashable]:
     """``key`` applied to every training sample; a failure names ``arg`` and the sample's index."""
-    fn = _as_key_fn(key, arg)
+    fn = _as_key_fn(key)
     shown = f"`{arg}={key!r}`" if isinstance(key, str) else f"`{arg}` ({getattr(key, '__name__', type(key).__name__)})"
     out = []
     for i in range(len(dataset)):
@@ -280,8 +280,7 @@ class FederatedDataModule(pl.LightningDataModule):
                 parts = dirichlet_partition(self._labels(), self._num_clients_arg, self.alpha, self.seed)
             else:
                 parts, self.client_keys = key_partition(self._keys())
-            self._partitions = parts
-            small = self.small_clients
+            small = [c for c, p in enumerate(parts) if len(p) < self.min_samples]
             if len(small) == len(parts) and self._batch_bound:
                 raise ValueError(
                     f"Every client has fewer than `batch_size={self.batch_size}` samples and `drop_last=True` drops "
@@ -296,8 +295,9 @@ class FederatedDataModule(pl.LightningDataModule):
                        if self._batch_bound else f"fewer than min_client_samples={self.min_client_samples} samples")
                 warnings.warn(f"{len(small)} of {len(parts)} clients have {why} and will not be sampled: {shown}{more}.",
                               stacklevel=2)
-            if len(self.population) == 0:
+            if len(small) == len(parts):
                 raise ValueError("Every client partition is empty or below `min_client_samples`: nothing to train on.")
+            self._partitions = parts  # only once usable: a second access raises again
         return self._partitions
 
     @property
@@ -324,7 +324,7 @@ class FederatedDataModule(pl.LightningDataModule):
     @property
     def small_clients(self) -> list[int]:
         """Ids of clients with fewer than :attr:`min_samples` samples (reported, never sampled)."""
-        return [c for c, p in enumerate(self._partitions or self.partitions) if len(p) < self.min_samples]
+        return [c for c, p in enumerate(self.partitions) if len(p) < self.min_samples]
 
     @property
     def population(self) -> np.ndarray:

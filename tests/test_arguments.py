@@ -337,6 +337,8 @@ def test_every_client_smaller_than_a_batch_with_drop_last_fails_at_setup():
     with pytest.raises(ValueError, match=r"`batch_size=16`.*`drop_last=True`.*all 6 clients") as info:
         _fit([], datamodule=d)
     assert "full batch" in str(info.value)
+    with pytest.raises(ValueError, match=r"`batch_size=16`"):  # not only on the first access
+        _ = d.population
     with pytest.raises(ValueError, match=r"`batch_size=16`"):  # with local_epochs too (was: non-finite loss nan)
         f = FederatedLightningModule(_task(), clients_per_round=2, local_epochs=1)
         quiet_trainer(max_steps=1).fit(f, datamodule=dm(num_clients=6, batch_size=16, drop_last=True))
@@ -384,3 +386,55 @@ def test_task_reading_a_compacted_weight_trains_like_masked_dense(pattern):
         finals[compact] = {n: p.detach().clone() for n, p in f.task.state_dict().items()}
     for name, value in finals[False].items():
         torch.testing.assert_close(finals[True][name], value, atol=1e-5, rtol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------ export
+def test_fine_tune_export_writes_the_pruned_model(tmp_path):
+    path = tmp_path / "pruned.pt"
+    callbacks = [SparsityRampCallback(target_sparsity=0.5, pattern="row", parameters=r"body\.0\.weight"),
+                 FineTuneFreeze(start_round=1, export_path=str(path))]
+    f = _fit(callbacks, max_steps=2)
+    out = torch.load(path, weights_only=False)
+    mask = f.masks["body.0.weight"]
+    assert out["patterns"] == {"body.0.weight": "row"} and torch.equal(out["masks"]["body.0.weight"], mask)
+    weight = out["state_dict"]["body.0.weight"]
+    assert torch.equal(weight, f.task.body[0].weight.detach()) and not weight[~mask].any()
+    (block,) = out["compact"]["body.0.weight"]["blocks"]
+    assert torch.equal(block["kept"], mask.any(1).nonzero().flatten()) and torch.equal(block["values"], weight[block["kept"]])
+
+
+def test_export_pruned_names_bad_inputs():
+    from lightning_fedprune.pruning.export import export_pruned
+
+    task = _task()
+    good = torch.ones(16, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"`task`.*'model\.pt'"):
+        export_pruned("model.pt", {}, {})
+    with pytest.raises(ValueError, match=r"`masks` has an entry for 'body\.9\.weight'"):
+        export_pruned(task, {"body.9.weight": good}, {})
+    with pytest.raises(ValueError, match=r"`masks\['body\.0\.weight'\]` must be a bool tensor of shape \(16, 8\)"):
+        export_pruned(task, {"body.0.weight": good.float()}, {})
+    with pytest.raises(ValueError, match=r"`patterns\['body\.0\.weight'\]`.*'rows'"):
+        export_pruned(task, {"body.0.weight": good}, {"body.0.weight": "rows"})
+
+
+# ------------------------------------------------------------------ ASRDataModule: check_audio is applied
+def test_asr_check_audio_reads_headers_at_construction(tmp_path):
+    sf = pytest.importorskip("soundfile")
+    pytest.importorskip("torchaudio")
+    from lightning_fedprune.asr.librispeech import AudioReadError
+
+    chapter = tmp_path / "train" / "11" / "1"
+    chapter.mkdir(parents=True)
+    lines = []
+    for u in range(2):
+        utt = f"11-1-{u:04d}"
+        sf.write(chapter / f"{utt}.flac", torch.zeros(1600).numpy(), 16000)
+        lines.append(f"{utt} ZERO")
+    (chapter / "11-1.trans.txt").write_text("\n".join(lines) + "\n")
+    (chapter / "11-1-0001.flac").write_bytes(b"not audio" * 20)
+    kw = dict(root=str(tmp_path), train_splits=["train"], val_splits=[], test_splits=[], on_error="raise",
+              feature_cache_dir="none")
+    assert len(ASRDataModule(**kw).train_dataset) == 2  # headers are not read by default
+    with pytest.raises(AudioReadError, match="11-1-0001"):  # before: `check_audio` was accepted and ignored
+        ASRDataModule(**kw, check_audio=True)

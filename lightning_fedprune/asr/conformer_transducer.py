@@ -243,7 +243,7 @@ class ConformerTransducer(L.LightningModule):
             raise ValueError(f"`d_model` ({cfg['d_model']}) must be divisible by `num_heads` ({cfg['num_heads']}).")
         if cfg["conv_kernel_size"] % 2 == 0:
             fail("conv_kernel_size", "odd (the Conformer's depthwise convolution keeps the length)", conv_kernel_size)
-        check_int(n_mels, "n_mels", min=ConvSubsampling.MIN_FRAMES)  # two unpadded stride-2 3x3 convolutions
+        check_int(n_mels, "n_mels", min=7)  # two unpadded 3x3 stride-2 convolutions leave >= 1 frequency bin
         check_float(lr, "lr", min=0, min_open=True)
         check_float(weight_decay, "weight_decay", min=0)
         check_int(warmup_steps, "warmup_steps", min=0)

@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import Optional
 
 from lightning_fedprune.data import FederatedDataModule
-from lightning_fedprune.validation import check_bool, check_choice, check_float, check_int, check_path, check_str
+from lightning_fedprune.validation import (
+    check_bool,
+    check_choice,
+    check_each,
+    check_float,
+    check_int,
+    check_path,
+    check_str,
+    fail,
+)
 
 from .features import FeatureConfig
 from .librispeech import LibriSpeechDataset, LibriSpeechIndex, collate_asr, scan_librispeech, split_speakers
@@ -49,11 +58,10 @@ def _as_list(value, name: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [value]
-    try:
-        out = [str(v) for v in value]
-    except TypeError:
-        raise ValueError(f"`{name}` must be a split name or a list of split names, got {value!r}") from None
+        return [check_str(value, name)]
+    if not isinstance(value, (list, tuple)):
+        fail(name, "a split name or a list of split names", value)
+    out = list(check_each(value, name, check_str))
     if len(set(out)) != len(out):
         raise ValueError(f"`{name}` lists a split twice: {out}")
     return out

@@ -13,6 +13,12 @@ computes (up to float summation order):
 * ``half_column`` ``W = [W1 ; W2]``: ``y = cat(W1[:, k0] x[..., k0], W2[:, k1] x[..., k1]) + b``
 * ``half_row``    ``W = [W1 | W2]``: ``y = scatter_k0(W1[k0] x[..., :C/2]) + scatter_k1(W2[k1] x[..., C/2:]) + b``
 
+A :class:`CompactLinear` keeps the ``nn.Linear`` attribute surface a task may read inside
+``training_step`` (``weight``, ``bias``, ``in_features``, ``out_features``): ``weight`` is a
+read-only, differentiable full-shape view (the kept blocks scattered into zeros), so an L2
+penalty or weight norm over ``layer.weight`` trains the compact blocks exactly as it trains the
+kept entries of the masked-dense layer.
+
 Everything else (convolutions, embeddings, ``nn.MultiheadAttention`` projections, tied
 weights, ``unstructured`` masks, biases with their own mask) stays a full tensor and is kept
 pruned by the masked-dense helpers :func:`apply_masks_`, :func:`mask_gradients_` and
@@ -54,6 +60,7 @@ class CompactLinear(nn.Module):
     two for the half patterns, shapes as in :meth:`EncodedTensor.blocks`) and ``bias`` (full
     ``(out_features,)``, or ``None``). ``kept[h]`` are the block's kept indices (rows of the
     block for ``row``/``half_row``, columns for ``column``/``half_column``), ascending.
+    :attr:`weight` reads like ``nn.Linear.weight`` (full shape, zeros at pruned entries).
     """
 
     def __init__(
