@@ -1,7 +1,8 @@
 """Bad arguments fail early with a message that names the argument and shows the value.
 
 Construction-time checks of every public constructor (one grid), the checks that need the
-Trainer (setup), and the runtime errors of the data side (key functions, labels).
+Trainer (setup: schedule contradictions, clients without a full batch), the runtime errors of the
+data side (key functions, labels), a task that reads a compacted layer's weight, and the export.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lightning_fedprune.callbacks import (
     RunSummary,
     SparsityRampCallback,
 )
+from lightning_fedprune.pruning.patterns import STRUCTURED_PATTERNS
 
 INF, NAN = math.inf, math.nan
 
@@ -62,6 +64,7 @@ GRID = [
     (fed, dict(clients_per_round=2.0), r"`clients_per_round`.*2\.0"),
     (fed, dict(local_steps="3"), r"`local_steps`.*'3'"),
     (fed, dict(local_epochs=0), r"`local_epochs`.*0"),
+    (fed, dict(server_optimizer="SGD"), r"`server_optimizer`.*'SGD'"),
     (fed, dict(server_lr=INF), r"`server_lr`.*inf"),
     (fed, dict(server_lr=NAN), r"`server_lr`.*nan"),
     (fed, dict(server_lr="1"), r"`server_lr`.*'1'"),
@@ -103,6 +106,7 @@ GRID = [
     (dm, dict(seed="0"), r"`seed`.*'0'"),
     (lambda **kw: FederatedDataModule(**kw), dict(train_dataset=None), r"`train_dataset`.*None"),
     (dm, dict(val_dataset="val.pt"), r"`val_dataset`.*'val\.pt'"),
+    (dm, dict(test_dataset=5), r"`test_dataset`.*5"),
     # SparsityRampCallback
     (SparsityRampCallback, dict(target_sparsity=1.0), r"`target_sparsity`.*1\.0"),
     (SparsityRampCallback, dict(target_sparsity=NAN), r"`target_sparsity`.*nan"),
@@ -176,6 +180,9 @@ GRID = [
     (asr_dm, dict(rounds_per_epoch=0), r"`rounds_per_epoch`.*0"),
     (asr_dm, dict(seed=None), r"`seed`.*None"),
     (asr_dm, dict(train_splits=3), r"`train_splits`.*3"),
+    (asr_dm, dict(val_splits=[1]), r"`val_splits\[0\]`.*1"),
+    (asr_dm, dict(test_splits=["a", "a"]), r"`test_splits` lists a split twice"),
+    (asr_dm, dict(vocabulary=3), r"`vocabulary`.*3"),
     # ConformerTransducer (checked before the model is built)
     (asr_task, dict(preset="huge"), r"`preset`.*'huge'"),
     (asr_task, dict(d_model=0), r"`d_model`.*0"),
@@ -369,7 +376,7 @@ class L2Task(MLPClassifier):
         return super().training_step(batch, batch_idx) + 1e-2 * self.head.weight.square().sum()
 
 
-@pytest.mark.parametrize("pattern", ["row", "half_column"])
+@pytest.mark.parametrize("pattern", STRUCTURED_PATTERNS)
 def test_task_reading_a_compacted_weight_trains_like_masked_dense(pattern):
     """Before: every client failed once compaction started ('CompactLinear' object has no attribute 'weight')."""
     finals = {}
