@@ -15,22 +15,19 @@ import torch
 from torch import Tensor
 
 from lightning_fedprune.protocol import ClientResult
+from lightning_fedprune.validation import check_choice, check_each, check_float
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam")
 
 
 def validate_server_optimizer(name: str, lr: float, momentum: float, betas: Sequence[float], eps: float) -> None:
-    if name not in SERVER_OPTIMIZERS:
-        raise ValueError(f"`server_optimizer` must be one of {SERVER_OPTIMIZERS}, got {name!r}.")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"`server_lr` must be a positive number, got {lr!r}.")
-    if name == "sgdm" and not 0 <= momentum < 1:
-        raise ValueError(f"`server_momentum` must be in [0, 1), got {momentum!r}.")
-    if name == "adam":
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"`server_betas` must be two numbers in [0, 1), got {betas!r}.")
-        if not eps > 0:
-            raise ValueError(f"`server_eps` must be > 0, got {eps!r}.")
+    """Check every server optimiser setting, also those the chosen optimiser does not use (a bad
+    value there is a configuration typo all the same)."""
+    check_choice(name, "server_optimizer", SERVER_OPTIMIZERS)
+    check_float(lr, "server_lr", min=0, min_open=True)  # an infinite rate turns the model into inf/NaN
+    check_float(momentum, "server_momentum", min=0, max=1, max_open=True)
+    check_each(betas, "server_betas", check_float, length=2, min=0, max=1, max_open=True)
+    check_float(eps, "server_eps", min=0, min_open=True)
 
 
 class ServerSGD(torch.optim.SGD):

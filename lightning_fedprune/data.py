@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_fedprune.protocol import derive_seed
+from lightning_fedprune.validation import check_bool, check_callable, check_choice, check_float, check_int, fail
 
 PARTITIONS = ("iid", "dirichlet", "by_key")
 
@@ -111,20 +112,44 @@ class CohortLoader:
             yield {"round": r, "clients": sample_cohort(self.population, self.clients_per_round, self.seed, r)}
 
 
-def _as_key_fn(key: str | Callable[[Any], Hashable] | None) -> Callable[[Any], Hashable] | None:
-    if key is None or callable(key):
+def _is_dataset(value: Any) -> bool:
+    """A torch ``Dataset`` or anything indexable/iterable that is not a string (a path is not a dataset)."""
+    if isinstance(value, (str, bytes)):
+        return False
+    return isinstance(value, Dataset) or hasattr(value, "__getitem__") or hasattr(value, "__iter__")
+
+
+def _as_key_fn(key: str | Callable[[Any], Hashable]) -> Callable[[Any], Hashable]:
+    """``key`` as a function of a sample: a callable as is, a field name as a dict key, an attribute
+    or (a digit string) a tuple position."""
+    if callable(key):
         return key
-    if isinstance(key, str):
-        def get(sample: Any) -> Hashable:
-            if isinstance(sample, dict):
+
+    def get(sample: Any) -> Hashable:
+        if isinstance(sample, dict):
+            if key in sample:
                 return sample[key]
-            if hasattr(sample, key):
-                return getattr(sample, key)
-            if key.isdigit() and isinstance(sample, (tuple, list)):
-                return sample[int(key)]
-            raise KeyError(f"`partition_key={key!r}` not found in a sample of type {type(sample).__name__}")
-        return get
-    raise TypeError(f"`partition_key` must be a field name, a callable or None; got {type(key).__name__}")
+        elif hasattr(sample, key):
+            return getattr(sample, key)
+        elif key.isdigit() and isinstance(sample, (tuple, list)) and int(key) < len(sample):
+            return sample[int(key)]
+        fields = f" (its keys: {sorted(map(str, sample))[:10]})" if isinstance(sample, dict) else ""
+        raise KeyError(f"field {key!r} not found in a sample of type {type(sample).__name__}{fields}")
+
+    return get
+
+
+def _read_keys(dataset: Dataset, key: str | Callable[[Any], Hashable], arg: str) -> list[Hashable]:
+    """``key`` applied to every training sample; a failure names ``arg`` and the sample's index."""
+    fn = _as_key_fn(key)
+    shown = f"`{arg}={key!r}`" if isinstance(key, str) else f"`{arg}` ({getattr(key, '__name__', type(key).__name__)})"
+    out = []
+    for i in range(len(dataset)):
+        try:
+            out.append(fn(dataset[i]))
+        except Exception as err:
+            raise ValueError(f"{shown} failed on training sample {i}: {type(err).__name__}: {err}") from err
+    return out
 
 
 class FederatedDataModule(pl.LightningDataModule):
@@ -146,14 +171,17 @@ class FederatedDataModule(pl.LightningDataModule):
         batch_size: client (local) batch size.
         eval_batch_size: batch size of the validation/test loaders (default: ``batch_size``).
         min_client_samples: clients with fewer samples are reported (warning + ``small_clients``)
-            and not sampled into cohorts; they are never dropped silently.
+            and not sampled into cohorts; they are never dropped silently. With ``drop_last``,
+            clients with fewer than ``batch_size`` samples (no full batch) are treated the same way,
+            and it is an error if that leaves no client.
         rounds_per_epoch: rounds in one Trainer epoch (default 1: an epoch is a round, so
             Lightning's per-epoch machinery — ``check_val_every_n_epoch``, ``EarlyStopping``,
             ``ModelCheckpoint(every_n_epochs)``, epoch-interval schedulers on the server — works per
             round). Larger values make one epoch that many rounds.
         collate_fn: collate function for client and evaluation batches.
         shuffle: shuffle each client's data every round (seeded by ``(seed, round, client)``).
-        drop_last: drop a client's last incomplete batch.
+        drop_last: drop a client's last incomplete batch (clients without a full batch are then
+            not sampled, see ``min_client_samples``).
         seed: partition seed.
     """
 
@@ -178,25 +206,28 @@ class FederatedDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if partition not in PARTITIONS:
-            raise ValueError(f"`partition` must be one of {PARTITIONS}, got {partition!r}.")
-        if partition != "by_key":
-            if not isinstance(num_clients, int) or num_clients <= 0:
-                raise ValueError(f"`num_clients` must be a positive integer, got {num_clients!r}.")
-        if partition == "dirichlet" and not alpha > 0:
-            raise ValueError(f"`alpha` must be > 0, got {alpha!r}.")
+        check_choice(partition, "partition", PARTITIONS)
+        num_clients = check_int(num_clients, "num_clients", min=1, optional=partition == "by_key")
+        alpha = check_float(alpha, "alpha", min=0, min_open=True)  # finite: Dir(inf) has no samples
         if partition == "by_key" and partition_key is None and not hasattr(train_dataset, "partition_keys"):
             raise ValueError("`partition='by_key'` needs `partition_key` (or a dataset with a `partition_keys` list).")
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size <= 0):
-            raise ValueError(f"`eval_batch_size` must be a positive integer, got {eval_batch_size!r}.")
-        if not isinstance(min_client_samples, int) or min_client_samples < 1:
-            raise ValueError(f"`min_client_samples` must be an integer >= 1, got {min_client_samples!r}.")
-        if rounds_per_epoch is not None and (not isinstance(rounds_per_epoch, int) or rounds_per_epoch <= 0):
-            raise ValueError(f"`rounds_per_epoch` must be a positive integer, got {rounds_per_epoch!r}.")
-        if train_dataset is None or len(train_dataset) == 0:
+        check_callable(partition_key, "partition_key", or_str=True)
+        check_callable(label_key, "label_key", or_str=True)
+        batch_size = check_int(batch_size, "batch_size", min=1)
+        eval_batch_size = check_int(eval_batch_size, "eval_batch_size", min=1, optional=True)
+        min_client_samples = check_int(min_client_samples, "min_client_samples", min=1)
+        rounds_per_epoch = check_int(rounds_per_epoch, "rounds_per_epoch", min=1, optional=True)
+        check_callable(collate_fn, "collate_fn")
+        check_bool(shuffle, "shuffle")
+        check_bool(drop_last, "drop_last")
+        seed = check_int(seed, "seed")
+        if not _is_dataset(train_dataset) or not hasattr(train_dataset, "__len__"):
+            fail("train_dataset", "a map-style dataset (with __len__ and __getitem__)", train_dataset)
+        if len(train_dataset) == 0:
             raise ValueError("`train_dataset` is empty.")
+        for name, ds in (("val_dataset", val_dataset), ("test_dataset", test_dataset)):
+            if ds is not None and not _is_dataset(ds):
+                fail(name, "a dataset or None", ds)
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         self.test_dataset = test_dataset
@@ -222,15 +253,24 @@ class FederatedDataModule(pl.LightningDataModule):
         ds = self.train_dataset
         if self.label_key is None and hasattr(ds, "targets"):
             return np.asarray(ds.targets)
-        fn = _as_key_fn(self.label_key) if self.label_key is not None else (lambda s: s[-1])
-        return np.asarray([int(fn(ds[i])) for i in range(len(ds))])
+        labels = _read_keys(ds, self.label_key if self.label_key is not None else (lambda s: s[-1]), "label_key")
+        for i, label in enumerate(labels):
+            if isinstance(label, torch.Tensor) and label.numel() == 1:
+                label = label.item()
+            try:
+                integral = not isinstance(label, (bool, str, bytes)) and int(label) == label
+            except (TypeError, ValueError):
+                integral = False
+            if not integral:
+                raise ValueError(f"`label_key` must give an integer class label; training sample {i} gave {label!r}.")
+            labels[i] = int(label)
+        return np.asarray(labels, dtype=np.int64)
 
     def _keys(self) -> list[Hashable]:
         ds = self.train_dataset
         if hasattr(ds, "partition_keys") and self.partition_key is None:
             return list(ds.partition_keys)
-        fn = _as_key_fn(self.partition_key)
-        return [fn(ds[i]) for i in range(len(ds))]
+        return _read_keys(ds, self.partition_key, "partition_key")
 
     @property
     def partitions(self) -> list[np.ndarray]:
@@ -245,18 +285,24 @@ class FederatedDataModule(pl.LightningDataModule):
                 parts = dirichlet_partition(self._labels(), self._num_clients_arg, self.alpha, self.seed)
             else:
                 parts, self.client_keys = key_partition(self._keys())
-            self._partitions = parts
-            small = self.small_clients
+            small = [c for c, p in enumerate(parts) if len(p) < self.min_samples]
+            if len(small) == len(parts) and self._batch_bound:
+                raise ValueError(
+                    f"Every client has fewer than `batch_size={self.batch_size}` samples and `drop_last=True` drops "
+                    f"the last incomplete batch: all {len(parts)} clients have no full batch (the largest has "
+                    f"{max(len(p) for p in parts)} samples) and would fail every round. Lower `batch_size` or set "
+                    "`drop_last=False`."
+                )
             if small:
                 shown = ", ".join(f"{c} ({len(parts[c])})" for c in small[:20])
                 more = f" and {len(small) - 20} more" if len(small) > 20 else ""
-                warnings.warn(
-                    f"{len(small)} of {len(parts)} clients have fewer than min_client_samples="
-                    f"{self.min_client_samples} samples and will not be sampled: {shown}{more}.",
-                    stacklevel=2,
-                )
-            if len(self.population) == 0:
+                why = (f"fewer than `batch_size={self.batch_size}` samples (no full batch with `drop_last=True`)"
+                       if self._batch_bound else f"fewer than min_client_samples={self.min_client_samples} samples")
+                warnings.warn(f"{len(small)} of {len(parts)} clients have {why} and will not be sampled: {shown}{more}.",
+                              stacklevel=2)
+            if len(small) == len(parts):
                 raise ValueError("Every client partition is empty or below `min_client_samples`: nothing to train on.")
+            self._partitions = parts  # only once usable: a second access raises again
         return self._partitions
 
     @property
@@ -269,14 +315,26 @@ class FederatedDataModule(pl.LightningDataModule):
         return [len(p) for p in self.partitions]
 
     @property
+    def min_samples(self) -> int:
+        """Fewest training samples a client needs to be sampled: ``min_client_samples``, and with
+        ``drop_last`` a full batch (``batch_size``) — a client without one has no batch and would
+        fail every round."""
+        return max(self.min_client_samples, self.batch_size if self.drop_last else 1)
+
+    @property
+    def _batch_bound(self) -> bool:
+        """Whether ``batch_size`` with ``drop_last`` (not ``min_client_samples``) sets :attr:`min_samples`."""
+        return self.drop_last and self.batch_size > self.min_client_samples
+
+    @property
     def small_clients(self) -> list[int]:
-        """Ids of clients with fewer than ``min_client_samples`` samples (never sampled)."""
-        return [c for c, p in enumerate(self._partitions or self.partitions) if len(p) < self.min_client_samples]
+        """Ids of clients with fewer than :attr:`min_samples` samples (reported, never sampled)."""
+        return [c for c, p in enumerate(self.partitions) if len(p) < self.min_samples]
 
     @property
     def population(self) -> np.ndarray:
         """Client ids eligible for sampling."""
-        return np.asarray([c for c, p in enumerate(self.partitions) if len(p) >= self.min_client_samples], dtype=np.int64)
+        return np.asarray([c for c, p in enumerate(self.partitions) if len(p) >= self.min_samples], dtype=np.int64)
 
     # ------------------------------------------------------------------ client side
     def client_data(self) -> ClientDataSource:

@@ -14,6 +14,7 @@ The round, top to bottom, is :meth:`FederatedLightningModule.training_step`:
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import time
 import warnings
 from typing import Any
@@ -52,6 +53,7 @@ from lightning_fedprune.protocol import (
     derive_seed,
 )
 from lightning_fedprune.pruning.state import PruningState
+from lightning_fedprune.validation import check_choice, check_int, fail
 from lightning_fedprune.wire import decode_state, dense_nbytes, encode_state
 
 WEIGHTINGS = ("num_samples", "num_examples", "uniform")
@@ -126,19 +128,18 @@ class FederatedLightningModule(pl.LightningModule):
             raise TypeError(f"`task` must be a lightning LightningModule, got {type(task).__name__}.")
         if not is_overridden("training_step", task, pl.LightningModule):
             raise ValueError(f"`task` ({type(task).__name__}) does not implement `training_step`; clients cannot train it.")
-        if not isinstance(clients_per_round, int) or isinstance(clients_per_round, bool) or clients_per_round < 1:
-            raise ValueError(f"`clients_per_round` must be a positive integer, got {clients_per_round!r}.")
+        clients_per_round = check_int(clients_per_round, "clients_per_round", min=1)
         if local_steps is None and local_epochs is None:
             local_epochs = 1
         validate_server_optimizer(server_optimizer, server_lr, server_momentum, server_betas, server_eps)
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"`weighting` must be one of {WEIGHTINGS}, got {weighting!r}.")
-        if not isinstance(executor, Executor) and executor not in EXECUTORS:
-            raise ValueError(f"`executor` must be one of {EXECUTORS} or an Executor instance, got {executor!r}.")
-        if isinstance(max_failed_rounds, bool) or not isinstance(max_failed_rounds, int) or max_failed_rounds < 1:
-            raise ValueError(f"`max_failed_rounds` must be an integer >= 1, got {max_failed_rounds!r}.")
-        if not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        check_choice(weighting, "weighting", WEIGHTINGS)
+        if not isinstance(executor, Executor) and not (isinstance(executor, str) and executor in EXECUTORS):
+            fail("executor", f"one of {EXECUTORS} or an Executor instance", executor)
+        # checked whatever the executor: a bad value is a typo even where it is not used
+        num_workers = check_int(num_workers, "num_workers", min=1)
+        check_choice(start_method, "start_method", mp.get_all_start_methods())
+        max_failed_rounds = check_int(max_failed_rounds, "max_failed_rounds", min=1)
+        seed = check_int(seed, "seed")
         self.client_config = ClientConfig(
             local_steps=local_steps,
             local_epochs=local_epochs,
@@ -152,10 +153,10 @@ class FederatedLightningModule(pl.LightningModule):
         self.task = task
         self.clients_per_round = clients_per_round
         self.server_optimizer_name = server_optimizer
-        self.server_lr = server_lr
-        self.server_momentum = server_momentum
+        self.server_lr = float(server_lr)
+        self.server_momentum = float(server_momentum)
         self.server_betas = tuple(server_betas)
-        self.server_eps = server_eps
+        self.server_eps = float(server_eps)
         self.weighting = weighting
         self.max_failed_rounds = max_failed_rounds
         self.seed = seed

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_fedprune.validation import check_bool, check_choice, check_float, check_int
+
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (e.g. ``(seed, round, client_id)``).
@@ -56,16 +58,12 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if (self.local_steps is None) == (self.local_epochs is None):
             raise ValueError("Give exactly one of `local_steps` or `local_epochs`.")
-        if self.local_steps is not None and (not isinstance(self.local_steps, int) or self.local_steps <= 0):
-            raise ValueError(f"`local_steps` must be a positive integer, got {self.local_steps!r}.")
-        if self.local_epochs is not None and (not isinstance(self.local_epochs, int) or self.local_epochs <= 0):
-            raise ValueError(f"`local_epochs` must be a positive integer, got {self.local_epochs!r}.")
-        if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
-            raise ValueError(f"`client_gradient_clip_val` must be > 0 or None, got {self.gradient_clip_val!r}.")
-        if self.gradient_clip_algorithm not in ("norm", "value"):
-            raise ValueError(
-                f"`client_gradient_clip_algorithm` must be 'norm' or 'value', got {self.gradient_clip_algorithm!r}."
-            )
+        self.local_steps = check_int(self.local_steps, "local_steps", min=1, optional=True)
+        self.local_epochs = check_int(self.local_epochs, "local_epochs", min=1, optional=True)
+        self.gradient_clip_val = check_float(self.gradient_clip_val, "client_gradient_clip_val", min=0, min_open=True,
+                                             optional=True)
+        check_choice(self.gradient_clip_algorithm, "client_gradient_clip_algorithm", ("norm", "value"))
+        check_bool(self.compact, "compact_clients")
 
 
 @dataclass

@@ -303,3 +303,62 @@ def test_release_frees_the_full_weight_while_compacted_and_restore_recreates_it(
     handle.restore(copy_back=True)
     assert model[0].weight is weight and torch.equal(weight, expected)
     assert torch.all(weight[~mask] == 0)
+
+
+# ------------------------------------------------------------------ the nn.Linear attribute surface
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("pattern", STRUCTURED_PATTERNS)
+def test_weight_property_is_the_masked_dense_weight_and_its_gradient_flows(pattern, bias):
+    """A task that reads ``layer.weight`` (an L2 penalty, a norm) sees the masked-dense weight, and the
+    penalty's gradient reaches the compact blocks exactly as it reaches the kept entries of the reference."""
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 10, bias=bias)
+    mask = _mask(lin.weight.shape, pattern, seed=2)
+    ref = _masked_dense(lin, mask)
+    cl = compact_linear(lin, mask, pattern)
+    assert cl.weight.shape == (10, 12) and cl.weight.dtype == ref.weight.dtype
+    assert torch.equal(cl.weight.detach(), ref.weight.detach())
+    assert (cl.in_features, cl.out_features) == (ref.in_features, ref.out_features)
+    assert (cl.bias is None) == (not bias)
+
+    x = torch.randn(4, 12)
+    for m in (ref, cl):
+        (m(x).square().mean() + 0.3 * m.weight.square().sum() + m.weight.abs().sum()).backward()
+    torch.testing.assert_close(cl.full_grad(), ref.weight.grad * mask, atol=1e-6, rtol=0)
+    if bias:
+        torch.testing.assert_close(cl.bias.grad, ref.bias.grad, atol=1e-6, rtol=0)
+
+
+def test_writing_the_weight_of_a_compact_layer_is_a_clear_error():
+    lin = nn.Linear(6, 4)
+    cl = compact_linear(lin, _mask(lin.weight.shape, "row"), "row")
+    with pytest.raises(AttributeError, match=r"CompactLinear.*`weight` is computed from `weight_blocks`.*read-only"):
+        cl.weight = nn.Parameter(torch.zeros(4, 6))
+    with pytest.raises(AttributeError, match=r"read-only"):
+        cl.weight = torch.zeros(4, 6)
+    assert isinstance(cl.weight_blocks[0], nn.Parameter)  # nothing was replaced
+
+
+def test_compact_module_with_weight_reads_matches_masked_dense_training():
+    """compact_module + a loss that reads every layer's ``.weight``: identical to masked-dense SGD."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    for pattern in STRUCTURED_PATTERNS:
+        masks = {"0.weight": _mask((32, 16), pattern, seed=1), "2.weight": _mask((8, 32), pattern, seed=2)}
+        ref, cmp = copy.deepcopy(model), copy.deepcopy(model)
+        handle = compact_module(cmp, masks, {k: pattern for k in masks}, release=True)
+        opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+        opt_cmp = torch.optim.SGD(cmp.parameters(), lr=0.1, momentum=0.9)
+        md = MaskedDense(ref, masks).attach(opt_ref)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(4):
+            x, y = torch.randn(7, 16, generator=g), torch.randn(7, 8, generator=g)
+            for m, opt in ((ref, opt_ref), (cmp, opt_cmp)):
+                opt.zero_grad()
+                penalty = sum(m[i].weight.square().sum() for i in (0, 2))
+                (nn.functional.mse_loss(m(x), y) + 1e-2 * penalty).backward()
+                opt.step()
+        md.detach()
+        handle.restore()
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(cmp.state_dict()[k], v, atol=1e-5, rtol=0, msg=f"{pattern} {k}")

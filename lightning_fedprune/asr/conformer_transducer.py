@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_fedprune.validation import check_bool, check_choice, check_float, check_int, fail
+
 from .decoding import ctc_greedy_decode, rnnt_beam_search, rnnt_greedy_search
 from .tokenizer import CharTokenizer
 
@@ -230,20 +232,35 @@ class ConformerTransducer(L.LightningModule):
         ctc_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        if loss not in ("rnnt", "ctc"):
-            raise ValueError(f"loss must be 'rnnt' or 'ctc', got {loss!r}")
-        if not ctc_weight >= 0:
-            raise ValueError(f"ctc_weight must be >= 0, got {ctc_weight!r}")
-        if decoder not in ("greedy", "beam"):
-            raise ValueError(f"decoder must be 'greedy' or 'beam', got {decoder!r}")
-        overrides = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim,
-                         conv_kernel_size=conv_kernel_size, pred_dim=pred_dim, pred_layers=pred_layers,
-                         joint_dim=joint_dim, dropout=dropout)
+        check_choice(preset, "preset", sorted(PRESETS))
+        sizes = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim,
+                     conv_kernel_size=conv_kernel_size, pred_dim=pred_dim, pred_layers=pred_layers, joint_dim=joint_dim)
+        overrides = {k: check_int(v, k, min=1, optional=True) for k, v in sizes.items()}
+        overrides["dropout"] = check_float(dropout, "dropout", min=0, max=1, max_open=True, optional=True)
         cfg = dict(PRESETS[preset])
         cfg.update({k: v for k, v in overrides.items() if v is not None})
+        if cfg["d_model"] % cfg["num_heads"]:
+            raise ValueError(f"`d_model` ({cfg['d_model']}) must be divisible by `num_heads` ({cfg['num_heads']}).")
+        if cfg["conv_kernel_size"] % 2 == 0:
+            fail("conv_kernel_size", "odd (the Conformer's depthwise convolution keeps the length)", conv_kernel_size)
+        check_int(n_mels, "n_mels", min=7)  # two unpadded 3x3 stride-2 convolutions leave >= 1 frequency bin
+        check_float(lr, "lr", min=0, min_open=True)
+        check_float(weight_decay, "weight_decay", min=0)
+        check_int(warmup_steps, "warmup_steps", min=0)
+        check_choice(loss, "loss", ("rnnt", "ctc"))
+        check_choice(decoder, "decoder", ("greedy", "beam"))
+        if loss == "ctc" and decoder == "beam":
+            raise ValueError("`decoder='beam'` is the RNN-T beam search and needs `loss='rnnt'`; use `decoder='greedy'` "
+                             "with `loss='ctc'`.")
+        check_int(beam_size, "beam_size", min=1)
+        check_int(max_symbols_per_frame, "max_symbols_per_frame", min=1)
+        for name, flag in (("spec_augment", spec_augment), ("input_norm", input_norm), ("use_group_norm", use_group_norm)):
+            check_bool(flag, name)
+        check_int(subsampling_channels, "subsampling_channels", min=1, optional=True)
+        check_int(joint_chunk_size, "joint_chunk_size", min=1, optional=True)
+        check_int(log_examples, "log_examples", min=0)
+        check_float(ctc_weight, "ctc_weight", min=0)
+        self.save_hyperparameters()
         self.config = cfg
 
         self.tokenizer = CharTokenizer()

@@ -34,6 +34,16 @@ from pathlib import Path
 from typing import Optional
 
 from lightning_fedprune.data import FederatedDataModule
+from lightning_fedprune.validation import (
+    check_bool,
+    check_choice,
+    check_each,
+    check_float,
+    check_int,
+    check_path,
+    check_str,
+    fail,
+)
 
 from .features import FeatureConfig
 from .librispeech import LibriSpeechDataset, LibriSpeechIndex, collate_asr, scan_librispeech, split_speakers
@@ -48,11 +58,10 @@ def _as_list(value, name: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [value]
-    try:
-        out = [str(v) for v in value]
-    except TypeError:
-        raise ValueError(f"`{name}` must be a split name or a list of split names, got {value!r}") from None
+        return [check_str(value, name)]
+    if not isinstance(value, (list, tuple)):
+        fail(name, "a split name or a list of split names", value)
+    out = list(check_each(value, name, check_str))
     if len(set(out)) != len(out):
         raise ValueError(f"`{name}` lists a split twice: {out}")
     return out
@@ -147,16 +156,36 @@ class ASRDataModule(FederatedDataModule):
         rounds_per_epoch: Optional[int] = None,
         seed: int = 0,
     ) -> None:
-        if on_error not in ("warn", "raise"):
-            raise ValueError(f"`on_error` must be 'warn' or 'raise', got {on_error!r}.")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
-        if not isinstance(heldout_speakers, int) or heldout_speakers < 0:
-            raise ValueError(f"`heldout_speakers` must be an integer >= 0, got {heldout_speakers!r}.")
-        for name, cap in (("max_utterances_per_speaker", max_utterances_per_speaker),
-                          ("max_eval_utterances_per_speaker", max_eval_utterances_per_speaker)):
-            if cap is not None and (not isinstance(cap, int) or cap < 1):
-                raise ValueError(f"`{name}` must be a positive integer or None, got {cap!r}.")
+        # every argument is checked before a corpus is generated or scanned (that can take minutes); the
+        # generator settings are checked even with `root` given (where they are ignored): a bad value is a typo
+        check_path(root, "root", kind="dir")  # whether it exists is checked when it is scanned
+        heldout_speakers = check_int(heldout_speakers, "heldout_speakers", min=0)
+        check_str(vocabulary, "vocabulary")
+        num_speakers = check_int(num_speakers, "num_speakers", min=1)
+        utterances_per_speaker = check_int(utterances_per_speaker, "utterances_per_speaker", min=1, max=9999)
+        test_speakers = check_int(test_speakers, "test_speakers", min=0)
+        test_utterances_per_speaker = check_int(test_utterances_per_speaker, "test_utterances_per_speaker", min=1,
+                                                max=9999)
+        corpus_seed = check_int(corpus_seed, "corpus_seed")
+        min_words = check_int(min_words, "min_words", min=1, optional=True)
+        max_words = check_int(max_words, "max_words", min=1, optional=True)
+        if min_words is not None and max_words is not None and max_words < min_words:
+            raise ValueError(f"`max_words` ({max_words}) must be >= `min_words` ({min_words}).")
+        word_alpha = check_float(word_alpha, "word_alpha", min=0, min_open=True, optional=True)
+        noise_snr_db = check_float(noise_snr_db, "noise_snr_db", optional=True)
+        check_path(cache_dir, "cache_dir", kind="dir")
+        check_int(max_utterances_per_speaker, "max_utterances_per_speaker", min=1, optional=True)
+        check_int(max_eval_utterances_per_speaker, "max_eval_utterances_per_speaker", min=1, optional=True)
+        check_int(min_client_samples, "min_client_samples", min=1)
+        check_int(batch_size, "batch_size", min=1)
+        check_int(eval_batch_size, "eval_batch_size", min=1, optional=True)
+        num_workers = check_int(num_workers, "num_workers", min=0)
+        n_mels = check_int(n_mels, "n_mels", min=1)
+        check_path(feature_cache_dir, "feature_cache_dir", kind="dir")
+        check_choice(on_error, "on_error", ("warn", "raise"))
+        self.check_audio = check_bool(check_audio, "check_audio")
+        check_int(rounds_per_epoch, "rounds_per_epoch", min=1, optional=True)
+        check_int(seed, "seed")
         train = _as_list(train_splits, "train_splits")
         val = _as_list(val_splits, "val_splits")
         test = _as_list(test_splits, "test_splits")
@@ -173,8 +202,7 @@ class ASRDataModule(FederatedDataModule):
         self.vocabulary = vocabulary
         self.features = FeatureConfig(n_mels=n_mels)
         if root is None:
-            if vocabulary not in VOCABULARIES:
-                raise ValueError(f"`vocabulary` must be one of {sorted(VOCABULARIES)}, got {vocabulary!r}.")
+            check_choice(vocabulary, "vocabulary", sorted(VOCABULARIES))
             bad = [s for s in train + val + test if s not in SYNTHETIC_SPLITS]
             if bad:
                 raise ValueError(
@@ -251,7 +279,7 @@ class ASRDataModule(FederatedDataModule):
                 "train-clean-100/, dev-clean/, ... or LibriSpeech/), or `root: null` for the generated corpus."
             )
         try:
-            return scan_librispeech(root, splits, on_error=self.on_error)
+            return scan_librispeech(root, splits, on_error=self.on_error, check_audio=self.check_audio)
         except (FileNotFoundError, NotADirectoryError, ValueError) as err:
             raise type(err)(f"ASRDataModule `{arg}`={splits} under `root`={str(root)!r}: {err}") from err
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,21 +20,6 @@ def find_callback(trainer: pl.Trainer, cls: type) -> Any:
     if len(found) > 1:
         raise ValueError(f"Only one {cls.__name__} may be used per Trainer; found {len(found)}.")
     return found[0] if found else None
-
-
-def check_round(value: Any, name: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
-
-
-def check_fraction(value: Any, name: str, upper_inclusive: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and 0.0 <= value and (value <= 1.0 if upper_inclusive else value < 1.0)
-    if not ok:
-        bound = "[0, 1]" if upper_inclusive else "[0, 1)"
-        raise ValueError(f"`{name}` must be a number in {bound}, got {value!r}.")
 
 
 def log_round(pl_module: Any, flips: int, restored: int) -> None:

@@ -6,8 +6,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_fedprune.callbacks._common import check_fraction, find_callback
+from lightning_fedprune.callbacks._common import find_callback
 from lightning_fedprune.pruning.allocation import NORMALIZATIONS
+from lightning_fedprune.validation import check_choice, check_float
 
 
 class AdaptiveLayerSparsity(pl.Callback):
@@ -26,15 +27,9 @@ class AdaptiveLayerSparsity(pl.Callback):
     """
 
     def __init__(self, max_layer_sparsity: float = 0.9, temperature: float = 1.0, normalize: str = "fan_in") -> None:
-        check_fraction(max_layer_sparsity, "max_layer_sparsity", upper_inclusive=True)
-        if max_layer_sparsity == 0:
-            raise ValueError("`max_layer_sparsity` must be > 0.")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"`temperature` must be a number >= 0, got {temperature!r}.")
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}, got {normalize!r}.")
-        self.max_layer_sparsity = float(max_layer_sparsity)
-        self.temperature = float(temperature)
+        self.max_layer_sparsity = check_float(max_layer_sparsity, "max_layer_sparsity", min=0, max=1, min_open=True)
+        self.temperature = check_float(temperature, "temperature", min=0)
+        check_choice(normalize, "normalize", NORMALIZATIONS)
         self.normalize = normalize
 
     def allocation_config(self, target_sparsity: float) -> dict[str, Any]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from lightning_fedprune.callbacks._common import check_round, find_callback
+from lightning_fedprune.callbacks._common import find_callback
+from lightning_fedprune.validation import check_bool, check_int, check_path
 
 
 class FineTuneFreeze(pl.Callback):
@@ -26,11 +26,10 @@ class FineTuneFreeze(pl.Callback):
     """
 
     def __init__(self, start_round: int, make_permanent: bool = True, export_path: str | None = None) -> None:
-        check_round(start_round, "start_round")
-        if not isinstance(make_permanent, bool):
-            raise ValueError(f"`make_permanent` must be a bool, got {make_permanent!r}.")
-        self.start_round = start_round
-        self.make_permanent = make_permanent
+        self.start_round = check_int(start_round, "start_round", min=0)
+        self.make_permanent = check_bool(make_permanent, "make_permanent")
+        # checked now, not when the export is written after training
+        check_path(export_path, "export_path", kind="file", parent_must_exist=True)
         self.export_path = export_path
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
@@ -40,10 +39,7 @@ class FineTuneFreeze(pl.Callback):
 
         if find_callback(trainer, SparsityRampCallback) is None:
             raise ValueError("FineTuneFreeze needs a SparsityRampCallback in the same Trainer.")
-        if self.export_path is not None:
-            parent = Path(self.export_path).expanduser().resolve().parent
-            if not parent.exists():
-                raise ValueError(f"`export_path`'s folder does not exist: {parent}")
+        check_path(self.export_path, "export_path", kind="file", parent_must_exist=True)  # again: fit may come much later
 
     def on_fed_round_start(self, trainer: pl.Trainer, pl_module: Any, round: int, cohort: list[int]) -> None:
         if round >= self.start_round:

@@ -6,7 +6,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_fedprune.callbacks._common import check_round, find_callback
+from lightning_fedprune.callbacks._common import find_callback
+from lightning_fedprune.validation import check_int
 
 
 class MaskRefinementCallback(pl.Callback):
@@ -22,15 +23,16 @@ class MaskRefinementCallback(pl.Callback):
 
     Args:
         every_n_rounds: rounds between recomputations (>= 1).
-        start_round: first refinement round; must be after the ramp's ``end_round``.
-        until_round: last refinement round (inclusive), or None.
+        start_round: first refinement round; must be after the ramp's ``end_round`` and before
+            :class:`FineTuneFreeze`'s ``start_round``.
+        until_round: last refinement round (inclusive), or None; must be before
+            :class:`FineTuneFreeze`'s ``start_round`` (the masks are frozen from there).
     """
 
     def __init__(self, every_n_rounds: int = 10, start_round: int | None = None, until_round: int | None = None) -> None:
-        if isinstance(every_n_rounds, bool) or not isinstance(every_n_rounds, int) or every_n_rounds < 1:
-            raise ValueError(f"`every_n_rounds` must be a positive integer, got {every_n_rounds!r}.")
-        check_round(start_round, "start_round", allow_none=True)
-        check_round(until_round, "until_round", allow_none=True)
+        every_n_rounds = check_int(every_n_rounds, "every_n_rounds", min=1)
+        start_round = check_int(start_round, "start_round", min=0, optional=True)
+        until_round = check_int(until_round, "until_round", min=0, optional=True)
         if start_round is not None and until_round is not None and until_round < start_round:
             raise ValueError(f"`until_round` ({until_round}) must be >= `start_round` ({start_round}).")
         self.every_n_rounds = every_n_rounds
@@ -49,6 +51,7 @@ class MaskRefinementCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        from lightning_fedprune.callbacks.finetune import FineTuneFreeze
         from lightning_fedprune.callbacks.sparsity_ramp import SparsityRampCallback
 
         ramp = find_callback(trainer, SparsityRampCallback)
@@ -61,7 +64,33 @@ class MaskRefinementCallback(pl.Callback):
             )
         if self.until_round is not None and self.until_round <= ramp.end_round:
             raise ValueError(f"`until_round` ({self.until_round}) must be after the ramp's `end_round` ({ramp.end_round}).")
+        self._check_against_freeze(find_callback(trainer, FineTuneFreeze), ramp)
         self._ramp = ramp
+
+    def _check_against_freeze(self, freeze: Any, ramp: Any) -> None:
+        """Refinement rounds at or after the freeze would be silently skipped (the masks are frozen there):
+        a schedule that asks for them is a contradiction, rejected with the rounds named."""
+        if freeze is None:
+            return
+        frozen = freeze.start_round
+        if self.start_round is not None and self.start_round >= frozen:
+            raise ValueError(
+                f"MaskRefinementCallback `start_round` ({self.start_round}) must be before FineTuneFreeze `start_round` "
+                f"({frozen}): the masks are frozen from round {frozen}, so refinement would never run."
+            )
+        if self.until_round is not None and self.until_round >= frozen:
+            raise ValueError(
+                f"MaskRefinementCallback `until_round` ({self.until_round}) must be before FineTuneFreeze `start_round` "
+                f"({frozen}): the masks are frozen from round {frozen}, so refinement would stop there, not at "
+                f"round {self.until_round}."
+            )
+        first = self.first_round(ramp)
+        if first >= frozen:
+            raise ValueError(
+                f"MaskRefinementCallback would never run: it starts at round {first} (the round after the ramp's "
+                f"`end_round`) and FineTuneFreeze `start_round` ({frozen}) freezes the masks from round {frozen}. "
+                "Move the freeze later or remove the MaskRefinementCallback."
+            )
 
     def on_fed_round_start(self, trainer: pl.Trainer, pl_module: Any, round: int, cohort: list[int]) -> None:
         ramp = self._ramp

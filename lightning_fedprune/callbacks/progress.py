@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from lightning_fedprune.pruning.state import PHASES, PruningState
+from lightning_fedprune.validation import check_bool, check_float, check_int
 
 
 class FederatedProgressBar(TQDMProgressBar):
@@ -40,17 +41,12 @@ class FederatedProgressBar(TQDMProgressBar):
 
     def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False,
                  client_refresh_interval: float = 0.2) -> None:
-        if isinstance(refresh_rate, bool) or not isinstance(refresh_rate, int) or refresh_rate < 0:
-            raise ValueError(f"`refresh_rate` must be an integer >= 0, got {refresh_rate!r}.")
-        if isinstance(process_position, bool) or not isinstance(process_position, int) or process_position < 0:
-            raise ValueError(f"`process_position` must be an integer >= 0, got {process_position!r}.")
-        if not isinstance(leave, bool):
-            raise ValueError(f"`leave` must be a bool, got {leave!r}.")
-        if isinstance(client_refresh_interval, bool) or not isinstance(client_refresh_interval, (int, float)) \
-                or not client_refresh_interval >= 0:
-            raise ValueError(f"`client_refresh_interval` must be a number >= 0, got {client_refresh_interval!r}.")
+        refresh_rate = check_int(refresh_rate, "refresh_rate", min=0)
+        process_position = check_int(process_position, "process_position", min=0)
+        check_bool(leave, "leave")
+        interval = check_float(client_refresh_interval, "client_refresh_interval", min=0)
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
-        self.client_refresh_interval = float(client_refresh_interval)
+        self.client_refresh_interval = interval
         self.round: int | None = None
         self.cohort_size = 0
         self.clients_done = 0

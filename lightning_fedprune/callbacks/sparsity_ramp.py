@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from lightning_fedprune.callbacks._common import check_fraction, check_round, fed_module, find_callback, log_round
+from lightning_fedprune.callbacks._common import fed_module, find_callback, log_round
 from lightning_fedprune.pruning.importance import IMPORTANCE, parse_importance
 from lightning_fedprune.pruning.patterns import PATTERNS, check_pattern
 from lightning_fedprune.pruning.schedules import SCHEDULES, sparsity_at, validate_schedule
+from lightning_fedprune.validation import check_choice, check_float, check_int, check_regex
 
 MOMENTUM_SOURCES = ("ema", "server_optimizer")
 
@@ -62,39 +62,30 @@ class SparsityRampCallback(pl.Callback):
         momentum_beta: float = 0.9,
         momentum_source: str = "ema",
     ) -> None:
-        check_fraction(target_sparsity, "target_sparsity")
-        check_round(start_round, "start_round")
-        check_round(end_round, "end_round", allow_none=True)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}.")
+        target_sparsity = check_float(target_sparsity, "target_sparsity", min=0, max=1, max_open=True)
+        start_round = check_int(start_round, "start_round", min=0)
+        end_round = check_int(end_round, "end_round", min=0, optional=True)
+        check_choice(schedule, "schedule", SCHEDULES)
         if end_round is None:
             end_round = start_round
         if end_round < start_round:
             raise ValueError(f"`end_round` ({end_round}) must be >= `start_round` ({start_round}).")
         validate_schedule(target=target_sparsity, start_round=start_round, end_round=end_round, schedule=schedule,
                           power=power, num_steps=num_steps)
-        if isinstance(every_n_rounds, bool) or not isinstance(every_n_rounds, int) or every_n_rounds < 1:
-            raise ValueError(f"`every_n_rounds` must be a positive integer, got {every_n_rounds!r}.")
-        if pattern not in PATTERNS:
-            raise ValueError(f"`pattern` must be one of {PATTERNS}, got {pattern!r}.")
-        if importance not in IMPORTANCE:
-            raise ValueError(f"`importance` must be one of {IMPORTANCE}, got {importance!r}.")
+        every_n_rounds = check_int(every_n_rounds, "every_n_rounds", min=1)
+        check_choice(pattern, "pattern", PATTERNS)
+        check_choice(importance, "importance", IMPORTANCE)
         source, _ = parse_importance(importance)
         if source != "weight" and start_round < 1:
             raise ValueError(
                 f"`importance={importance!r}` uses server-side gradient statistics, which exist only after a round has "
                 f"been aggregated: `start_round` must be >= 1, got {start_round}."
             )
-        for arg, rx in (("parameters", parameters), ("exclude", exclude)):
-            if rx is not None:
-                try:
-                    re.compile(rx)
-                except re.error as err:
-                    raise ValueError(f"`{arg}` is not a valid regular expression ({rx!r}): {err}") from err
-        check_fraction(momentum_beta, "momentum_beta")
-        if momentum_source not in MOMENTUM_SOURCES:
-            raise ValueError(f"`momentum_source` must be one of {MOMENTUM_SOURCES}, got {momentum_source!r}.")
-        self.target_sparsity = float(target_sparsity)
+        self._parameters = check_regex(parameters, "parameters")  # compiled once; the strings stay for YAML
+        self._exclude = check_regex(exclude, "exclude")
+        momentum_beta = check_float(momentum_beta, "momentum_beta", min=0, max=1, max_open=True)
+        check_choice(momentum_source, "momentum_source", MOMENTUM_SOURCES)
+        self.target_sparsity = target_sparsity
         self.start_round = start_round
         self.end_round = end_round
         self.schedule = schedule
@@ -116,20 +107,18 @@ class SparsityRampCallback(pl.Callback):
     # ------------------------------------------------------------------ setup
     def resolve_targets(self, task: torch.nn.Module) -> list[str]:
         """Names of the task's parameters this callback prunes (raises if none match)."""
-        names = []
-        for name, p in task.named_parameters():
-            if self.parameters is None:
-                ok = p.dim() >= 2
-            else:
-                ok = re.fullmatch(self.parameters, name) is not None
-            if ok and self.exclude is not None and re.fullmatch(self.exclude, name):
-                ok = False
-            if ok:
-                names.append(name)
-        if not names:
-            what = f"`parameters={self.parameters!r}`" if self.parameters else "the default (tensors with >= 2 dims)"
-            sample = ", ".join(n for n, _ in list(task.named_parameters())[:8])
+        selected = [name for name, p in task.named_parameters()
+                    if (p.dim() >= 2 if self._parameters is None else self._parameters.fullmatch(name) is not None)]
+        what = f"`parameters={self.parameters!r}`" if self.parameters is not None else "the default (tensors with >= 2 dims)"
+        sample = ", ".join(n for n, _ in list(task.named_parameters())[:8])
+        if not selected:
             raise ValueError(f"{what} matches no parameter of the task. Some parameter names: {sample} ...")
+        names = [n for n in selected if self._exclude is None or self._exclude.fullmatch(n) is None]
+        if not names:
+            raise ValueError(
+                f"`exclude={self.exclude!r}` removes every parameter that {what} selects ({', '.join(selected[:8])}"
+                f"{' ...' if len(selected) > 8 else ''}): nothing is left to prune."
+            )
         return names
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:

@@ -11,6 +11,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_fedprune.validation import check_bool, check_path
+
 
 class RunSummary(pl.Callback):
     """Collects per-round traffic and prints/writes a final summary at the end of fit.
@@ -27,10 +29,9 @@ class RunSummary(pl.Callback):
     """
 
     def __init__(self, path: str | None = None, print_summary: bool = True) -> None:
-        if path is not None and not isinstance(path, str):
-            raise ValueError(f"`path` must be a string or None, got {type(path).__name__}.")
+        check_path(path, "path", kind="file")  # its folder is created when the summary is written
         self.path = path
-        self.print_summary = bool(print_summary)
+        self.print_summary = check_bool(print_summary, "print_summary")
         self.history: list[dict[str, float]] = []
         self._start = 0.0
         self.summary: dict[str, Any] = {}

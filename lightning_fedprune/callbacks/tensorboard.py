@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lightning_fedprune.pruning.state import PHASES, PruningState
+from lightning_fedprune.validation import check_bool, check_int, check_regex
 
 CHART_TAG = "prune/layer_sparsity_chart"
 MASK_TAG = "prune/mask/"
@@ -45,26 +45,12 @@ class PruningImages(pl.Callback):
 
     def __init__(self, max_layers: int = 4, layers: str | None = None, max_size: int = 256, bar_chart: bool = True,
                  dpi: int = 80) -> None:
-        if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 0:
-            raise ValueError(f"`max_layers` must be an integer >= 0, got {max_layers!r}.")
-        if layers is not None:
-            if not isinstance(layers, str):
-                raise ValueError(f"`layers` must be a regular expression string or None, got {layers!r}.")
-            try:
-                re.compile(layers)
-            except re.error as err:
-                raise ValueError(f"`layers` is not a valid regular expression ({layers!r}): {err}") from err
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 8:
-            raise ValueError(f"`max_size` must be an integer >= 8, got {max_size!r}.")
-        if not isinstance(bar_chart, bool):
-            raise ValueError(f"`bar_chart` must be a bool, got {bar_chart!r}.")
-        if isinstance(dpi, bool) or not isinstance(dpi, int) or not 10 <= dpi <= 600:
-            raise ValueError(f"`dpi` must be an integer in [10, 600], got {dpi!r}.")
-        self.max_layers = max_layers
+        self.max_layers = check_int(max_layers, "max_layers", min=0)
+        self._layers = check_regex(layers, "layers")
         self.layers = layers
-        self.max_size = max_size
-        self.bar_chart = bar_chart
-        self.dpi = dpi
+        self.max_size = check_int(max_size, "max_size", min=8)
+        self.bar_chart = check_bool(bar_chart, "bar_chart")
+        self.dpi = check_int(dpi, "dpi", min=10, max=600)
         self._drawn_round: int | None = None
         self.images_logged = 0
 
@@ -97,8 +83,8 @@ class PruningImages(pl.Callback):
 
     def selected_layers(self, state: PruningState) -> list[str]:
         names = list(state.masks)
-        if self.layers is not None:
-            names = [n for n in names if re.fullmatch(self.layers, n)]
+        if self._layers is not None:
+            names = [n for n in names if self._layers.fullmatch(n)]
         return names[: self.max_layers]
 
 

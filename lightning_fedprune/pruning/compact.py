@@ -13,6 +13,12 @@ computes (up to float summation order):
 * ``half_column`` ``W = [W1 ; W2]``: ``y = cat(W1[:, k0] x[..., k0], W2[:, k1] x[..., k1]) + b``
 * ``half_row``    ``W = [W1 | W2]``: ``y = scatter_k0(W1[k0] x[..., :C/2]) + scatter_k1(W2[k1] x[..., C/2:]) + b``
 
+A :class:`CompactLinear` keeps the ``nn.Linear`` attribute surface a task may read inside
+``training_step`` (``weight``, ``bias``, ``in_features``, ``out_features``): ``weight`` is a
+read-only, differentiable full-shape view (the kept blocks scattered into zeros), so an L2
+penalty or weight norm over ``layer.weight`` trains the compact blocks exactly as it trains the
+kept entries of the masked-dense layer.
+
 Everything else (convolutions, embeddings, ``nn.MultiheadAttention`` projections, tied
 weights, ``unstructured`` masks, biases with their own mask) stays a full tensor and is kept
 pruned by the masked-dense helpers :func:`apply_masks_`, :func:`mask_gradients_` and
@@ -54,6 +60,7 @@ class CompactLinear(nn.Module):
     two for the half patterns, shapes as in :meth:`EncodedTensor.blocks`) and ``bias`` (full
     ``(out_features,)``, or ``None``). ``kept[h]`` are the block's kept indices (rows of the
     block for ``row``/``half_row``, columns for ``column``/``half_column``), ascending.
+    :attr:`weight` reads like ``nn.Linear.weight`` (full shape, zeros at pruned entries).
     """
 
     def __init__(
@@ -167,33 +174,61 @@ class CompactLinear(nn.Module):
             flags[self.keep1 + n] = True
         return expand_groups(flags, self.pattern, (self.out_features, self.in_features))
 
-    @torch.no_grad()
     def _scatter(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-        out = blocks[0].new_zeros(self.out_features, self.in_features)
+        """The blocks placed in a full ``(out_features, in_features)`` tensor, zeros elsewhere.
+
+        Built with out-of-place ``index_copy``/``cat``, so it is differentiable: a loss on the
+        result sends its gradient to the kept entries of ``blocks`` (see :attr:`weight`)."""
         p = self.pattern
+        b0 = blocks[0]
         if p == "row":
-            out[self.keep0] = blocks[0]
-        elif p == "column":
-            out[:, self.keep0] = blocks[0]
-        elif p == "half_row":
+            return b0.new_zeros(self.out_features, self.in_features).index_copy(0, self.keep0, b0)
+        if p == "column":
+            return b0.new_zeros(self.out_features, self.in_features).index_copy(1, self.keep0, b0)
+        if p == "half_row":  # [W1 | W2]: kept rows of each half of the columns
             h = self.in_features // 2
-            out[self.keep0, :h] = blocks[0]
-            out[self.keep1, h:] = blocks[1]
-        else:
-            h = self.out_features // 2
-            out[:h, self.keep0] = blocks[0]
-            out[h:, self.keep1] = blocks[1]
-        return out
+            left = b0.new_zeros(self.out_features, h).index_copy(0, self.keep0, b0)
+            right = b0.new_zeros(self.out_features, self.in_features - h).index_copy(0, self.keep1, blocks[1])
+            return torch.cat([left, right], dim=1)
+        h = self.out_features // 2  # half_column, [W1 ; W2]: kept columns of each half of the rows
+        top = b0.new_zeros(h, self.in_features).index_copy(1, self.keep0, b0)
+        bottom = b0.new_zeros(self.out_features - h, self.in_features).index_copy(1, self.keep1, blocks[1])
+        return torch.cat([top, bottom], dim=0)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full ``(out_features, in_features)`` weight, as ``nn.Linear.weight`` reads: exact zeros at
+        pruned entries, the kept values elsewhere.
+
+        It keeps the ``nn.Linear`` attribute surface for tasks that read ``layer.weight`` in
+        ``training_step`` (an L2 penalty, a weight norm): the tensor is a differentiable scatter of
+        :attr:`weight_blocks`, so a penalty's gradient reaches the kept blocks exactly as it reaches
+        the kept entries of the masked-dense layer. It is computed on every read (a full-size
+        temporary; the stored parameters stay compact), so it is read-only: assigning ``.weight``
+        raises, and in-place changes to the returned tensor do not reach the layer (change
+        ``weight_blocks`` instead)."""
+        return self._scatter(list(self.weight_blocks))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__}.`weight` is computed from `weight_blocks` (the kept slice of a compacted "
+                "nn.Linear) and is read-only; write to `weight_blocks` (or train without compaction: "
+                "`compact_clients=False`)."
+            )
+        super().__setattr__(name, value)
+
+    @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
-        """The weight in full coordinates, exact zeros at pruned entries (a new tensor)."""
-        return self._scatter([w.detach() for w in self.weight_blocks])
+        """The weight in full coordinates, exact zeros at pruned entries (a new tensor, no autograd)."""
+        return self._scatter(list(self.weight_blocks))
 
+    @torch.no_grad()
     def full_grad(self) -> torch.Tensor | None:
         """The weight gradient in full coordinates (zeros at pruned entries), or ``None``."""
         if any(w.grad is None for w in self.weight_blocks):
             return None
-        return self._scatter([w.grad.detach() for w in self.weight_blocks])
+        return self._scatter([w.grad for w in self.weight_blocks])
 
     @torch.no_grad()
     def full_bias(self) -> torch.Tensor | None:

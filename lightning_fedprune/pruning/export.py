@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_fedprune.validation import check_choice, fail
 
 
 def export_pruned(task: torch.nn.Module, masks: dict[str, Tensor], patterns: dict[str, str]) -> dict[str, Any]:
@@ -22,10 +23,20 @@ def export_pruned(task: torch.nn.Module, masks: dict[str, Tensor], patterns: dic
       smaller layer needs;
     * ``masks``, ``patterns`` and ``sparsity`` (pruned fraction over the masked parameters).
     """
-    from lightning_fedprune.pruning.patterns import STRUCTURED_PATTERNS
+    from lightning_fedprune.pruning.patterns import PATTERNS, STRUCTURED_PATTERNS
     from lightning_fedprune.wire import encode_tensor
 
+    if not isinstance(task, torch.nn.Module):
+        fail("task", "a torch.nn.Module", task)
     state = {k: v.detach().clone() for k, v in task.state_dict().items()}
+    for name, mask in masks.items():
+        if name not in state:
+            raise ValueError(f"`masks` has an entry for {name!r}, which is not in the task's state_dict.")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != state[name].shape:
+            shown = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"`masks[{name!r}]` must be a bool tensor of shape {tuple(state[name].shape)}, got {shown}.")
+    for name, pattern in patterns.items():
+        check_choice(pattern, f"patterns[{name!r}]", PATTERNS)
     compact: dict[str, Any] = {}
     for name, mask in masks.items():
         state[name] = state[name].masked_fill(~mask, 0)
