@@ -74,6 +74,10 @@ class MLPClassifier(pl.LightningModule):
         logits = self(x)
         self.log("test/acc", (logits.argmax(-1) == y).float().mean())
 
+    def predict_step(self, batch, batch_idx):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(-1)
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
                                weight_decay=self.hparams.weight_decay)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_fedprune.cli import build_cli
 
@@ -66,3 +68,31 @@ def test_summary_written(tmp_path, monkeypatch):
     summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
     assert summary["rounds"] == 20 and 0 < summary["sparsity"] <= 0.5
     assert summary["bytes_saved_percent"] > 0 and "val/acc" in summary["metrics"]
+
+
+def test_fedprune_predict_from_a_fit_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit = build_cli(["fit", "--config", str(ROOT / "examples/quickstart.yaml"), "--quiet=true",
+                     f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=12",
+                     "--trainer.val_check_interval=12"])
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    predict_data = ["--data.init_args.predict_dataset.class_path=lightning_fedprune.demos.GaussianMixtureDataset",
+                    "--data.init_args.predict_dataset.init_args.num_samples=50",
+                    "--data.init_args.predict_dataset.init_args.dim=32", "--data.init_args.predict_dataset.init_args.noise=2.0",
+                    "--data.init_args.predict_dataset.init_args.seed=7"]
+    cli = build_cli(["--config", str(ROOT / "examples/quickstart.yaml"), "--quiet=true", "--trainer.logger=false",
+                     *predict_data], run=False)
+    predictions = cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt))
+    labels = torch.cat(predictions)
+    assert labels.shape == (50,)
+    # the predictions are the checkpoint's global (pruned) model's: the same as the fitted module's
+    dataset = cli.datamodule.predict_dataset
+    pruned = copy.deepcopy(fit.model.task).eval()
+    assert fit.model.masks  # pruning started at round 10
+    fit.model.pruning.zero_pruned_(dict(pruned.named_parameters()))
+    assert torch.equal(labels, pruned(dataset.x).argmax(-1))
+    out = subprocess.run([sys.executable, "-m", "lightning_fedprune", "predict", "--config",
+                          str(ROOT / "examples/quickstart.yaml"), "--quiet=true", "--trainer.logger=false",
+                          f"--ckpt_path={ckpt}", *predict_data], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
