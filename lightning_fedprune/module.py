@@ -16,18 +16,29 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any
+from typing import IO, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.fabric.utilities.types import _MAP_LOCATION_TYPE, _PATH
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod, is_overridden
 from torch import Tensor
+from typing_extensions import Self
 
 from lightning_fedprune.aggregation import (
     is_plain_fedavg,
     make_server_optimizer,
     validate_server_optimizer,
     weighted_average,
+)
+from lightning_fedprune.checkpoint import (
+    RESUME_CONFIG_CHANGES,
+    install_checkpoint_validation,
+    instantiate_task,
+    restore_federated_state,
+    save_federated_state,
+    task_spec,
+    validate_checkpoint_file,
 )
 from lightning_fedprune.client import state_names
 from lightning_fedprune.executors import EXECUTORS, Executor, make_executor
@@ -51,7 +62,9 @@ class FederatedLightningModule(pl.LightningModule):
             define client training (a fresh client optimiser every round, as in FedAvg); its
             ``validation_step``/``test_step`` evaluate the global model — the *pruned* model
             clients get (pruned entries are zeroed during evaluation and the server's kept
-            values restored afterwards).
+            values restored afterwards). It may also be given as ``{"class_path": "pkg.mod.Task",
+            "init_args": {...}}``; this is how it is recorded in the hyperparameters (its class and
+            its own ``save_hyperparameters``), so ``load_from_checkpoint(path)`` rebuilds it.
         clients_per_round: cohort size sampled each round (seeded by ``seed`` and the round).
         local_steps: optimiser steps per client per round (give this or ``local_epochs``).
         local_epochs: passes over the client's data per round (default 1 if neither is given).
@@ -70,6 +83,12 @@ class FederatedLightningModule(pl.LightningModule):
             pattern allows it (row/column patterns on ``nn.Linear``).
         seed: seeds cohorts and every client's local randomness (data order, dropout) as pure
             functions of ``(seed, round, client)``.
+        resume_config_change: what resuming from a checkpoint (``trainer.fit(ckpt_path=...)``) does when
+            this module's settings or the pruning callbacks' differ from the checkpoint's: ``"error"``
+            (default) refuses, listing every differing field; ``"apply"`` warns with the list and
+            continues with the new settings (masks are recomputed at the first resumed round when
+            the pruning settings changed; a change of pattern or sparsity after fine-tuning started
+            is refused). See docs/troubleshooting.md.
     """
 
     def __init__(
@@ -91,8 +110,11 @@ class FederatedLightningModule(pl.LightningModule):
         client_gradient_clip_algorithm: str = "norm",
         compact_clients: bool = True,
         seed: int = 0,
+        resume_config_change: str = "error",
     ) -> None:
         super().__init__()
+        if isinstance(task, dict):
+            task = instantiate_task(task)
         if not isinstance(task, pl.LightningModule):
             raise TypeError(f"`task` must be a lightning LightningModule, got {type(task).__name__}.")
         if not is_overridden("training_step", task, pl.LightningModule):
@@ -108,6 +130,8 @@ class FederatedLightningModule(pl.LightningModule):
             raise ValueError(f"`executor` must be one of {EXECUTORS} or an Executor instance, got {executor!r}.")
         if not isinstance(seed, int):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        if resume_config_change not in RESUME_CONFIG_CHANGES:
+            raise ValueError(f"`resume_config_change` must be one of {RESUME_CONFIG_CHANGES}, got {resume_config_change!r}.")
         self.client_config = ClientConfig(
             local_steps=local_steps,
             local_epochs=local_epochs,
@@ -116,7 +140,12 @@ class FederatedLightningModule(pl.LightningModule):
             compact=compact_clients,
         )
         self.executor = make_executor(executor, num_workers=num_workers, start_method=start_method)
-        self.save_hyperparameters(ignore=["task", "executor"])
+        # the task is recorded as its class path and its own hyperparameters (checkpoint, loggers' hparams.yaml);
+        # LightningCLI's `_instantiator` is dropped so that every checkpoint loads the same way; plain lists
+        # keep hparams.yaml readable by yaml.safe_load
+        self.save_hyperparameters(ignore=["task", "executor", "_instantiator"])
+        self.save_hyperparameters({"task": task_spec(task), "server_betas": list(server_betas)})
+        self.resume_config_change = resume_config_change
         self.automatic_optimization = False
         self.task = task
         self.clients_per_round = clients_per_round
@@ -152,6 +181,7 @@ class FederatedLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ setup / teardown
     def setup(self, stage: str) -> None:
+        install_checkpoint_validation(self.trainer)  # `ckpt_path` is loaded after setup: check the file first
         self._delegate("setup", stage)
         if stage != "fit":
             return
@@ -399,11 +429,29 @@ class FederatedLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["fedprune"] = {"version": 1, "pruning": self.pruning.state_dict()}
+        """``state_dict`` holds the pruned model; the server's pruned values, masks and configuration go
+        into ``checkpoint["fedprune"]`` (see :mod:`lightning_fedprune.checkpoint`)."""
+        save_federated_state(self, checkpoint)
         self.task.on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("fedprune")
-        if state is not None:
-            self.pruning.load_state_dict(state["pruning"])
+        """Restores masks and the server's pruned values before Lightning loads ``state_dict``; on resume,
+        compares the configuration first (``resume_config_change``)."""
+        restore_federated_state(self, checkpoint)
         self.task.on_load_checkpoint(checkpoint)
+
+    @_restricted_classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: _PATH | IO,
+        map_location: _MAP_LOCATION_TYPE = None,
+        hparams_file: _PATH | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Lightning's ``load_from_checkpoint`` after a check of the file (a clear error naming it when it is
+        empty, truncated, not a checkpoint or damaged). The task is rebuilt from the class path and
+        hyperparameters recorded in the checkpoint unless ``task=`` is given."""
+        validate_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
