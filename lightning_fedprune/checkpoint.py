@@ -259,6 +259,9 @@ def run_config(fed: FederatedLightningModule, trainer: pl.Trainer | None) -> dic
 
 
 def _comparable(value: Any) -> Any:
+    """Tuples and lists compare equal (YAML and the CLI give lists); tensors compare by value."""
+    if isinstance(value, Tensor):
+        return ("tensor", value.dtype, value.tolist())
     if isinstance(value, (list, tuple)):
         return [_comparable(v) for v in value]
     if isinstance(value, dict):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -56,15 +57,27 @@ class FedPruneCLI(LightningCLI):
             cfg.trainer.enable_model_summary = False
 
     def _parse_ckpt_path(self) -> None:
-        """Checks the ``--ckpt_path`` file first (a clear error naming it). For ``fit`` the model is the
-        configured one, not the checkpoint's hyperparameters: resuming compares the two and refuses or
-        applies a difference (``--model.resume_config_change``) instead of silently keeping either."""
+        """Checks the ``--ckpt_path`` file first (a clear error naming it).
+
+        For ``fit`` the model is the configured one, not the checkpoint's hyperparameters: resuming
+        compares the two and refuses or applies a difference (``--model.resume_config_change``)
+        instead of silently keeping either. For ``validate``/``test``/``predict`` the checkpoint's
+        hyperparameters override the configured model, as in LightningCLI, except a task recorded
+        without its arguments (no ``save_hyperparameters``), which stays as configured.
+        """
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
-        validate_checkpoint_file(self.config[subcommand].get("ckpt_path"))
-        if subcommand != "fit":
-            super()._parse_ckpt_path()
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        validate_checkpoint_file(ckpt_path)
+        if subcommand == "fit" or not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if isinstance(hparams.get("task"), dict) and hparams["task"].get("init_args") is None:
+            del hparams["task"]
+        if hparams:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """Uses :class:`FederatedProgressBar` as the default progress bar (unless the progress bar is

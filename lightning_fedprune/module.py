@@ -435,8 +435,8 @@ class FederatedLightningModule(pl.LightningModule):
         self.task.on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restores masks and the server's pruned values before Lightning loads ``state_dict``; on resume,
-        compares the configuration first (``resume_config_change``)."""
+        """Restores the masks before Lightning loads ``state_dict``; when resuming a fit, first compares the
+        configuration (``resume_config_change``), then puts the server's pruned values back."""
         restore_federated_state(self, checkpoint)
         self.task.on_load_checkpoint(checkpoint)
 

@@ -21,6 +21,7 @@ from torch import nn
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule
 from lightning_fedprune.callbacks import FineTuneFreeze, MaskRefinementCallback, SparsityRampCallback
 from lightning_fedprune.checkpoint import CheckpointError, export_task_checkpoint
+from lightning_fedprune.cli import build_cli
 from lightning_fedprune.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,12 +153,13 @@ def test_a_checkpoint_before_finetuning_loads_as_the_pruned_model(run):
 class NoHparamsTask(pl.LightningModule):
     """A task that does not call save_hyperparameters and needs an argument."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, in_dim: int = 16, num_classes: int = 4):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, 4))
+        self.body = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x):
-        return self.net(x)
+        return self.head(self.body(x))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -209,6 +211,24 @@ def test_cli_checkpoint_loads_without_task_exports_and_refuses_changed_resume(tm
     with pytest.raises(ValueError, match=re.escape("FederatedLightningModule.clients_per_round: checkpoint=5, now=3")):
         cli_main(["fit", "--config", config, *fast, "--trainer.max_steps=3", "--model.clients_per_round=3",
                   "--ckpt_path", str(path)])
+
+
+def test_cli_validate_with_checkpoint_of_a_task_without_hyperparameters(tmp_path, monkeypatch):
+    """validate takes the model's settings from the checkpoint, except a task recorded without arguments."""
+    monkeypatch.chdir(tmp_path)
+    task = {"model": {"task": {"class_path": f"{__name__}.NoHparamsTask",
+                               "init_args": {"hidden": 8, "in_dim": 32, "num_classes": 10}}}}
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(task))
+    args = ["--config", str(ROOT / "examples/quickstart.yaml"), "--config", str(tmp_path / "task.yaml"), "--quiet=true",
+            "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
+    cli_main(["fit", *args, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    path = next(tmp_path.rglob("*.ckpt"))
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["hyper_parameters"]["task"]["init_args"] is None
+    cli = build_cli(["validate", *args, "--ckpt_path", str(path)])
+    assert type(cli.model.task) is NoHparamsTask
+    for name, value in cli.model.task.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][f"task.{name}"]), name
 
 
 # ------------------------------------------------------------------ invalid and damaged files
@@ -325,3 +345,19 @@ def test_pattern_change_after_finetuning_started_is_refused_even_with_apply(run)
 def test_resume_config_change_is_validated():
     with pytest.raises(ValueError, match="resume_config_change"):
         _make(resume_config_change="ignore")
+
+
+def test_checkpoint_without_stored_configuration_resumes_with_a_warning(run, tmp_path):
+    """A checkpoint of the first format (no configuration, full server values in state_dict) still resumes exactly."""
+    fed, folder = run
+    ckpt = torch.load(folder / "step=4.ckpt", weights_only=True)
+    section = ckpt["fedprune"]
+    for name, values in section.pop("server_values").items():
+        key = f"task.{name}"
+        ckpt["state_dict"][key] = ckpt["state_dict"][key].masked_scatter(~section["pruning"]["masks"][name], values)
+    del section["config"]
+    section["version"] = 1
+    torch.save(ckpt, tmp_path / "v1.ckpt")
+    with pytest.warns(UserWarning, match="older lightning-fedprune: its configuration is not checked"):
+        resumed, _ = _resume(tmp_path / "v1.ckpt")
+    _assert_same_state(fed.task, resumed.task)
