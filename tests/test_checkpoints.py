@@ -3,6 +3,7 @@ invalid and damaged files, and resume with a changed configuration."""
 
 from __future__ import annotations
 
+import pickle
 import re
 import struct
 import zipfile
@@ -361,3 +362,20 @@ def test_checkpoint_without_stored_configuration_resumes_with_a_warning(run, tmp
     with pytest.warns(UserWarning, match="older lightning-fedprune: its configuration is not checked"):
         resumed, _ = _resume(tmp_path / "v1.ckpt")
     _assert_same_state(fed.task, resumed.task)
+
+
+class Payload:
+    """Stands for any pickled object a checkpoint should not be able to smuggle in."""
+
+
+@pytest.mark.parametrize("entry", ["load_from_checkpoint", "export"])
+def test_pickled_objects_in_a_checkpoint_are_refused(run, tmp_path, entry):
+    _, folder = run
+    ckpt = torch.load(folder / "step=4.ckpt", weights_only=True)
+    ckpt["extra"] = Payload()
+    torch.save(ckpt, tmp_path / "pickle.ckpt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        if entry == "load_from_checkpoint":
+            FederatedLightningModule.load_from_checkpoint(tmp_path / "pickle.ckpt")
+        else:
+            export_task_checkpoint(tmp_path / "pickle.ckpt", tmp_path / "out.ckpt")
