@@ -3,21 +3,27 @@
     fedprune fit --config examples/quickstart.yaml
     fedprune fit --config examples/asr/digits_fp.yaml --trainer.max_steps 20
     fedprune fit --print_config
+    fedprune export --ckpt_path runs/fedprune/version_0/checkpoints/last.ckpt --output model.ckpt
 
 The task is a nested ``class_path`` (``--model.task.class_path``), data modules are chosen with
-``--data.class_path``, and every callback is a ``--trainer.callbacks+=...`` entry.
+``--data.class_path``, and every callback is a ``--trainer.callbacks+=...`` entry. ``export`` is not a
+LightningCLI subcommand: it writes the plain pruned task of a checkpoint for serving
+(:func:`lightning_fedprune.checkpoint.export_task_checkpoint`).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_fedprune.checkpoint import export_task_checkpoint, validate_checkpoint_file
 from lightning_fedprune.module import FederatedLightningModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -49,6 +55,29 @@ class FedPruneCLI(LightningCLI):
         if cfg is not None and cfg.get("quiet"):
             cfg.trainer.enable_progress_bar = False
             cfg.trainer.enable_model_summary = False
+
+    def _parse_ckpt_path(self) -> None:
+        """Checks the ``--ckpt_path`` file first (a clear error naming it).
+
+        For ``fit`` the model is the configured one, not the checkpoint's hyperparameters: resuming
+        compares the two and refuses or applies a difference (``--model.resume_config_change``)
+        instead of silently keeping either. For ``validate``/``test``/``predict`` the checkpoint's
+        hyperparameters override the configured model, as in LightningCLI, except a task recorded
+        without its arguments (no ``save_hyperparameters``), which stays as configured.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        validate_checkpoint_file(ckpt_path)
+        if subcommand == "fit" or not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if isinstance(hparams.get("task"), dict) and hparams["task"].get("init_args") is None:
+            del hparams["task"]
+        if hparams:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """Uses :class:`FederatedProgressBar` as the default progress bar (unless the progress bar is
@@ -82,8 +111,25 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FedPruneCLI:
     )
 
 
+def export_main(args: list[str]) -> None:
+    """``fedprune export --ckpt_path X --output Y``: the plain pruned task of checkpoint X, written to Y."""
+    parser = argparse.ArgumentParser(
+        prog="fedprune export",
+        description="Write the plain, pruned task of a FederatedLightningModule checkpoint as a Lightning checkpoint "
+                    "that `Task.load_from_checkpoint(output)` reads (for serving).")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint of a federated run (e.g. .../last.ckpt)")
+    parser.add_argument("--output", required=True, help="where to write the task's checkpoint")
+    ns = parser.parse_args(args)
+    out = export_task_checkpoint(ns.ckpt_path, ns.output)
+    print(f"wrote {out}")
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point (``fedprune``, ``python -m lightning_fedprune``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "export":
+        export_main(argv[1:])
+        return
     build_cli(args)
 
 

@@ -17,20 +17,31 @@ import math
 import multiprocessing as mp
 import time
 import warnings
-from typing import Any
+from typing import IO, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.types import _MAP_LOCATION_TYPE, _PATH
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod, is_overridden
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
+from typing_extensions import Self
 
 from lightning_fedprune.aggregation import (
     is_plain_fedavg,
     make_server_optimizer,
     validate_server_optimizer,
     weighted_average,
+)
+from lightning_fedprune.checkpoint import (
+    RESUME_CONFIG_CHANGES,
+    install_checkpoint_validation,
+    instantiate_task,
+    restore_federated_state,
+    save_federated_state,
+    task_spec,
+    validate_checkpoint_file,
 )
 from lightning_fedprune.client import (
     CLIENT_PRECISIONS,
@@ -78,6 +89,9 @@ class FederatedLightningModule(pl.LightningModule):
             global model — the *pruned* model clients get (pruned entries are zeroed during
             evaluation and the server's kept values restored afterwards). See docs/dropin.md for
             where each Lightning hook runs.
+            It may also be given as ``{"class_path": "pkg.mod.Task", "init_args": {...}}``; this is how
+            it is recorded in the hyperparameters (its class and its own ``save_hyperparameters``), so
+            ``load_from_checkpoint(path)`` rebuilds it.
         clients_per_round: cohort size sampled each round (seeded by ``seed`` and the round).
         local_steps: optimiser steps per client per round (``training_step`` calls with manual
             optimisation); give this or ``local_epochs``.
@@ -100,6 +114,12 @@ class FederatedLightningModule(pl.LightningModule):
             first round fails, or every client of this many consecutive rounds.
         seed: seeds cohorts and every client's local randomness (data order, dropout) as pure
             functions of ``(seed, round, client)``.
+        resume_config_change: what resuming from a checkpoint (``trainer.fit(ckpt_path=...)``) does when
+            this module's settings or the pruning callbacks' differ from the checkpoint's: ``"error"``
+            (default) refuses, listing every differing field; ``"apply"`` warns with the list and
+            continues with the new settings (masks are recomputed at the first resumed round when
+            the pruning settings changed; a change of pattern or sparsity after fine-tuning started
+            is refused). See docs/troubleshooting.md.
     """
 
     def __init__(
@@ -122,8 +142,11 @@ class FederatedLightningModule(pl.LightningModule):
         compact_clients: bool = True,
         max_failed_rounds: int = 3,
         seed: int = 0,
+        resume_config_change: str = "error",
     ) -> None:
         super().__init__()
+        if isinstance(task, dict):
+            task = instantiate_task(task)
         if not isinstance(task, pl.LightningModule):
             raise TypeError(f"`task` must be a lightning LightningModule, got {type(task).__name__}.")
         if not is_overridden("training_step", task, pl.LightningModule):
@@ -140,6 +163,7 @@ class FederatedLightningModule(pl.LightningModule):
         check_choice(start_method, "start_method", mp.get_all_start_methods())
         max_failed_rounds = check_int(max_failed_rounds, "max_failed_rounds", min=1)
         seed = check_int(seed, "seed")
+        check_choice(resume_config_change, "resume_config_change", RESUME_CONFIG_CHANGES)
         self.client_config = ClientConfig(
             local_steps=local_steps,
             local_epochs=local_epochs,
@@ -148,7 +172,12 @@ class FederatedLightningModule(pl.LightningModule):
             compact=compact_clients,
         )
         self.executor = make_executor(executor, num_workers=num_workers, start_method=start_method)
-        self.save_hyperparameters(ignore=["task", "executor"])
+        # the task is recorded as its class path and its own hyperparameters (checkpoint, loggers' hparams.yaml);
+        # LightningCLI's `_instantiator` is dropped so that every checkpoint loads the same way; plain lists
+        # keep hparams.yaml readable by yaml.safe_load
+        self.save_hyperparameters(ignore=["task", "executor", "_instantiator"])
+        self.save_hyperparameters({"task": task_spec(task), "server_betas": list(server_betas)})
+        self.resume_config_change = resume_config_change
         self.automatic_optimization = False
         self.task = task
         self.clients_per_round = clients_per_round
@@ -258,6 +287,7 @@ class FederatedLightningModule(pl.LightningModule):
             trainer.check_val_every_n_epoch = None
 
     def setup(self, stage: str) -> None:
+        install_checkpoint_validation(self.trainer)  # `ckpt_path` is loaded after setup: check the file first
         self._delegate("setup", stage)
         if stage != "fit":
             return
@@ -325,6 +355,11 @@ class FederatedLightningModule(pl.LightningModule):
             self._executor_ready = False
         self._delegate("teardown", stage)
 
+    def make_server_optimizer(self) -> torch.optim.Optimizer:
+        """A new server optimiser over the global parameters, from this module's settings."""
+        return make_server_optimizer(self.global_params().values(), self.server_optimizer_name, self.server_lr,
+                                     self.server_momentum, self.server_betas, self.server_eps)
+
     def configure_optimizers(self) -> Any:
         """The server optimiser, then the task's optimisers and schedulers (the clients' *template*).
 
@@ -333,10 +368,7 @@ class FederatedLightningModule(pl.LightningModule):
         starts from (see :class:`~lightning_fedprune.protocol.OptimState`). It is never stepped with
         gradients on the server.
         """
-        server = make_server_optimizer(
-            self.global_params().values(), self.server_optimizer_name, self.server_lr,
-            self.server_momentum, self.server_betas, self.server_eps,
-        )
+        server = self.make_server_optimizer()
         task = self.task
         trainer = task._trainer
         view = ClientTrainerView(self.client_config, client_precision_plugin(self.client_config.precision), task)
@@ -635,17 +667,35 @@ class FederatedLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["fedprune"] = {"version": 1, "pruning": self.pruning.state_dict(),
-                                  "client_clock": {"global_step": self._clock.global_step, "epoch": self._clock.epoch}}
+        """``state_dict`` holds the pruned model; the server's pruned values, masks and configuration go
+        into ``checkpoint["fedprune"]`` (see :mod:`lightning_fedprune.checkpoint`)."""
+        save_federated_state(self, checkpoint)
+        checkpoint["fedprune"]["client_clock"] = {"global_step": self._clock.global_step, "epoch": self._clock.epoch}
         self.task.on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("fedprune")
-        if state is not None:
-            self.pruning.load_state_dict(state["pruning"])
-            clock = state.get("client_clock", {})
-            self._clock = OptimState(global_step=int(clock.get("global_step", 0)), epoch=int(clock.get("epoch", 0)))
+        """Restores the masks before Lightning loads ``state_dict``; when resuming a fit, first compares the
+        configuration (``resume_config_change``), then puts the server's pruned values back."""
+        restore_federated_state(self, checkpoint)
+        clock = checkpoint.get("fedprune", {}).get("client_clock", {})
+        self._clock = OptimState(global_step=int(clock.get("global_step", 0)), epoch=int(clock.get("epoch", 0)))
         self.task.on_load_checkpoint(checkpoint)
+
+    @_restricted_classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: _PATH | IO,
+        map_location: _MAP_LOCATION_TYPE = None,
+        hparams_file: _PATH | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Lightning's ``load_from_checkpoint`` after a check of the file (a clear error naming it when it is
+        empty, truncated, not a checkpoint or damaged). The task is rebuilt from the class path and
+        hyperparameters recorded in the checkpoint unless ``task=`` is given."""
+        validate_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
 
 
 #: The task's hooks around evaluation of the global model (validation, test, predict), forwarded as they are.

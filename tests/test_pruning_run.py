@@ -340,8 +340,10 @@ def test_checkpoint_saved_after_validation_keeps_server_values(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{step}")  # saves at validation end
     quiet_trainer(max_steps=4, val_check_interval=4, enable_checkpointing=True, callbacks=cbs() + [ckpt]).fit(first, datamodule=dm)
     path = tmp_path / "step=4.ckpt"
-    saved = torch.load(path, weights_only=False)["state_dict"]["task.body.0.weight"]
-    assert (saved != 0).all()  # the checkpoint holds the server's kept pruned values, not the zeroed eval view
+    ckpt = torch.load(path, weights_only=True)
+    mask = ckpt["fedprune"]["pruning"]["masks"]["body.0.weight"]
+    assert (ckpt["state_dict"]["task.body.0.weight"][~mask] == 0).all()  # state_dict: the pruned model
+    assert (ckpt["fedprune"]["server_values"]["body.0.weight"] != 0).all()  # the server's kept pruned values
     resumed, dm = make()
     quiet_trainer(max_steps=8, callbacks=cbs()).fit(resumed, datamodule=dm, ckpt_path=str(path))
     for (name, a), (_, b) in zip(full.task.state_dict().items(), resumed.task.state_dict().items()):

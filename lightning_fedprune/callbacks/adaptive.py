@@ -32,6 +32,10 @@ class AdaptiveLayerSparsity(pl.Callback):
         check_choice(normalize, "normalize", NORMALIZATIONS)
         self.normalize = normalize
 
+    def config(self) -> dict[str, Any]:
+        """The settings, stored in checkpoints and compared on resume."""
+        return {"max_layer_sparsity": self.max_layer_sparsity, "temperature": self.temperature, "normalize": self.normalize}
+
     def allocation_config(self, target_sparsity: float) -> dict[str, Any]:
         if target_sparsity > self.max_layer_sparsity:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""Phase (c): masks and sparsity frozen; pruning made permanent at the end; export of the pruned model."""
+"""Phase (c): masks and sparsity frozen, pruning made permanent; export of the pruned model at the end."""
 
 from __future__ import annotations
 
@@ -18,11 +18,15 @@ class FineTuneFreeze(pl.Callback):
 
     Args:
         start_round: first fine-tuning round; must be after the ramp's ``end_round``.
-        make_permanent: at the end of fit, drop the pruned values from the global model (set them to
-            exact zeros); until then the server keeps them (restorable).
+        make_permanent: when fine-tuning starts, drop the pruned values from the global model (set
+            them to exact zeros): the pruned parameters are removed for good, as in the method's
+            phase (c). The masks are frozen from then on, so training is the same either way; with
+            ``False`` the server keeps the pruned values (restorable) and only the checkpoints'
+            ``state_dict`` and evaluation see zeros.
         export_path: if set, write the pruned model there at the end of fit (``torch.save`` of
             :func:`lightning_fedprune.pruning.export.export_pruned`: a state_dict with zeros, and a
-            compact form for structured patterns).
+            compact form for structured patterns). For a checkpoint that ``Task.load_from_checkpoint``
+            reads, see :func:`lightning_fedprune.checkpoint.export_task_checkpoint`.
     """
 
     def __init__(self, start_round: int, make_permanent: bool = True, export_path: str | None = None) -> None:
@@ -31,6 +35,10 @@ class FineTuneFreeze(pl.Callback):
         # checked now, not when the export is written after training
         check_path(export_path, "export_path", kind="file", parent_must_exist=True)
         self.export_path = export_path
+
+    def config(self) -> dict[str, Any]:
+        """The settings, stored in checkpoints and compared on resume (``export_path`` is an output, not one)."""
+        return {"start_round": self.start_round, "make_permanent": self.make_permanent}
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -42,9 +50,14 @@ class FineTuneFreeze(pl.Callback):
         check_path(self.export_path, "export_path", kind="file", parent_must_exist=True)  # again: fit may come much later
 
     def on_fed_round_start(self, trainer: pl.Trainer, pl_module: Any, round: int, cohort: list[int]) -> None:
-        if round >= self.start_round:
-            pl_module.pruning.frozen = True
-            pl_module.pruning.phase = 3
+        if round < self.start_round:
+            return
+        state = pl_module.pruning
+        state.frozen = True
+        state.phase = 3
+        # no callback changes the masks from here on, whatever the callback order: removing the values is final
+        if self.make_permanent and state.masks and not state.permanent:
+            make_permanent(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         state = pl_module.pruning
@@ -55,8 +68,6 @@ class FineTuneFreeze(pl.Callback):
                 f"Training ended at round {trainer.global_step}, before fine-tuning (round {self.start_round}); "
                 "pruning is not made permanent.", stacklevel=2)
             return
-        if self.make_permanent:
-            make_permanent(pl_module)
         if self.export_path is not None:
             from lightning_fedprune.pruning.export import export_pruned
 

@@ -41,6 +41,10 @@ class MaskRefinementCallback(pl.Callback):
         self.total_flips = 0
         self.total_restored = 0
 
+    def config(self) -> dict[str, Any]:
+        """The settings, stored in checkpoints and compared on resume."""
+        return {"every_n_rounds": self.every_n_rounds, "start_round": self.start_round, "until_round": self.until_round}
+
     def first_round(self, ramp: Any) -> int:
         return self.start_round if self.start_round is not None else ramp.end_round + 1
 

@@ -103,6 +103,18 @@ class SparsityRampCallback(pl.Callback):
         self._freeze: Any = None
         self._round_flips = 0
         self._round_restored = 0
+        self._reapply = False
+
+    def config(self) -> dict[str, Any]:
+        """The settings, stored in checkpoints and compared on resume; ``targets`` are the parameter
+        names the regexes selected (known after ``setup``)."""
+        return {
+            "target_sparsity": self.target_sparsity, "start_round": self.start_round, "end_round": self.end_round,
+            "schedule": self.schedule, "power": self.power, "num_steps": self.num_steps,
+            "every_n_rounds": self.every_n_rounds, "pattern": self.pattern, "importance": self.importance,
+            "parameters": self.parameters, "exclude": self.exclude, "momentum_beta": self.momentum_beta,
+            "momentum_source": self.momentum_source, "targets": list(self.targets),
+        }
 
     # ------------------------------------------------------------------ setup
     def resolve_targets(self, task: torch.nn.Module) -> list[str]:
@@ -185,6 +197,27 @@ class SparsityRampCallback(pl.Callback):
                 out[name] = buf
         return out
 
+    # ------------------------------------------------------------------ resume with a changed configuration
+    def reapply_config(self) -> None:
+        """Make this callback's settings take effect when training starts (a resume with
+        ``resume_config_change="apply"``): the restored pruning state carries the checkpoint's pattern
+        and momentum factor, and its masks were computed under the old settings."""
+        self._reapply = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if not self._reapply:
+            return
+        self._reapply = False
+        state = pl_module.pruning
+        if state.frozen or state.permanent:  # mask-shaping changes were refused; the others have no effect now
+            return
+        state.configure(self.targets, self.pattern, self.importance, self.momentum_beta, self.momentum_source)
+        state.patterns = {n: self.pattern for n in self.targets}
+        rnd = int(trainer.global_step)
+        # before any round-start hook (so before fine-tuning can freeze or make the pruning permanent)
+        if state.masks or self.phase_at(rnd) != 0:
+            self.recompute(pl_module, rnd, self.sparsity_at(rnd))
+
     # ------------------------------------------------------------------ federated hooks
     def on_fed_round_start(self, trainer: pl.Trainer, pl_module: Any, round: int, cohort: list[int]) -> None:
         state = pl_module.pruning
@@ -208,11 +241,3 @@ class SparsityRampCallback(pl.Callback):
     def on_fed_round_end(self, trainer: pl.Trainer, pl_module: Any, summary: Any) -> None:
         log_round(pl_module, self._round_flips, self._round_restored)
         self._round_flips = self._round_restored = 0  # reset here: refinement may run before this callback's round start
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"targets": list(self.targets)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("targets")
-        if saved and self.targets and saved != self.targets:
-            raise ValueError("The checkpoint was pruned over different parameters than this SparsityRampCallback selects.")
