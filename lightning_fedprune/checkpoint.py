@@ -27,7 +27,7 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -35,8 +35,10 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from lightning_fedprune.module import FederatedLightningModule
+from lightning_fedprune.pruning.state import PruningState
+
+# The functions below take the federated module (``fed``) as a LightningModule with a ``pruning`` state:
+# this module sits below module.py (which calls it from its checkpoint hooks), so it does not import it.
 
 FORMAT_VERSION = 2
 TASK_PREFIX = "task."  # the task's keys in the federated module's state_dict
@@ -219,7 +221,7 @@ def instantiate_task(spec: Any) -> pl.LightningModule:
 
 
 # ---------------------------------------------------------------------------------------------- configuration
-def federation_config(fed: FederatedLightningModule) -> dict[str, Any]:
+def federation_config(fed: pl.LightningModule) -> dict[str, Any]:
     """The module's settings that change the computation (the effective values: local_epochs is 1 when
     neither local_steps nor local_epochs was given; only the server optimiser's own settings)."""
     cc = fed.client_config
@@ -245,16 +247,12 @@ def federation_config(fed: FederatedLightningModule) -> dict[str, Any]:
     return config
 
 
-def run_config(fed: FederatedLightningModule, trainer: pl.Trainer | None) -> dict[str, dict[str, Any]]:
-    """``{"FederatedLightningModule": federation_config, "<PruningCallback>": callback.config(), ...}``."""
-    from lightning_fedprune.callbacks import (AdaptiveLayerSparsity, FineTuneFreeze, MaskRefinementCallback,
-                                              SparsityRampCallback)
-
-    config = {"FederatedLightningModule": federation_config(fed)}
-    pruning_callbacks = (SparsityRampCallback, MaskRefinementCallback, AdaptiveLayerSparsity, FineTuneFreeze)
-    for cb in (trainer.callbacks if trainer is not None else []):
-        if isinstance(cb, pruning_callbacks):
-            config[type(cb).__name__] = cb.config()
+def run_config(fed: pl.LightningModule) -> dict[str, dict[str, Any]]:
+    """``{"FederatedLightningModule": federation_config, "<PruningCallback>": its part of the plan, ...}``
+    (the ramp's part also lists the parameter names its regexes selected, ``targets``)."""
+    config = {"FederatedLightningModule": federation_config(fed), **fed.pruning.plan.config()}
+    if "SparsityRampCallback" in config:
+        config["SparsityRampCallback"]["targets"] = list(fed.pruning.targets)
     return config
 
 
@@ -315,7 +313,7 @@ def _refusals(changes: list[tuple[str, Any, Any]], saved_pruning: dict[str, Any]
     return reasons
 
 
-def _apply_server_optimizer(fed: FederatedLightningModule, checkpoint: dict[str, Any], reset: bool) -> None:
+def _apply_server_optimizer(fed: pl.LightningModule, checkpoint: dict[str, Any], reset: bool) -> None:
     """Make the restored server optimiser use the new settings: a different optimiser starts from a fresh
     state; the same optimiser keeps its state (momentum, moments) with the new hyperparameters."""
     states = checkpoint.get("optimizer_states")
@@ -329,7 +327,7 @@ def _apply_server_optimizer(fed: FederatedLightningModule, checkpoint: dict[str,
         saved_group.update({k: v for k, v in fresh_group.items() if k != "params"})
 
 
-def check_resume_config(fed: FederatedLightningModule, checkpoint: dict[str, Any]) -> None:
+def check_resume_config(fed: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
     """On resume, compare the checkpoint's configuration with the current one.
 
     ``resume_config_change="error"`` refuses any difference with one message listing every field;
@@ -345,7 +343,7 @@ def check_resume_config(fed: FederatedLightningModule, checkpoint: dict[str, Any
         warnings.warn(f"{where} was written by an older lightning-fedprune: its configuration is not checked on resume.",
                       stacklevel=2)
         return
-    now = run_config(fed, trainer)
+    now = run_config(fed)
     changes = config_changes(saved, now)
     if not changes:
         return
@@ -365,11 +363,7 @@ def check_resume_config(fed: FederatedLightningModule, checkpoint: dict[str, Any
     if optimizer_changes:
         _apply_server_optimizer(fed, checkpoint, reset="FederatedLightningModule.server_optimizer" in names)
     if any(n.partition(".")[0] in ("SparsityRampCallback", "AdaptiveLayerSparsity") for n in names):
-        from lightning_fedprune.callbacks import SparsityRampCallback
-
-        for cb in trainer.callbacks:
-            if isinstance(cb, SparsityRampCallback):
-                cb.reapply_config()
+        fed._reapply_plan = True  # the masks are recomputed under the new plan when training starts
     warnings.warn(f"Resuming from {where} with a changed configuration (resume_config_change='apply'):\n{listing}",
                   stacklevel=2)
 
@@ -383,7 +377,7 @@ def _state_keys(task: torch.nn.Module) -> dict[str, list[str]]:
     return {name: by_param[id(p)] for name, p in task.named_parameters()}
 
 
-def save_federated_state(fed: FederatedLightningModule, checkpoint: dict[str, Any]) -> None:
+def save_federated_state(fed: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
     """Prune ``checkpoint["state_dict"]`` and add the ``"fedprune"`` section (called by ``on_save_checkpoint``)."""
     state = fed.pruning
     sd = checkpoint["state_dict"]
@@ -399,11 +393,11 @@ def save_federated_state(fed: FederatedLightningModule, checkpoint: dict[str, An
         "version": FORMAT_VERSION,
         "pruning": state.state_dict(),
         "server_values": server_values,
-        "config": run_config(fed, fed._trainer),
+        "config": run_config(fed),
     }
 
 
-def restore_federated_state(fed: FederatedLightningModule, checkpoint: dict[str, Any]) -> None:
+def restore_federated_state(fed: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
     """Load the ``"fedprune"`` section (called by ``on_load_checkpoint``, before Lightning loads the state_dict).
 
     Resuming a fit (``trainer.fit(ckpt_path=...)``) first compares the configuration
@@ -431,7 +425,7 @@ def restore_federated_state(fed: FederatedLightningModule, checkpoint: dict[str,
 
 
 # ---------------------------------------------------------------------------------------------- export
-def pruned_task_state_dict(fed: FederatedLightningModule) -> dict[str, Tensor]:
+def pruned_task_state_dict(fed: pl.LightningModule) -> dict[str, Tensor]:
     """The task's state_dict (keys without the ``task.`` prefix) with pruned entries set to exact zeros."""
     state = {k: v.detach().clone() for k, v in fed.task.state_dict().items()}
     keys = _state_keys(fed.task)
@@ -453,9 +447,7 @@ def export_task_checkpoint(source: Any, out_path: str | os.PathLike) -> Path:
     Returns:
         ``out_path`` as a Path.
     """
-    from lightning_fedprune.module import FederatedLightningModule
-
-    if isinstance(source, FederatedLightningModule):
+    if isinstance(source, pl.LightningModule) and isinstance(getattr(source, "pruning", None), PruningState):
         spec = source.hparams_initial["task"]
         state = pruned_task_state_dict(source)
         masks, patterns = dict(source.pruning.masks), dict(source.pruning.patterns)

@@ -63,6 +63,7 @@ from lightning_fedprune.protocol import (
     RoundPayload,
     derive_seed,
 )
+from lightning_fedprune.pruning.plan import PruningPlan
 from lightning_fedprune.pruning.state import PruningState
 from lightning_fedprune.validation import check_choice, check_int, fail
 from lightning_fedprune.wire import decode_state, dense_nbytes, encode_state
@@ -199,6 +200,7 @@ class FederatedLightningModule(pl.LightningModule):
         self._clock = OptimState()  # client optimiser steps / local epochs so far, in federated time
         self._failed_streak = 0
         self._rounds_this_fit = 0
+        self._reapply_plan = False
 
     # ------------------------------------------------------------------ convenience
     @property
@@ -247,6 +249,7 @@ class FederatedLightningModule(pl.LightningModule):
         ``val_check_interval`` longer than an epoch counts rounds across epochs.
         """
         self._adopt_trainer_settings(self.trainer)
+        self.pruning.plan = PruningPlan()  # the pruning callbacks contribute theirs in `setup`, before ours
         return self._delegate("configure_callbacks")
 
     def _adopt_trainer_settings(self, trainer: pl.Trainer) -> None:
@@ -305,6 +308,12 @@ class FederatedLightningModule(pl.LightningModule):
             )
         self._param_names, self._buffer_names = state_names(self.task)
         self._configure_client_time(self.trainer, dm)
+        # every callback has contributed its part of the plan: check it as a whole and take its configuration
+        self.pruning.apply_plan(self.pruning.plan, [(n, tuple(p.shape)) for n, p in self.task.named_parameters()])
+        if self.pruning.plan.active and self.pruning.momentum_source == "server_optimizer" \
+                and self.pruning.importance.startswith("momentum") and self.server_optimizer_name == "sgd":
+            raise ValueError("`momentum_source='server_optimizer'` needs server_optimizer 'sgdm' or 'adam' (plain 'sgd' "
+                             "has no momentum).")
 
     def _configure_client_time(self, trainer: pl.Trainer, dm: Any) -> None:
         """The clients' precision and their view of the run's length (``max_steps``, ``estimated_stepping_batches``)."""
@@ -338,6 +347,9 @@ class FederatedLightningModule(pl.LightningModule):
         self._delegate("on_fit_start")
 
     def on_train_start(self) -> None:
+        if self._reapply_plan:  # a resume that applies a changed configuration: before any round
+            self._reapply_plan = False
+            self.pruning.reapply_plan(int(self.global_step), self.global_params(), self._server_momentum())
         self._delegate("on_train_start")
         # after the task's on_train_start, so the clients' replicas start from what it set up
         self.executor.setup(self.task, self.trainer.datamodule, self.client_config, self.weighting)
@@ -389,6 +401,7 @@ class FederatedLightningModule(pl.LightningModule):
         if int(batch["round"]) != rnd:
             raise RuntimeError(f"cohort for round {int(batch['round'])} arrived at round {rnd}")
         cohort = [int(c) for c in batch["clients"].tolist()]
+        self.pruning.begin_round(rnd, self.global_params(), self._server_momentum())
         self._call_fed_hook("on_fed_round_start", rnd, cohort)
 
         payload = self.build_payload(rnd)
@@ -426,6 +439,7 @@ class FederatedLightningModule(pl.LightningModule):
             summary.total_weight = float(sum(r.weight for r in ok))
             summary.train_loss = float(sum(r.loss * r.weight for r in ok) / summary.total_weight)
             summary.pseudo_gradient = self._server_step(optimizer, avg)
+            self.pruning.end_round(summary.pseudo_gradient)
             self._advance_client_clock(ok)
         else:
             warnings.warn(f"round {rnd}: all {len(results)} clients failed; the global model is left unchanged.", stacklevel=2)
@@ -475,6 +489,22 @@ class FederatedLightningModule(pl.LightningModule):
         optimizers, configs = self._template
         load_optim_state(best.optim, optimizers, configs)
         self._clock = OptimState(global_step=best.optim.global_step, epoch=best.optim.epoch)
+
+    def _server_momentum(self) -> dict[str, Tensor] | None:
+        """The server optimiser's momentum (``sgdm``) or first moment (``adam``) of the pruned parameters,
+        for ``momentum_*`` importance with ``momentum_source="server_optimizer"``."""
+        state = self.pruning
+        if not state.plan.active or state.momentum_source != "server_optimizer" or self._trainer is None:
+            return None
+        opt = self.server_optimizer
+        params = self.global_params()
+        out = {}
+        for name in state.targets:
+            st = opt.state.get(params[name], {})
+            buf = st.get("momentum_buffer", st.get("exp_avg"))
+            if buf is not None:
+                out[name] = buf
+        return out
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._step_plateau_schedulers("step")
@@ -570,6 +600,18 @@ class FederatedLightningModule(pl.LightningModule):
         self.log("comm/dense_bytes", float(summary.dense_bytes), **log)
         if summary.dense_bytes:
             self.log("comm/ratio", (summary.bytes_down + summary.bytes_up) / summary.dense_bytes, **log)
+        state = self.pruning
+        if state.plan.active:
+            # every value every round (flips are 0 without a recomputation): Lightning repeats a step value
+            # until it is logged again, so a value logged only in some rounds would look stale in the others
+            change = state.last_change
+            self.log("prune/sparsity", state.sparsity() if state.masks else 0.0, prog_bar=True, **log)
+            self.log("prune/target_sparsity", state.target_sparsity, **log)
+            self.log("prune/phase", float(state.phase), **log)
+            self.log("prune/mask_flips", float(change.flips), **log)
+            self.log("prune/restored", float(change.restored), **log)
+            for name, value in state.actual_layer_sparsity().items():
+                self.log(f"prune/layer_sparsity/{name}", value, **log)
         values: dict[str, list[LoggedValue]] = {}
         for r in ok:
             for name, logged in r.logged.items():

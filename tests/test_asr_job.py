@@ -197,7 +197,7 @@ def test_main_config_instantiates_and_prunes_what_it_says(asr_cache, tmp_path):
     assert (ramp.pattern, ramp.target_sparsity, ramp.importance) == ("column", 0.3, "weight_l2")
     assert ramp.end_round < refine.until_round < freeze.start_round < trainer.max_steps
     assert fed.task.hparams.loss == "rnnt" and fed.task.hparams.decoder == "greedy"
-    names = ramp.resolve_targets(fed.task)
+    names = ramp.plan_parts()["selection"].resolve([(n, tuple(p.shape)) for n, p in fed.task.named_parameters()])
     assert len(names) == 5 * fed.task.config["num_layers"]  # 4 FFN linears + attention out_proj per layer
     assert not any(n.startswith(("encoder.subsampling", "joiner", "predictor")) for n in names)
     # clients are the 16 synthetic speakers, validation the 4 held-out ones

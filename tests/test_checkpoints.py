@@ -326,7 +326,7 @@ def test_changed_configuration_is_applied_with_apply(run):
             assert torch.equal(mask, mask.any(dim=1, keepdim=True).expand_as(mask)), (rnd, name)  # whole rows
         kept = sum(int(m.sum()) for m in masks.values())
         total = sum(m.numel() for m in masks.values())
-        assert abs((1 - kept / total) - ramp.sparsity_at(rnd)) < 0.02, rnd
+        assert abs((1 - kept / total) - ramp.plan_parts()["ramp"].sparsity_at(rnd)) < 0.02, rnd
     assert abs(fed.pruning.sparsity() - 0.3) < 0.02 and fed.pruning.permanent
 
 

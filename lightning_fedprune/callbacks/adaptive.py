@@ -6,8 +6,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_fedprune.callbacks._common import find_callback
+from lightning_fedprune.callbacks._common import contribute
 from lightning_fedprune.pruning.allocation import NORMALIZATIONS
+from lightning_fedprune.pruning.plan import Allocation
 from lightning_fedprune.validation import check_choice, check_float
 
 
@@ -32,22 +33,7 @@ class AdaptiveLayerSparsity(pl.Callback):
         check_choice(normalize, "normalize", NORMALIZATIONS)
         self.normalize = normalize
 
-    def config(self) -> dict[str, Any]:
-        """The settings, stored in checkpoints and compared on resume."""
-        return {"max_layer_sparsity": self.max_layer_sparsity, "temperature": self.temperature, "normalize": self.normalize}
-
-    def allocation_config(self, target_sparsity: float) -> dict[str, Any]:
-        if target_sparsity > self.max_layer_sparsity:
-            raise ValueError(
-                f"The ramp's `target_sparsity` ({target_sparsity}) exceeds AdaptiveLayerSparsity's "
-                f"`max_layer_sparsity` ({self.max_layer_sparsity}): no allocation can reach it."
-            )
-        return {"max_layer_sparsity": self.max_layer_sparsity, "temperature": self.temperature, "normalize": self.normalize}
-
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
-        if stage != "fit":
-            return
-        from lightning_fedprune.callbacks.sparsity_ramp import SparsityRampCallback
-
-        if find_callback(trainer, SparsityRampCallback) is None:
-            raise ValueError("AdaptiveLayerSparsity needs a SparsityRampCallback in the same Trainer.")
+        if stage == "fit":
+            contribute(pl_module, "AdaptiveLayerSparsity",
+                       allocation=Allocation(self.max_layer_sparsity, self.temperature, self.normalize))

@@ -8,7 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_fedprune.callbacks._common import find_callback
+from lightning_fedprune.callbacks._common import contribute
+from lightning_fedprune.pruning.plan import Freeze
 from lightning_fedprune.validation import check_bool, check_int, check_path
 
 
@@ -36,28 +37,11 @@ class FineTuneFreeze(pl.Callback):
         check_path(export_path, "export_path", kind="file", parent_must_exist=True)
         self.export_path = export_path
 
-    def config(self) -> dict[str, Any]:
-        """The settings, stored in checkpoints and compared on resume (``export_path`` is an output, not one)."""
-        return {"start_round": self.start_round, "make_permanent": self.make_permanent}
-
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning_fedprune.callbacks.sparsity_ramp import SparsityRampCallback
-
-        if find_callback(trainer, SparsityRampCallback) is None:
-            raise ValueError("FineTuneFreeze needs a SparsityRampCallback in the same Trainer.")
         check_path(self.export_path, "export_path", kind="file", parent_must_exist=True)  # again: fit may come much later
-
-    def on_fed_round_start(self, trainer: pl.Trainer, pl_module: Any, round: int, cohort: list[int]) -> None:
-        if round < self.start_round:
-            return
-        state = pl_module.pruning
-        state.frozen = True
-        state.phase = 3
-        # no callback changes the masks from here on, whatever the callback order: removing the values is final
-        if self.make_permanent and state.masks and not state.permanent:
-            make_permanent(pl_module)
+        contribute(pl_module, "FineTuneFreeze", freeze=Freeze(self.start_round, self.make_permanent))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         state = pl_module.pruning
@@ -76,7 +60,4 @@ class FineTuneFreeze(pl.Callback):
 
 def make_permanent(pl_module: Any) -> None:
     """Drop the pruned values from the global model (exact zeros) and mark the pruning permanent."""
-    state = pl_module.pruning
-    state.zero_pruned_(pl_module.global_params())
-    state.permanent = True
-    state.frozen = True
+    pl_module.pruning.make_permanent(pl_module.global_params())

@@ -8,7 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from lightning_fedprune.pruning.state import PHASES, PruningState
+from lightning_fedprune.pruning.plan import Phase
+from lightning_fedprune.pruning.state import PruningState
 from lightning_fedprune.validation import check_bool, check_float, check_int
 
 
@@ -62,7 +63,7 @@ class FederatedProgressBar(TQDMProgressBar):
         fields: dict[str, Any] = {}
         if self.round is not None:
             fields["round"] = self.round
-        fields["phase"] = PHASES.get(state.phase, str(state.phase))
+        fields["phase"] = Phase(state.phase).label
         fields["sparsity"] = f"{state.sparsity() if state.masks else 0.0:.3f}"
         if self.cohort_size:
             clients = f"{self.clients_done}/{self.cohort_size}"

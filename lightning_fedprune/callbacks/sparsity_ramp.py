@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
-from lightning_fedprune.callbacks._common import fed_module, find_callback, log_round
+from lightning_fedprune.callbacks._common import contribute
 from lightning_fedprune.pruning.importance import IMPORTANCE, parse_importance
-from lightning_fedprune.pruning.patterns import PATTERNS, check_pattern
-from lightning_fedprune.pruning.schedules import SCHEDULES, sparsity_at, validate_schedule
+from lightning_fedprune.pruning.patterns import PATTERNS
+from lightning_fedprune.pruning.plan import Ramp, Selection
+from lightning_fedprune.pruning.schedules import SCHEDULES, validate_schedule
 from lightning_fedprune.validation import check_choice, check_float, check_int, check_regex
 
 MOMENTUM_SOURCES = ("ema", "server_optimizer")
@@ -19,8 +19,10 @@ MOMENTUM_SOURCES = ("ema", "server_optimizer")
 class SparsityRampCallback(pl.Callback):
     """Phase (a) of Federated Pruning: ramp the sparsity of the chosen parameters from 0 to ``target_sparsity``.
 
-    At the start of a round the server recomputes the masks from importance scores (the
-    ``on_fed_round_start`` hook), so the round's clients already receive the pruned model.
+    It contributes the ramp and the selection (which parameters, pattern, importance) to the run's
+    :class:`~lightning_fedprune.pruning.plan.PruningPlan`; at the start of every round the server
+    applies the plan (the masks are recomputed before the payload is built), so the round's clients
+    already receive the pruned model.
 
     Args:
         target_sparsity: final fraction ``S`` of pruned entries over the prunable parameters, in ``[0, 1)``.
@@ -98,146 +100,16 @@ class SparsityRampCallback(pl.Callback):
         self.exclude = exclude
         self.momentum_beta = momentum_beta
         self.momentum_source = momentum_source
-        self.targets: list[str] = []
-        self._refine: Any = None
-        self._freeze: Any = None
-        self._round_flips = 0
-        self._round_restored = 0
-        self._reapply = False
 
-    def config(self) -> dict[str, Any]:
-        """The settings, stored in checkpoints and compared on resume; ``targets`` are the parameter
-        names the regexes selected (known after ``setup``)."""
+    def plan_parts(self) -> dict[str, Any]:
+        """This callback's part of the plan: the ramp and the selection."""
         return {
-            "target_sparsity": self.target_sparsity, "start_round": self.start_round, "end_round": self.end_round,
-            "schedule": self.schedule, "power": self.power, "num_steps": self.num_steps,
-            "every_n_rounds": self.every_n_rounds, "pattern": self.pattern, "importance": self.importance,
-            "parameters": self.parameters, "exclude": self.exclude, "momentum_beta": self.momentum_beta,
-            "momentum_source": self.momentum_source, "targets": list(self.targets),
+            "ramp": Ramp(self.target_sparsity, self.start_round, self.end_round, self.schedule, self.power,
+                         self.num_steps, self.every_n_rounds),
+            "selection": Selection(self.pattern, self.importance, self.parameters, self.exclude, self.momentum_beta,
+                                   self.momentum_source),
         }
 
-    # ------------------------------------------------------------------ setup
-    def resolve_targets(self, task: torch.nn.Module) -> list[str]:
-        """Names of the task's parameters this callback prunes (raises if none match)."""
-        selected = [name for name, p in task.named_parameters()
-                    if (p.dim() >= 2 if self._parameters is None else self._parameters.fullmatch(name) is not None)]
-        what = f"`parameters={self.parameters!r}`" if self.parameters is not None else "the default (tensors with >= 2 dims)"
-        sample = ", ".join(n for n, _ in list(task.named_parameters())[:8])
-        if not selected:
-            raise ValueError(f"{what} matches no parameter of the task. Some parameter names: {sample} ...")
-        names = [n for n in selected if self._exclude is None or self._exclude.fullmatch(n) is None]
-        if not names:
-            raise ValueError(
-                f"`exclude={self.exclude!r}` removes every parameter that {what} selects ({', '.join(selected[:8])}"
-                f"{' ...' if len(selected) > 8 else ''}): nothing is left to prune."
-            )
-        return names
-
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
-        if stage != "fit":
-            return
-        from lightning_fedprune.callbacks.adaptive import AdaptiveLayerSparsity
-        from lightning_fedprune.callbacks.finetune import FineTuneFreeze
-        from lightning_fedprune.callbacks.mask_refinement import MaskRefinementCallback
-
-        fed = fed_module(pl_module, "SparsityRampCallback")
-        find_callback(trainer, SparsityRampCallback)
-        self.targets = self.resolve_targets(fed.task)
-        params = dict(fed.task.named_parameters())
-        for name in self.targets:
-            check_pattern(self.pattern, params[name].shape, name=name)
-        if self.momentum_source == "server_optimizer" and fed.server_optimizer_name == "sgd" \
-                and self.importance.startswith("momentum"):
-            raise ValueError("`momentum_source='server_optimizer'` needs server_optimizer 'sgdm' or 'adam' (plain 'sgd' has no momentum).")
-        self._refine = find_callback(trainer, MaskRefinementCallback)
-        self._freeze = find_callback(trainer, FineTuneFreeze)
-        adaptive = find_callback(trainer, AdaptiveLayerSparsity)
-        if self._freeze is not None and self._freeze.start_round <= self.end_round:
-            raise ValueError(
-                f"FineTuneFreeze `start_round` ({self._freeze.start_round}) must be after the ramp's `end_round` "
-                f"({self.end_round})."
-            )
-        fed.pruning.configure(self.targets, self.pattern, self.importance, self.momentum_beta, self.momentum_source)
-        fed.pruning.allocation = adaptive.allocation_config(self.target_sparsity) if adaptive is not None else None
-
-    # ------------------------------------------------------------------ phases
-    def phase_at(self, round: int) -> int:
-        """0 dense, 1 ramp, 2 refine, 3 fine-tune (masks fixed)."""
-        if self._freeze is not None and round >= self._freeze.start_round:
-            return 3
-        if round < self.start_round:
-            return 0
-        if round <= self.end_round:
-            return 1
-        if self._refine is not None and self._refine.active_at(round, self):
-            return 2
-        return 3
-
-    def sparsity_at(self, round: int) -> float:
-        return sparsity_at(round, target=self.target_sparsity, start_round=self.start_round, end_round=self.end_round,
-                           schedule=self.schedule, power=self.power, num_steps=self.num_steps)
-
-    def recompute(self, pl_module: Any, round: int, sparsity: float):
-        change = pl_module.pruning.recompute(pl_module.global_params(), sparsity, round,
-                                             server_momentum=self._server_momentum(pl_module))
-        self._round_flips += change.flips
-        self._round_restored += change.restored
-        return change
-
-    def _server_momentum(self, pl_module: Any) -> dict[str, torch.Tensor] | None:
-        if self.momentum_source != "server_optimizer":
-            return None
-        opt = pl_module.server_optimizer
-        params = pl_module.global_params()
-        out = {}
-        for name in self.targets:
-            st = opt.state.get(params[name], {})
-            buf = st.get("momentum_buffer", st.get("exp_avg"))
-            if buf is not None:
-                out[name] = buf
-        return out
-
-    # ------------------------------------------------------------------ resume with a changed configuration
-    def reapply_config(self) -> None:
-        """Make this callback's settings take effect when training starts (a resume with
-        ``resume_config_change="apply"``): the restored pruning state carries the checkpoint's pattern
-        and momentum factor, and its masks were computed under the old settings."""
-        self._reapply = True
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        if not self._reapply:
-            return
-        self._reapply = False
-        state = pl_module.pruning
-        if state.frozen or state.permanent:  # mask-shaping changes were refused; the others have no effect now
-            return
-        state.configure(self.targets, self.pattern, self.importance, self.momentum_beta, self.momentum_source)
-        state.patterns = {n: self.pattern for n in self.targets}
-        rnd = int(trainer.global_step)
-        # before any round-start hook (so before fine-tuning can freeze or make the pruning permanent)
-        if state.masks or self.phase_at(rnd) != 0:
-            self.recompute(pl_module, rnd, self.sparsity_at(rnd))
-
-    # ------------------------------------------------------------------ federated hooks
-    def on_fed_round_start(self, trainer: pl.Trainer, pl_module: Any, round: int, cohort: list[int]) -> None:
-        state = pl_module.pruning
-        phase = self.phase_at(round)
-        state.phase = phase
-        state.frozen = phase == 3 and self._freeze is not None
-        if phase == 1:
-            due = (round - self.start_round) % self.every_n_rounds == 0 or round == self.end_round
-            if due:
-                self.recompute(pl_module, round, self.sparsity_at(round))
-        elif phase in (2, 3) and not state.frozen and state.target_sparsity != self.target_sparsity:
-            # after the ramp (e.g. `every_n_rounds` skipped the last step): settle at the target once
-            self.recompute(pl_module, round, self.target_sparsity)
-
-    def on_fed_after_aggregate(self, trainer: pl.Trainer, pl_module: Any, summary: Any) -> None:
-        state = pl_module.pruning
-        need = state.needs_statistics
-        if need == "gradient" or (need == "momentum" and state.momentum_source == "ema"):
-            state.observe_pseudo_gradient(summary.pseudo_gradient, self.targets)
-
-    def on_fed_round_end(self, trainer: pl.Trainer, pl_module: Any, summary: Any) -> None:
-        log_round(pl_module, self._round_flips, self._round_restored)
-        self._round_flips = self._round_restored = 0  # reset here: refinement may run before this callback's round start
+        if stage == "fit":
+            contribute(pl_module, "SparsityRampCallback", **self.plan_parts())

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from lightning_fedprune.pruning.state import PHASES, PruningState
+from lightning_fedprune.pruning.plan import Phase
+from lightning_fedprune.pruning.state import PruningState
 from lightning_fedprune.validation import check_bool, check_int, check_regex
 
 CHART_TAG = "prune/layer_sparsity_chart"
@@ -132,7 +133,7 @@ def sparsity_chart(state: PruningState, round: int | None = None, dpi: int = 80)
         ax.invert_yaxis()
         ax.set_xlim(0, 1)
         ax.set_xlabel("sparsity (fraction pruned)")
-        title = f"phase {PHASES.get(state.phase, state.phase)}, target {state.target_sparsity:.3f}"
+        title = f"phase {Phase(state.phase).label}, target {state.target_sparsity:.3f}"
         if round is not None:
             title = f"round {round}: {title}"
         ax.set_title(title, fontsize=9)

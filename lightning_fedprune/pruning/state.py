@@ -2,18 +2,22 @@
 
 It lives on :class:`~lightning_fedprune.FederatedLightningModule` (``fed.pruning``) so checkpoints
 carry it; its ``state_dict`` is keyed by parameter names and holds tensors and numbers only.
-Callbacks decide *when* and *how much*; this object holds *what*.
+The plan (:class:`~lightning_fedprune.pruning.plan.PruningPlan`, contributed by the callbacks) says
+*when* and *how much*; this object holds *what*, and applies the plan once per round
+(:meth:`PruningState.begin_round` / :meth:`PruningState.end_round`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-PHASES = {0: "dense", 1: "ramp", 2: "refine", 3: "fine-tune"}
+from lightning_fedprune.pruning.patterns import check_pattern
+from lightning_fedprune.pruning.plan import Phase, PruningPlan, phase_at, update_at
 
 
 @dataclass
@@ -33,7 +37,7 @@ class PruningState:
         self.patterns: dict[str, str] = {}
         self.layer_sparsity: dict[str, float] = {}
         self.target_sparsity: float = 0.0
-        self.phase: int = 0
+        self.phase: Phase = Phase.DENSE
         self.frozen: bool = False
         self.permanent: bool = False
         # server-side importance statistics (no traffic): last pseudo-gradient and its EMA
@@ -41,7 +45,9 @@ class PruningState:
         self.momentum: dict[str, Tensor] = {}
         self.momentum_beta: float = 0.9
         self.last_update_round: int = -1
-        # configuration (set by the callbacks at setup; not checkpointed: it comes from the config)
+        self.last_change = MaskChange()  # what this round's recomputation did (zeros when none ran)
+        # configuration (from the plan at setup; not checkpointed as state: it comes from the config)
+        self.plan = PruningPlan()
         self.targets: list[str] = []
         self.pattern: str = "unstructured"
         self.importance: str = "weight_l2"
@@ -58,6 +64,64 @@ class PruningState:
         self.momentum_source = momentum_source
         if not self.patterns:
             self.patterns = {n: pattern for n in targets}
+
+    def apply_plan(self, plan: PruningPlan, named_shapes: list[tuple[str, tuple[int, ...]]]) -> None:
+        """Validate ``plan`` and take its configuration: the parameters it prunes (resolved against the
+        task's ``named_shapes``), their pattern, the importance and the allocation."""
+        plan.validate()
+        self.plan = plan
+        if not plan.active:
+            return
+        sel = plan.selection
+        targets = sel.resolve(named_shapes)
+        shapes = dict(named_shapes)
+        for name in targets:
+            check_pattern(sel.pattern, shapes[name], name=name)
+        self.configure(targets, sel.pattern, sel.importance, sel.momentum_beta, sel.momentum_source)
+        self.allocation = dataclasses.asdict(plan.allocation) if plan.allocation is not None else None
+
+    def reapply_plan(self, round: int, params: dict[str, Tensor], server_momentum: dict[str, Tensor] | None = None) -> None:
+        """Make a changed plan take effect now (a resume with ``resume_config_change="apply"``): the
+        restored state carries the checkpoint's pattern and masks, computed under the old settings."""
+        if self.frozen or self.permanent or not self.plan.active:
+            return
+        sel = self.plan.selection
+        self.configure(self.targets, sel.pattern, sel.importance, sel.momentum_beta, sel.momentum_source)
+        self.patterns = {n: sel.pattern for n in self.targets}
+        if self.masks or phase_at(round, self.plan) != Phase.DENSE:
+            self.recompute(params, self.plan.ramp.sparsity_at(round), round, server_momentum)
+
+    # ------------------------------------------------------------------ the plan, applied once per round
+    def begin_round(self, round: int, params: dict[str, Tensor],
+                    server_momentum: dict[str, Tensor] | None = None) -> MaskChange:
+        """Before the round's payload is built: the round's phase, the masks the plan asks for, and the
+        pruned values dropped for good when fine-tuning starts (``Freeze.make_permanent``)."""
+        self.last_change = MaskChange(sparsity=self.sparsity() if self.masks else 0.0)
+        plan = self.plan
+        if not plan.active:
+            return self.last_change
+        self.phase = phase_at(round, plan)
+        self.frozen = self.phase == Phase.FINETUNE and plan.freeze is not None
+        sparsity = update_at(round, plan, self.target_sparsity)
+        if sparsity is not None and not self.permanent:
+            self.last_change = self.recompute(params, sparsity, round, server_momentum)
+        if self.frozen and plan.freeze.make_permanent and self.masks and not self.permanent:
+            self.make_permanent(params)
+        return self.last_change
+
+    def end_round(self, pseudo_gradient: dict[str, Tensor]) -> None:
+        """After the server step: update the server-side importance statistics the importance needs."""
+        if not self.plan.active:
+            return
+        need = self.needs_statistics
+        if need == "gradient" or (need == "momentum" and self.momentum_source == "ema"):
+            self.observe_pseudo_gradient(pseudo_gradient, self.targets)
+
+    def make_permanent(self, params: dict[str, Tensor]) -> None:
+        """Drop the pruned values from the global model (exact zeros): the masks can no longer change."""
+        self.zero_pruned_(params)
+        self.permanent = True
+        self.frozen = True
 
     @property
     def needs_statistics(self) -> str | None:
@@ -137,10 +201,6 @@ class PruningState:
         return change
 
     # ------------------------------------------------------------------ queries
-    @property
-    def active(self) -> bool:
-        return bool(self.masks)
-
     def _kept_count(self, name: str) -> int:
         """Kept entries of ``name``'s mask (cached: masks only change in ``recompute``/``load_state_dict``)."""
         if name not in self._kept:
@@ -192,7 +252,7 @@ class PruningState:
             "patterns": dict(self.patterns),
             "layer_sparsity": dict(self.layer_sparsity),
             "target_sparsity": self.target_sparsity,
-            "phase": self.phase,
+            "phase": int(self.phase),
             "frozen": self.frozen,
             "permanent": self.permanent,
             "gradient": {n: t.clone() for n, t in self.gradient.items()},
@@ -207,7 +267,7 @@ class PruningState:
         self.patterns = dict(state["patterns"])
         self.layer_sparsity = dict(state["layer_sparsity"])
         self.target_sparsity = float(state["target_sparsity"])
-        self.phase = int(state["phase"])
+        self.phase = Phase(int(state["phase"]))
         self.frozen = bool(state["frozen"])
         self.permanent = bool(state["permanent"])
         self.gradient = {n: t.clone() for n, t in state["gradient"].items()}
