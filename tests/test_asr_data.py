@@ -176,6 +176,20 @@ def test_default_corpus_interrupted_leaves_nothing(tmp_path: Path, monkeypatch):
     assert not stale.exists()
 
 
+def test_corpus_config_is_normalised_and_checked(tmp_path: Path):
+    # equal settings written differently (int vs float, list vs tuple) are one corpus: one cache key
+    written = S.CorpusConfig(noise_snr_db=40, word_alpha=1, splits=["train", "test"])
+    assert written == S.CorpusConfig(word_alpha=1.0) and written.key("e") == S.CorpusConfig(word_alpha=1.0).key("e")
+    assert isinstance(written.noise_snr_db, float) and written.splits == ("train", "test")
+    with pytest.raises(ValueError, match=r"^`config` must be a CorpusConfig.*got \{'num_speakers': 1\} \(a dict\)\.$"):
+        S.generate_corpus(tmp_path / "x", {"num_speakers": 1})
+    with pytest.raises(ValueError, match=r"^`cache_dir` is an existing file"):
+        S.default_corpus(cache_dir=Path(__file__))
+    with pytest.raises(ValueError, match=r"^`backend` must be one of \('auto', 'ctypes', 'cli'\), got 'espeak'\.$"):
+        S.generate_corpus(tmp_path / "x", backend="espeak", progress=False)
+    assert not (tmp_path / "x").exists()  # nothing is written before the arguments are checked
+
+
 # --------------------------------------------------------------------------------------
 # reader
 # --------------------------------------------------------------------------------------
@@ -209,8 +223,31 @@ def test_scan_errors(corpus: Path, tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorpusFormatError, match="empty"):
         scan_librispeech(tmp_path, "empty")
-    with pytest.raises(ValueError, match="on_error"):
+    with pytest.raises(ValueError, match=r"^`on_error` must be one of \('warn', 'raise'\), got 'ignore'\.$"):
         scan_librispeech(corpus, "train", on_error="ignore")
+    with pytest.raises(ValueError, match=r"^`splits` must be a split name or a non-empty list of split names, got \[\]"):
+        scan_librispeech(corpus, [])
+    with pytest.raises(ValueError, match=r"^`splits` lists a split twice: \['train', 'train'\]$"):
+        scan_librispeech(corpus, ["train", "train"])
+    with pytest.raises(ValueError, match=r"^`splits\[1\]` must be a non-empty string, got 3\.$"):
+        scan_librispeech(corpus, ["train", 3])
+    with pytest.raises(ValueError, match=r"^`root` must be a path \(str\), got 5\.$"):
+        scan_librispeech(5, "train")
+    with pytest.raises(ValueError, match=r"^`check_audio` must be a bool.*got 'yes' \(a str\)\.$"):
+        scan_librispeech(corpus, "train", check_audio="yes")
+
+
+def test_dataset_and_split_speakers_check_their_arguments(corpus: Path):
+    with pytest.raises(ValueError, match=r"^`features` must be a FeatureConfig, got \{'n_mels': 40\} \(a dict\)\.$"):
+        LibriSpeechDataset(corpus, "train", features={"n_mels": 40})
+    with pytest.raises(ValueError, match=r"^`max_utterances_per_speaker` must be a positive integer or None, got 0\.$"):
+        LibriSpeechDataset(corpus, "train", max_utterances_per_speaker=0)
+    with pytest.raises(ValueError, match=r"^`index` must be a LibriSpeechIndex or None, got \[\] \(a list\)\.$"):
+        LibriSpeechDataset(index=[])
+    with pytest.raises(ValueError, match=r"^give `root` and `splits` \(or a prebuilt `index`\), got root=None"):
+        LibriSpeechDataset(splits="train")
+    with pytest.raises(ValueError, match=r"^`num_heldout` must be an integer in \[0, 2\], got 3\.$"):
+        split_speakers(["1", "2"], 3)
 
 
 def test_transcript_line_without_audio(corpus: Path, tmp_path: Path):
@@ -313,6 +350,29 @@ def test_log_mel_shape_and_normalisation():
     expected = (raw - raw.mean(0)) / (raw.std(0, unbiased=False) + 1e-5)
     assert torch.allclose(expected, norm, atol=1e-4) and not torch.allclose(raw, norm, atol=1e-1)
     assert FeatureConfig().hash() == FeatureConfig().hash() != FeatureConfig(n_mels=40).hash()
+
+
+def test_feature_config_checks_and_keeps_its_cache_key():
+    # the key of the default features before the checks used the shared helpers: existing caches stay valid
+    assert FeatureConfig().hash() == "b0dd08bc133ee5ad"
+    assert FeatureConfig(n_mels=80, win_ms=25, normalize=True).hash() == FeatureConfig().hash()  # 25 == 25.0
+    for kwargs, message in [
+        (dict(n_mels=0), "`n_mels` must be a positive integer, got 0."),
+        (dict(sample_rate=16000.0), "`sample_rate` must be a positive integer, got 16000.0."),
+        (dict(win_ms=-25), "`win_ms` must be a finite number > 0, got -25."),
+        (dict(hop_ms=0.01), "`win_ms` (25) and `hop_ms` (0.01) must each be at least one sample at `sample_rate` "
+                            "16000 Hz."),
+        (dict(n_fft=256), "`n_fft` (256) must be >= the window length (400 samples: `win_ms` 25 at 16000 Hz), or None."),
+        (dict(f_max=9000), "need `f_min` (0) < `f_max` (9000.0) <= the Nyquist frequency (8000 Hz at `sample_rate` "
+                           "16000); `f_max=None` = Nyquist."),
+        (dict(f_min=8000), "need `f_min` (8000) < `f_max` (None) <= the Nyquist frequency (8000 Hz at `sample_rate` "
+                           "16000); `f_max=None` = Nyquist."),
+        (dict(log_offset=0), "`log_offset` must be a finite number > 0, got 0."),
+        (dict(normalize="no"), "`normalize` must be a bool (True or False), got 'no' (a str)."),
+    ]:
+        with pytest.raises(ValueError) as info:
+            FeatureConfig(**kwargs)
+        assert str(info.value) == message, kwargs
 
 
 def test_feature_cache_hits(corpus: Path, tmp_path: Path):

@@ -40,31 +40,23 @@ from lightning_fedprune.data import FederatedDataModule
 from lightning_fedprune.validation import (
     check_bool,
     check_choice,
-    check_each,
     check_int,
     check_path,
-    check_str,
     fail,
 )
 
 from .features import FeatureConfig
-from .librispeech import LibriSpeechDataset, LibriSpeechIndex, collate_asr, scan_librispeech, split_speakers
+from .librispeech import (
+    LibriSpeechDataset,
+    LibriSpeechIndex,
+    _split_names,
+    collate_asr,
+    scan_librispeech,
+    split_speakers,
+)
 from .synthetic import CorpusConfig, cache_root, default_corpus
 
 __all__ = ["ASRDataModule", "SpeakerDataset"]
-
-
-def _as_list(value, name: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [check_str(value, name)]
-    if not isinstance(value, (list, tuple)):
-        fail(name, "a split name or a list of split names", value)
-    out = list(check_each(value, name, check_str))
-    if len(set(out)) != len(out):
-        raise ValueError(f"`{name}` lists a split twice: {out}")
-    return out
 
 
 class SpeakerDataset(LibriSpeechDataset):
@@ -159,9 +151,9 @@ class ASRDataModule(FederatedDataModule):
         self.check_audio = check_bool(check_audio, "check_audio")
         check_int(rounds_per_epoch, "rounds_per_epoch", min=1, optional=True)
         check_int(seed, "seed")
-        train = _as_list(train_splits, "train_splits")
-        val = _as_list(val_splits, "val_splits")
-        test = _as_list(test_splits, "test_splits")
+        train = _split_names(train_splits, "train_splits")
+        val = _split_names(val_splits, "val_splits")
+        test = _split_names(test_splits, "test_splits")
         if not train:
             raise ValueError("`train_splits` is empty: name the split(s) whose speakers are the clients.")
         overlap = set(train) & (set(val) | set(test))
