@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_fedprune.checkpoint import export_task_checkpoint, validate_checkpoint_file
 from lightning_fedprune.module import FederatedLightningModule
+from lightning_fedprune.validation import check_int
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "log_every_n_steps": 1,  # one step is one federated round: log every round
@@ -49,9 +50,7 @@ class FedPruneCLI(LightningCLI):
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         threads = cfg.get("torch_threads") if cfg is not None else None
         if threads is not None:
-            if threads < 1:
-                raise ValueError(f"`--torch_threads` must be >= 1, got {threads}.")
-            torch.set_num_threads(threads)
+            torch.set_num_threads(check_int(threads, "--torch_threads", min=1))
         if cfg is not None and cfg.get("quiet"):
             cfg.trainer.enable_progress_bar = False
             cfg.trainer.enable_model_summary = False

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from lightning_fedprune.validation import check_float, check_int
+
 
 class GaussianMixtureDataset(Dataset):
     """A seeded classification problem: ``num_classes`` Gaussian blobs in ``dim`` dimensions.
@@ -17,8 +19,12 @@ class GaussianMixtureDataset(Dataset):
 
     def __init__(self, num_samples: int = 2000, dim: int = 32, num_classes: int = 10, noise: float = 1.0, seed: int = 0,
                  centers_seed: int = 1234) -> None:
-        if num_samples <= 0 or dim <= 0 or num_classes <= 1:
-            raise ValueError("`num_samples`, `dim` must be positive and `num_classes` > 1")
+        num_samples = check_int(num_samples, "num_samples", min=1)
+        dim = check_int(dim, "dim", min=1)
+        num_classes = check_int(num_classes, "num_classes", min=2)
+        noise = check_float(noise, "noise", min=0)
+        check_int(seed, "seed")
+        check_int(centers_seed, "centers_seed")
         g_centers = torch.Generator().manual_seed(centers_seed)
         centers = torch.randn(num_classes, dim, generator=g_centers) * 2.0
         g = torch.Generator().manual_seed(seed)
@@ -45,6 +51,13 @@ class MLPClassifier(pl.LightningModule):
     def __init__(self, in_dim: int = 32, hidden: int = 64, num_classes: int = 10, depth: int = 2, lr: float = 0.1,
                  momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         super().__init__()
+        check_int(in_dim, "in_dim", min=1)
+        check_int(hidden, "hidden", min=1)
+        check_int(num_classes, "num_classes", min=1)
+        check_int(depth, "depth", min=0)
+        check_float(lr, "lr", min=0, min_open=True)
+        check_float(momentum, "momentum", min=0)
+        check_float(weight_decay, "weight_decay", min=0)
         self.save_hyperparameters()
         layers: list[nn.Module] = []
         d = in_dim

@@ -8,12 +8,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lightning_fedprune.validation import check_path, check_str
+
+#: what :func:`plot_run` plots when no ``metric`` is given: the first of these that is logged
+DEFAULT_METRICS = ("val/wer", "val/acc", "val/loss")
+
 
 def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """All scalar series of the event files under ``log_dir``: tag -> [(step, value)]."""
+    log_dir = check_path(log_dir, "log_dir", kind="dir", must_exist=True, optional=False)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    files = sorted(Path(log_dir).rglob("events.out.tfevents.*"))
+    files = sorted(log_dir.rglob("events.out.tfevents.*"))
     if not files:
         raise FileNotFoundError(f"no TensorBoard event files under {log_dir}")
     out: dict[str, list[tuple[int, float]]] = {}
@@ -26,7 +32,11 @@ def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_run(log_dir: str | Path, out: str | Path, metric: str | None = None, title: str | None = None) -> Path:
-    """Quality metric (``val/wer`` if logged, else ``val/acc``/``val/loss``) and ``prune/sparsity`` vs round."""
+    """Quality metric (``metric``; default: the first of :data:`DEFAULT_METRICS` that is logged) and
+    ``prune/sparsity`` vs round, saved as ``out`` (a PNG; its folder is created)."""
+    out = check_path(out, "out", kind="file", optional=False)
+    check_str(metric, "metric", optional=True)
+    check_str(title, "title", optional=True, empty=True)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,9 +44,12 @@ def plot_run(log_dir: str | Path, out: str | Path, metric: str | None = None, ti
 
     scalars = read_scalars(log_dir)
     if metric is None:
-        metric = next((m for m in ("val/wer", "val/acc", "val/loss") if m in scalars), None)
-    if metric is None or metric not in scalars:
-        raise ValueError(f"metric {metric!r} not logged in {log_dir}; available: {sorted(scalars)}")
+        metric = next((m for m in DEFAULT_METRICS if m in scalars), None)
+        if metric is None:
+            raise ValueError(f"none of the default metrics {DEFAULT_METRICS} is logged in {str(log_dir)!r}: give "
+                             f"`metric`, one of the logged scalars {sorted(scalars)}.")
+    elif metric not in scalars:
+        raise ValueError(f"`metric` {metric!r} is not logged in {str(log_dir)!r}; logged scalars: {sorted(scalars)}.")
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     steps, values = zip(*scalars[metric])
     ax.plot(steps, values, "o-", color="tab:blue", label=metric)
@@ -58,7 +71,6 @@ def plot_run(log_dir: str | Path, out: str | Path, metric: str | None = None, ti
     ax.set_title(title or f"{metric} and sparsity over rounds")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)

@@ -24,6 +24,7 @@ CLASSES = [
     "lightning_fedprune.callbacks.FederatedProgressBar",
     "lightning_fedprune.ProcessPoolExecutor",
     "lightning_fedprune.asr.datamodule.ASRDataModule",
+    "lightning_fedprune.asr.synthetic.CorpusConfig",
     "lightning_fedprune.asr.conformer_transducer.ConformerTransducer",
 ]
 OUT = Path(__file__).resolve().parent.parent / "docs" / "reference.md"

@@ -18,6 +18,7 @@ from helpers import GaussianMixtureDataset, MLPClassifier, quiet_trainer
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule, validation
 from lightning_fedprune.asr.conformer_transducer import ConformerTransducer
 from lightning_fedprune.asr.datamodule import ASRDataModule
+from lightning_fedprune.asr.synthetic import CorpusConfig
 from lightning_fedprune.callbacks import (
     AdaptiveLayerSparsity,
     FederatedProgressBar,
@@ -157,15 +158,24 @@ GRID = [
     # ASRDataModule (checked before any corpus is generated or scanned)
     (asr_dm, dict(root=5), r"`root`.*5"),
     (asr_dm, dict(heldout_speakers=-1), r"`heldout_speakers`.*-1"),
-    (asr_dm, dict(num_speakers=0), r"`num_speakers`.*0"),
-    (asr_dm, dict(utterances_per_speaker="50"), r"`utterances_per_speaker`.*'50'"),
-    (asr_dm, dict(test_speakers=-1), r"`test_speakers`.*-1"),
-    (asr_dm, dict(test_utterances_per_speaker=0), r"`test_utterances_per_speaker`.*0"),
-    (asr_dm, dict(corpus_seed=0.5), r"`corpus_seed`.*0\.5"),
-    (asr_dm, dict(min_words=0), r"`min_words`.*0"),
-    (asr_dm, dict(min_words=5, max_words=3), r"`max_words` \(3\).*`min_words` \(5\)"),
-    (asr_dm, dict(word_alpha=INF), r"`word_alpha`.*inf"),
-    (asr_dm, dict(noise_snr_db=NAN), r"`noise_snr_db`.*nan"),
+    (asr_dm, dict(corpus={"num_speakers": 16}), r"`corpus`.*'num_speakers'"),
+    # CorpusConfig (ASRDataModule's `corpus`; checked before any corpus is generated)
+    (CorpusConfig, dict(vocabulary=3), r"`vocabulary`.*3"),
+    (CorpusConfig, dict(num_speakers=0), r"`num_speakers`.*0"),
+    (CorpusConfig, dict(utterances_per_speaker="50"), r"`utterances_per_speaker`.*'50'"),
+    (CorpusConfig, dict(utterances_per_speaker=10000), r"`utterances_per_speaker`.*10000"),
+    (CorpusConfig, dict(test_speakers=-1), r"`test_speakers`.*-1"),
+    (CorpusConfig, dict(test_utterances_per_speaker=0), r"`test_utterances_per_speaker`.*0"),
+    (CorpusConfig, dict(seed=0.5), r"`seed`.*0\.5"),
+    (CorpusConfig, dict(seed=-1), r"`seed`.*-1"),
+    (CorpusConfig, dict(splits=["train", "train"]), r"`splits`.*'train', 'train'"),
+    (CorpusConfig, dict(splits=["train", "../test"]), r"`splits\[1\]`.*'\.\./test'"),
+    (CorpusConfig, dict(min_words=0), r"`min_words`.*0"),
+    (CorpusConfig, dict(min_words=5, max_words=3), r"`max_words` \(3\).*`min_words` \(5\)"),
+    (CorpusConfig, dict(max_words=2), r"`max_words` \(2\).*`min_words` \(3\).*default range \(3, 7\)"),
+    (CorpusConfig, dict(word_alpha=INF), r"`word_alpha`.*inf"),
+    (CorpusConfig, dict(noise_snr_db=NAN), r"`noise_snr_db`.*nan"),
+    (CorpusConfig, dict(sample_rate=0), r"`sample_rate`.*0"),
     (asr_dm, dict(cache_dir=3), r"`cache_dir`.*3"),
     (asr_dm, dict(max_utterances_per_speaker=0), r"`max_utterances_per_speaker`.*0"),
     (asr_dm, dict(max_eval_utterances_per_speaker=1.0), r"`max_eval_utterances_per_speaker`.*1\.0"),
@@ -182,7 +192,6 @@ GRID = [
     (asr_dm, dict(train_splits=3), r"`train_splits`.*3"),
     (asr_dm, dict(val_splits=[1]), r"`val_splits\[0\]`.*1"),
     (asr_dm, dict(test_splits=["a", "a"]), r"`test_splits` lists a split twice"),
-    (asr_dm, dict(vocabulary=3), r"`vocabulary`.*3"),
     # ConformerTransducer (checked before the model is built)
     (asr_task, dict(preset="huge"), r"`preset`.*'huge'"),
     (asr_task, dict(d_model=0), r"`d_model`.*0"),

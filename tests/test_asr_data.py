@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from lightning_fedprune.asr.librispeech import (  # noqa: E402
     split_speakers,
 )
 
-TINY = dict(num_speakers=4, utterances_per_speaker=5, test_speakers=2, test_utterances_per_speaker=3, seed=0)
+TINY = S.CorpusConfig(num_speakers=4, utterances_per_speaker=5, test_speakers=2, test_utterances_per_speaker=3, seed=0)
 
 
 
@@ -38,7 +39,7 @@ TINY = dict(num_speakers=4, utterances_per_speaker=5, test_speakers=2, test_utte
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "corpus"
-    return S.generate_corpus(root, **TINY, progress=False)
+    return S.generate_corpus(root, TINY, progress=False)
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -96,13 +97,12 @@ def test_train_and_test_speakers_differ(corpus: Path):
 def test_generation_is_deterministic(corpus: Path, tmp_path: Path):
     # same seed, fewer speakers/utterances: identical bytes for what both contain (a speaker's
     # audio does not depend on the other speakers or on the generation order)
-    again = S.generate_corpus(tmp_path / "again", **{**TINY, "num_speakers": 2, "utterances_per_speaker": 2,
-                                                     "test_speakers": 0}, progress=False)  # fmt: skip
+    fewer = replace(TINY, num_speakers=2, utterances_per_speaker=2, test_speakers=0)
+    again = S.generate_corpus(tmp_path / "again", fewer, progress=False)
     a, b = _hashes(corpus), _hashes(again)
     flacs = [k for k in b if k.endswith(".flac")]
     assert len(flacs) == 4 and all(a[k] == b[k] for k in flacs)
-    other = S.generate_corpus(tmp_path / "other", **{**TINY, "num_speakers": 2, "utterances_per_speaker": 2,
-                                                     "test_speakers": 0, "seed": 1}, progress=False)  # fmt: skip
+    other = S.generate_corpus(tmp_path / "other", replace(fewer, seed=1), progress=False)
     c = _hashes(other)
     assert len(c) == len(b) and not set(c.values()) & set(b.values())
 
@@ -127,8 +127,9 @@ def test_espeak_engine_reset_per_instance():
 
 
 def test_commands_vocabulary(tmp_path: Path):
-    root = S.generate_corpus(tmp_path / "cmd", vocabulary="commands", num_speakers=1, utterances_per_speaker=4,
-                             test_speakers=0, splits=("train",), progress=False)  # fmt: skip
+    commands = S.CorpusConfig(vocabulary="commands", num_speakers=1, utterances_per_speaker=4, test_speakers=0,
+                              splits=("train",))
+    root = S.generate_corpus(tmp_path / "cmd", commands, progress=False)
     idx = scan_librispeech(root, "train")
     assert len(idx) == 4 and len(S.COMMANDS) == 50
     for u in idx:
@@ -137,24 +138,23 @@ def test_commands_vocabulary(tmp_path: Path):
     with pytest.raises(ValueError, match="vocabulary"):
         S.CorpusConfig(vocabulary="nope")
     with pytest.raises(FileExistsError):
-        S.generate_corpus(root, vocabulary="commands", num_speakers=1, utterances_per_speaker=1, splits=("train",),
-                          progress=False)  # fmt: skip
+        S.generate_corpus(root, replace(commands, utterances_per_speaker=1), progress=False)
 
 
 def test_default_corpus_is_cached(tmp_path: Path, monkeypatch):
-    kw = dict(num_speakers=1, utterances_per_speaker=2, test_speakers=1, test_utterances_per_speaker=1, progress=False)
+    small = S.CorpusConfig(num_speakers=1, utterances_per_speaker=2, test_speakers=1, test_utterances_per_speaker=1)
     monkeypatch.setenv("FEDPRUNE_CACHE", str(tmp_path / "envcache"))
     calls = []
     real = S._generate
     monkeypatch.setattr(S, "_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    p1 = S.default_corpus("digits", **kw)
+    p1 = S.default_corpus(small, progress=False)
     assert p1.parent == tmp_path / "envcache" / "corpora" and (p1 / "corpus.json").is_file()
     t = time.perf_counter()
-    p2 = S.default_corpus("digits", **kw)
+    p2 = S.default_corpus(small, progress=False)
     assert p2 == p1 and len(calls) == 1 and time.perf_counter() - t < 1.0
     assert not list(p1.parent.glob(".tmp-*"))
     # explicit cache_dir wins over the env var; another config is another corpus
-    p3 = S.default_corpus("digits", **kw, seed=3, cache_dir=tmp_path / "explicit")
+    p3 = S.default_corpus(replace(small, seed=3), cache_dir=tmp_path / "explicit", progress=False)
     assert p3.parent == tmp_path / "explicit" / "corpora" and p3.name != p1.name and len(calls) == 2
 
 
@@ -166,14 +166,28 @@ def test_default_corpus_interrupted_leaves_nothing(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(S, "_generate", boom)
     with pytest.raises(KeyboardInterrupt):
-        S.default_corpus("digits", num_speakers=1, utterances_per_speaker=1, cache_dir=tmp_path, progress=False)
+        S.default_corpus(S.CorpusConfig(num_speakers=1, utterances_per_speaker=1), cache_dir=tmp_path, progress=False)
     assert list((tmp_path / "corpora").iterdir()) == []
     # leftovers of a dead process are removed by the next run
     stale = tmp_path / "corpora" / ".tmp-synth-digits-x-999999999-abcd"
     stale.mkdir()
     monkeypatch.setattr(S, "_generate", lambda root, cfg, **kw: (root.mkdir(), (root / "corpus.json").write_text("{}")))
-    S.default_corpus("digits", num_speakers=1, utterances_per_speaker=1, cache_dir=tmp_path, progress=False)
+    S.default_corpus(S.CorpusConfig(num_speakers=1, utterances_per_speaker=1), cache_dir=tmp_path, progress=False)
     assert not stale.exists()
+
+
+def test_corpus_config_is_normalised_and_checked(tmp_path: Path):
+    # equal settings written differently (int vs float, list vs tuple) are one corpus: one cache key
+    written = S.CorpusConfig(noise_snr_db=40, word_alpha=1, splits=["train", "test"])
+    assert written == S.CorpusConfig(word_alpha=1.0) and written.key("e") == S.CorpusConfig(word_alpha=1.0).key("e")
+    assert isinstance(written.noise_snr_db, float) and written.splits == ("train", "test")
+    with pytest.raises(ValueError, match=r"^`config` must be a CorpusConfig.*got \{'num_speakers': 1\} \(a dict\)\.$"):
+        S.generate_corpus(tmp_path / "x", {"num_speakers": 1})
+    with pytest.raises(ValueError, match=r"^`cache_dir` is an existing file"):
+        S.default_corpus(cache_dir=Path(__file__))
+    with pytest.raises(ValueError, match=r"^`backend` must be one of \('auto', 'ctypes', 'cli'\), got 'espeak'\.$"):
+        S.generate_corpus(tmp_path / "x", backend="espeak", progress=False)
+    assert not (tmp_path / "x").exists()  # nothing is written before the arguments are checked
 
 
 # --------------------------------------------------------------------------------------
@@ -209,8 +223,31 @@ def test_scan_errors(corpus: Path, tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorpusFormatError, match="empty"):
         scan_librispeech(tmp_path, "empty")
-    with pytest.raises(ValueError, match="on_error"):
+    with pytest.raises(ValueError, match=r"^`on_error` must be one of \('warn', 'raise'\), got 'ignore'\.$"):
         scan_librispeech(corpus, "train", on_error="ignore")
+    with pytest.raises(ValueError, match=r"^`splits` must be a split name or a non-empty list of split names, got \[\]"):
+        scan_librispeech(corpus, [])
+    with pytest.raises(ValueError, match=r"^`splits` lists a split twice: \['train', 'train'\]$"):
+        scan_librispeech(corpus, ["train", "train"])
+    with pytest.raises(ValueError, match=r"^`splits\[1\]` must be a non-empty string, got 3\.$"):
+        scan_librispeech(corpus, ["train", 3])
+    with pytest.raises(ValueError, match=r"^`root` must be a path \(str\), got 5\.$"):
+        scan_librispeech(5, "train")
+    with pytest.raises(ValueError, match=r"^`check_audio` must be a bool.*got 'yes' \(a str\)\.$"):
+        scan_librispeech(corpus, "train", check_audio="yes")
+
+
+def test_dataset_and_split_speakers_check_their_arguments(corpus: Path):
+    with pytest.raises(ValueError, match=r"^`features` must be a FeatureConfig, got \{'n_mels': 40\} \(a dict\)\.$"):
+        LibriSpeechDataset(corpus, "train", features={"n_mels": 40})
+    with pytest.raises(ValueError, match=r"^`max_utterances_per_speaker` must be a positive integer or None, got 0\.$"):
+        LibriSpeechDataset(corpus, "train", max_utterances_per_speaker=0)
+    with pytest.raises(ValueError, match=r"^`index` must be a LibriSpeechIndex or None, got \[\] \(a list\)\.$"):
+        LibriSpeechDataset(index=[])
+    with pytest.raises(ValueError, match=r"^give `root` and `splits` \(or a prebuilt `index`\), got root=None"):
+        LibriSpeechDataset(splits="train")
+    with pytest.raises(ValueError, match=r"^`num_heldout` must be an integer in \[0, 2\], got 3\.$"):
+        split_speakers(["1", "2"], 3)
 
 
 def test_transcript_line_without_audio(corpus: Path, tmp_path: Path):
@@ -315,6 +352,29 @@ def test_log_mel_shape_and_normalisation():
     assert FeatureConfig().hash() == FeatureConfig().hash() != FeatureConfig(n_mels=40).hash()
 
 
+def test_feature_config_checks_and_keeps_its_cache_key():
+    # the key of the default features before the checks used the shared helpers: existing caches stay valid
+    assert FeatureConfig().hash() == "b0dd08bc133ee5ad"
+    assert FeatureConfig(n_mels=80, win_ms=25, normalize=True).hash() == FeatureConfig().hash()  # 25 == 25.0
+    for kwargs, message in [
+        (dict(n_mels=0), "`n_mels` must be a positive integer, got 0."),
+        (dict(sample_rate=16000.0), "`sample_rate` must be a positive integer, got 16000.0."),
+        (dict(win_ms=-25), "`win_ms` must be a finite number > 0, got -25."),
+        (dict(hop_ms=0.01), "`win_ms` (25) and `hop_ms` (0.01) must each be at least one sample at `sample_rate` "
+                            "16000 Hz."),
+        (dict(n_fft=256), "`n_fft` (256) must be >= the window length (400 samples: `win_ms` 25 at 16000 Hz), or None."),
+        (dict(f_max=9000), "need `f_min` (0) < `f_max` (9000.0) <= the Nyquist frequency (8000 Hz at `sample_rate` "
+                           "16000); `f_max=None` = Nyquist."),
+        (dict(f_min=8000), "need `f_min` (8000) < `f_max` (None) <= the Nyquist frequency (8000 Hz at `sample_rate` "
+                           "16000); `f_max=None` = Nyquist."),
+        (dict(log_offset=0), "`log_offset` must be a finite number > 0, got 0."),
+        (dict(normalize="no"), "`normalize` must be a bool (True or False), got 'no' (a str)."),
+    ]:
+        with pytest.raises(ValueError) as info:
+            FeatureConfig(**kwargs)
+        assert str(info.value) == message, kwargs
+
+
 def test_feature_cache_hits(corpus: Path, tmp_path: Path):
     root = _copy_split(corpus, tmp_path / "c")
     ds = LibriSpeechDataset(root, "train", cache_dir=tmp_path / "feats", max_utterances=3)
@@ -362,10 +422,9 @@ def test_spec_augment():
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng program not installed")
 def test_cli_fallback_backend(tmp_path: Path):
-    kw = dict(num_speakers=1, utterances_per_speaker=2, test_speakers=0, splits=("train",), backend="cli",
-              progress=False)  # fmt: skip
-    a = S.generate_corpus(tmp_path / "a", **kw)
-    b = S.generate_corpus(tmp_path / "b", **kw)
+    one = S.CorpusConfig(num_speakers=1, utterances_per_speaker=2, test_speakers=0, splits=("train",))
+    a = S.generate_corpus(tmp_path / "a", one, backend="cli", progress=False)
+    b = S.generate_corpus(tmp_path / "b", one, backend="cli", progress=False)
     assert _hashes(a) == _hashes(b) and len(scan_librispeech(a, "train")) == 2
     assert S.load_corpus_info(a)["engine"]["backend"] == "cli"
     assert sf.info(str(next(a.rglob("*.flac")))).samplerate == 16000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "examples" / "asr" / "smoke.yaml"
 MAIN = REPO / "examples" / "asr" / "digits_fp.yaml"
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
-TINY = dict(num_speakers=4, utterances_per_speaker=3, test_speakers=2, test_utterances_per_speaker=2,
-            min_words=1, max_words=2, n_mels=20)
+CORPUS = S.CorpusConfig(num_speakers=4, utterances_per_speaker=3, test_speakers=2, test_utterances_per_speaker=2,
+                        min_words=1, max_words=2)
+TINY = dict(corpus=CORPUS, n_mels=20)
 
 
 
@@ -49,14 +51,14 @@ def test_partition_by_speaker(asr_cache):
     assert dm.corpus_root.is_relative_to(asr_cache)
     assert dm.partition == "by_key"
     # one client per training speaker, keyed by speaker id
-    assert dm.num_clients == TINY["num_speakers"] == len(ds.speakers)
+    assert dm.num_clients == CORPUS.num_speakers == len(ds.speakers)
     assert dm.speakers == sorted(ds.speakers) == [str(k) for k in dm.client_keys]
     for cid, idx in enumerate(dm.partitions):
         assert {ds.speaker_of(int(i)) for i in idx} == {dm.speakers[cid]}
-        assert len(idx) == TINY["utterances_per_speaker"]
-    assert dm.client_sizes == [TINY["utterances_per_speaker"]] * TINY["num_speakers"]
+        assert len(idx) == CORPUS.utterances_per_speaker
+    assert dm.client_sizes == [CORPUS.utterances_per_speaker] * CORPUS.num_speakers
     # held-out speakers: validation/test speakers are not clients
-    assert len(dm.val_speakers) == TINY["test_speakers"]
+    assert len(dm.val_speakers) == CORPUS.test_speakers
     assert set(dm.val_speakers).isdisjoint(dm.speakers)
     assert set(dm.test_speakers).isdisjoint(dm.speakers)
     # a client batch: padded features of one speaker
@@ -76,7 +78,7 @@ def test_building_reads_no_audio_and_cached_corpus_is_reused(asr_cache, monkeypa
     monkeypatch.setattr(F, "load_audio", no_audio)
     monkeypatch.setattr(S, "_generate", _no_generation)
     dm = ASRDataModule(**TINY)  # cached corpus, indexing only
-    assert dm.num_clients == TINY["num_speakers"] and len(dm.population) == TINY["num_speakers"]
+    assert dm.num_clients == CORPUS.num_speakers and len(dm.population) == CORPUS.num_speakers
     monkeypatch.undo()
     # features are computed lazily and cached on disk: a second data module reads the cache
     dm.train_dataset[0]
@@ -92,11 +94,12 @@ def test_explicit_root_heldout_speakers_and_caps(asr_cache, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(corpus / "train", root / "LibriSpeech" / "train-clean-x")
     dm = ASRDataModule(root=str(root), train_splits=["train-clean-x"], val_splits=[], test_splits=None,
-                       heldout_speakers=1, max_utterances_per_speaker=2, n_mels=20, num_speakers=999)
-    assert dm.num_clients == TINY["num_speakers"] - 1
+                       heldout_speakers=1, max_utterances_per_speaker=2, n_mels=20,
+                       corpus=S.CorpusConfig(num_speakers=999))  # ignored: `root` is given
+    assert dm.num_clients == CORPUS.num_speakers - 1
     assert len(dm.val_speakers) == 1 and set(dm.val_speakers).isdisjoint(dm.speakers)
     assert dm.heldout_speaker_ids == dm.val_speakers
-    assert dm.client_sizes == [2] * (TINY["num_speakers"] - 1)
+    assert dm.client_sizes == [2] * (CORPUS.num_speakers - 1)
     assert dm.test_dataset is None and dm.test_dataloader() == []
 
 
@@ -110,10 +113,12 @@ def test_clear_errors(asr_cache, tmp_path):
         ASRDataModule(**TINY, train_splits=["train-clean-100"])
     with pytest.raises(ValueError, match="held-out"):
         ASRDataModule(**TINY, val_splits=["train"])
-    with pytest.raises(ValueError, match="vocabulary"):
-        ASRDataModule(vocabulary="klingon")
+    with pytest.raises(ValueError, match=r"`corpus\.test_speakers` must be >= 1.*'test'"):
+        ASRDataModule(corpus=replace(CORPUS, test_speakers=0), n_mels=20)
+    with pytest.raises(ValueError, match=r"`corpus` must be a CorpusConfig.*\{'num_speakers': 4\} \(a dict\)"):
+        ASRDataModule(corpus={"num_speakers": 4})
     with pytest.raises(ValueError, match="heldout_speakers"):
-        ASRDataModule(**TINY, heldout_speakers=TINY["num_speakers"])
+        ASRDataModule(**TINY, heldout_speakers=CORPUS.num_speakers)
 
 
 def test_task_skips_empty_batches():
@@ -203,6 +208,32 @@ def test_main_config_instantiates_and_prunes_what_it_says(asr_cache, tmp_path):
     # clients are the 16 synthetic speakers, validation the 4 held-out ones
     assert dm.num_clients == 16 and len(dm.val_speakers) == 4 and set(dm.val_speakers).isdisjoint(dm.speakers)
     assert fed.clients_per_round <= dm.num_clients
+
+
+# CorpusConfig.key (with a made-up engine id) of each shipped config's corpus as generated before the settings
+# became one CorpusConfig (main at de4850a: flat ASRDataModule arguments): the same key = the same audio and
+# transcripts, and the corpora already in users' caches are reused
+SHIPPED_CORPUS_KEYS = {"smoke.yaml": "3da6c567c38929cb", "digits_fp.yaml": "8b17bdbb6a54f342",
+                       "commands_fp.yaml": "e3ed739cabd70522"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_CORPUS_KEYS))
+def test_shipped_configs_keep_their_corpus(name, monkeypatch):
+    """YAML -> LightningCLI -> ASRDataModule(corpus=...) -> default_corpus: the corpus is the one it always was."""
+    from lightning_fedprune.asr import datamodule as D
+    from lightning_fedprune.cli import build_cli
+
+    requested = []
+
+    def record(config, **kwargs):
+        requested.append(config)
+        raise RuntimeError("corpus recorded, not generated")
+
+    monkeypatch.setattr(D, "default_corpus", record)
+    with pytest.raises(ValueError, match="corpus recorded"):  # jsonargparse wraps the error
+        build_cli(["--config", str(MAIN.parent / name), "--trainer.logger=false"], run=False)
+    assert len(requested) == 1 and isinstance(requested[0], S.CorpusConfig)
+    assert requested[0].key("test-engine") == SHIPPED_CORPUS_KEYS[name]
 
 
 @pytest.mark.parametrize("name", ["digits_fp.yaml", "commands_fp.yaml", "smoke.yaml"])

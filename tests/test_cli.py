@@ -96,3 +96,12 @@ def test_fedprune_predict_from_a_fit_checkpoint(tmp_path, monkeypatch):
                           f"--ckpt_path={ckpt}", *predict_data], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_torch_threads_is_checked_naming_the_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match=r"^`--torch_threads` must be a positive integer, got 0\.$"):
+        build_cli(["--config", str(ROOT / "examples/quickstart.yaml"), "--torch_threads=0", "--trainer.logger=false"],
+                  run=False)
+    assert torch.get_num_threads() == threads  # nothing was set

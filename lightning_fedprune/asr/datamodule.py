@@ -8,23 +8,26 @@ back from the training splits with ``heldout_speakers``), evaluated on the globa
 Data source, chosen by ``root``:
 
 * ``root=None`` (default): the embedded synthetic corpus, generated once with eSpeak NG by
-  :func:`~lightning_fedprune.asr.synthetic.default_corpus` from the generator settings
-  (``vocabulary``, ``num_speakers``, ``utterances_per_speaker``, ``test_speakers``, ...) and
-  cached under ``$FEDPRUNE_CACHE`` (default: the user cache directory). Splits ``train``
+  :func:`~lightning_fedprune.asr.synthetic.default_corpus` from ``corpus`` (a
+  :class:`~lightning_fedprune.asr.synthetic.CorpusConfig`: vocabulary, speakers, utterances, ...)
+  and cached under ``$FEDPRUNE_CACHE`` (default: the user cache directory). Splits ``train``
   (training speakers) and ``test`` (other speakers).
 * ``root="/path/to/LibriSpeech"``: a real LibriSpeech (or any LibriSpeech-layout) corpus, e.g.
   ``train_splits=["train-clean-100"]``, ``val_splits=["dev-clean"]``,
-  ``test_splits=["test-clean"]``. The generator settings are ignored.
+  ``test_splits=["test-clean"]``. ``corpus`` is then ignored.
 
 Building the data module only *indexes* the corpus (transcript files and directory listings);
 audio is decoded and turned into log-mel features lazily in the datasets' ``__getitem__`` and
 cached on disk (``feature_cache_dir``), so the second and later rounds read cached features.
 
-Every argument is a string, number, list or ``None``, so the module is configured from YAML::
+Every argument is a string, number, list, ``None`` or (``corpus``) a block of them, so the module is
+configured from YAML::
 
     data:
       class_path: lightning_fedprune.asr.datamodule.ASRDataModule
-      init_args: {vocabulary: digits, num_speakers: 16, batch_size: 10}
+      init_args:
+        corpus: {vocabulary: digits, num_speakers: 16}
+        batch_size: 10
 """
 
 from __future__ import annotations
@@ -37,34 +40,23 @@ from lightning_fedprune.data import FederatedDataModule
 from lightning_fedprune.validation import (
     check_bool,
     check_choice,
-    check_each,
-    check_float,
     check_int,
     check_path,
-    check_str,
     fail,
 )
 
 from .features import FeatureConfig
-from .librispeech import LibriSpeechDataset, LibriSpeechIndex, collate_asr, scan_librispeech, split_speakers
-from .synthetic import VOCABULARIES, cache_root, default_corpus
+from .librispeech import (
+    LibriSpeechDataset,
+    LibriSpeechIndex,
+    _split_names,
+    collate_asr,
+    scan_librispeech,
+    split_speakers,
+)
+from .synthetic import CorpusConfig, cache_root, default_corpus
 
 __all__ = ["ASRDataModule", "SpeakerDataset"]
-
-SYNTHETIC_SPLITS = ("train", "test")
-
-
-def _as_list(value, name: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [check_str(value, name)]
-    if not isinstance(value, (list, tuple)):
-        fail(name, "a split name or a list of split names", value)
-    out = list(check_each(value, name, check_str))
-    if len(set(out)) != len(out):
-        raise ValueError(f"`{name}` lists a split twice: {out}")
-    return out
 
 
 class SpeakerDataset(LibriSpeechDataset):
@@ -92,19 +84,12 @@ class ASRDataModule(FederatedDataModule):
         heldout_speakers: hold this many speakers of the training splits out of training
             (chosen by ``seed``) and add them to the validation set -- for corpora without a
             separate held-out split.
-        vocabulary: generated corpus only (as every argument down to ``noise_snr_db``; ignored
-            when ``root`` is given): ``"digits"`` (ZERO..NINE, 3-7 words per utterance) or
-            ``"commands"`` (50 command words, 1-4 words per utterance).
-        num_speakers: training speakers (= clients) of the generated corpus.
-        utterances_per_speaker: utterances of every training speaker.
-        test_speakers: held-out speakers of the generated corpus (split ``test``).
-        test_utterances_per_speaker: utterances of every held-out speaker.
-        corpus_seed: seed of the generated corpus (speakers' voices, transcripts, noise); separate
-            from ``seed`` so changing the training seed does not regenerate the corpus.
-        min_words, max_words: words per utterance (``None`` = the vocabulary's default range).
-        word_alpha: if set, every speaker draws words from its own Dirichlet(``word_alpha``)
-            preferences (label skew across clients); ``None`` = uniform words.
-        noise_snr_db: white noise floor added to the synthetic audio (``None`` = none).
+        corpus: the generated corpus (``root=None`` only; ignored when ``root`` is given): a
+            :class:`~lightning_fedprune.asr.synthetic.CorpusConfig`, in YAML a block of its fields,
+            e.g. ``corpus: {vocabulary: commands, num_speakers: 16, utterances_per_speaker: 100}``
+            (fields not given keep their defaults: 16 training speakers x 50 utterances of 3-7
+            digits, 4 test speakers x 25). Its ``splits`` are the split names to use in
+            ``train_splits``/``val_splits``/``test_splits``.
         cache_dir: where the generated corpus (and, by default, the feature cache) lives;
             ``None`` = ``$FEDPRUNE_CACHE`` or the user cache directory.
         max_utterances_per_speaker: use at most this many utterances of every training speaker.
@@ -132,16 +117,7 @@ class ASRDataModule(FederatedDataModule):
         val_splits: Optional[list[str]] = ["test"],  # noqa: B006
         test_splits: Optional[list[str]] = ["test"],  # noqa: B006
         heldout_speakers: int = 0,
-        vocabulary: str = "digits",
-        num_speakers: int = 16,
-        utterances_per_speaker: int = 50,
-        test_speakers: int = 4,
-        test_utterances_per_speaker: int = 25,
-        corpus_seed: int = 0,
-        min_words: Optional[int] = None,
-        max_words: Optional[int] = None,
-        word_alpha: Optional[float] = None,
-        noise_snr_db: Optional[float] = 40.0,
+        corpus: CorpusConfig = CorpusConfig(),
         cache_dir: Optional[str] = None,
         max_utterances_per_speaker: Optional[int] = None,
         max_eval_utterances_per_speaker: Optional[int] = None,
@@ -156,23 +132,12 @@ class ASRDataModule(FederatedDataModule):
         rounds_per_epoch: Optional[int] = None,
         seed: int = 0,
     ) -> None:
-        # every argument is checked before a corpus is generated or scanned (that can take minutes); the
-        # generator settings are checked even with `root` given (where they are ignored): a bad value is a typo
+        # every argument is checked before a corpus is generated or scanned (that can take minutes); `corpus`
+        # checked its own fields when it was built, even if `root` is given (where it is ignored): a bad value is a typo
         check_path(root, "root", kind="dir")  # whether it exists is checked when it is scanned
         heldout_speakers = check_int(heldout_speakers, "heldout_speakers", min=0)
-        check_str(vocabulary, "vocabulary")
-        num_speakers = check_int(num_speakers, "num_speakers", min=1)
-        utterances_per_speaker = check_int(utterances_per_speaker, "utterances_per_speaker", min=1, max=9999)
-        test_speakers = check_int(test_speakers, "test_speakers", min=0)
-        test_utterances_per_speaker = check_int(test_utterances_per_speaker, "test_utterances_per_speaker", min=1,
-                                                max=9999)
-        corpus_seed = check_int(corpus_seed, "corpus_seed")
-        min_words = check_int(min_words, "min_words", min=1, optional=True)
-        max_words = check_int(max_words, "max_words", min=1, optional=True)
-        if min_words is not None and max_words is not None and max_words < min_words:
-            raise ValueError(f"`max_words` ({max_words}) must be >= `min_words` ({min_words}).")
-        word_alpha = check_float(word_alpha, "word_alpha", min=0, min_open=True, optional=True)
-        noise_snr_db = check_float(noise_snr_db, "noise_snr_db", optional=True)
+        if not isinstance(corpus, CorpusConfig):
+            fail("corpus", "a CorpusConfig (in YAML a block of its fields, e.g. {num_speakers: 16})", corpus)
         check_path(cache_dir, "cache_dir", kind="dir")
         check_int(max_utterances_per_speaker, "max_utterances_per_speaker", min=1, optional=True)
         check_int(max_eval_utterances_per_speaker, "max_eval_utterances_per_speaker", min=1, optional=True)
@@ -186,9 +151,9 @@ class ASRDataModule(FederatedDataModule):
         self.check_audio = check_bool(check_audio, "check_audio")
         check_int(rounds_per_epoch, "rounds_per_epoch", min=1, optional=True)
         check_int(seed, "seed")
-        train = _as_list(train_splits, "train_splits")
-        val = _as_list(val_splits, "val_splits")
-        test = _as_list(test_splits, "test_splits")
+        train = _split_names(train_splits, "train_splits")
+        val = _split_names(val_splits, "val_splits")
+        test = _split_names(test_splits, "test_splits")
         if not train:
             raise ValueError("`train_splits` is empty: name the split(s) whose speakers are the clients.")
         overlap = set(train) & (set(val) | set(test))
@@ -199,26 +164,19 @@ class ASRDataModule(FederatedDataModule):
                 "training split out."
             )
 
-        self.vocabulary = vocabulary
+        self.corpus = corpus
         self.features = FeatureConfig(n_mels=n_mels)
         if root is None:
-            check_choice(vocabulary, "vocabulary", sorted(VOCABULARIES))
-            bad = [s for s in train + val + test if s not in SYNTHETIC_SPLITS]
+            bad = [s for s in train + val + test if s not in corpus.splits]
             if bad:
                 raise ValueError(
-                    f"the generated corpus (`root=None`) has the splits {list(SYNTHETIC_SPLITS)}; got {bad}. "
-                    "Give `root` for a real LibriSpeech corpus."
+                    f"the generated corpus (`root=None`) has the splits {list(corpus.splits)} (`corpus.splits`); "
+                    f"got {bad}. Give `root` for a real LibriSpeech corpus."
                 )
-            if ("test" in val + test) and test_speakers < 1:
-                raise ValueError("`test_speakers` must be >= 1 when `val_splits`/`test_splits` use the 'test' split.")
-            corpus = default_corpus(
-                vocabulary, num_speakers=num_speakers, utterances_per_speaker=utterances_per_speaker,
-                test_speakers=test_speakers, test_utterances_per_speaker=test_utterances_per_speaker,
-                seed=corpus_seed, splits=SYNTHETIC_SPLITS if test_speakers > 0 else SYNTHETIC_SPLITS[:1],
-                min_words=min_words, max_words=max_words, word_alpha=word_alpha, noise_snr_db=noise_snr_db,
-                cache_dir=cache_dir, progress=False,
-            )  # fmt: skip
-            self.corpus_root = Path(corpus)
+            if len(corpus.splits) == 2 and corpus.test_speakers == 0 and corpus.splits[1] in val + test:
+                raise ValueError(f"`corpus.test_speakers` must be >= 1 when `val_splits`/`test_splits` use the "
+                                 f"split {corpus.splits[1]!r}, got 0.")
+            self.corpus_root = default_corpus(corpus, cache_dir=cache_dir, progress=False)
         else:
             self.corpus_root = Path(root).expanduser()
 

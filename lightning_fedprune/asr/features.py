@@ -37,6 +37,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from lightning_fedprune.validation import check_bool, check_float, check_int
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -84,14 +86,30 @@ class FeatureConfig:
     normalize: bool = True
 
     def __post_init__(self) -> None:
-        if self.sample_rate <= 0 or self.n_mels <= 0:
-            raise ValueError("sample_rate and n_mels must be positive")
-        if self.win_ms <= 0 or self.hop_ms <= 0:
-            raise ValueError("win_ms and hop_ms must be positive")
+        # normalised values: equal configurations must give the same cache hash
+        fields = {
+            "sample_rate": check_int(self.sample_rate, "sample_rate", min=1),
+            "n_mels": check_int(self.n_mels, "n_mels", min=1),
+            "win_ms": check_float(self.win_ms, "win_ms", min=0, min_open=True),
+            "hop_ms": check_float(self.hop_ms, "hop_ms", min=0, min_open=True),
+            "n_fft": check_int(self.n_fft, "n_fft", min=1, optional=True),
+            "f_min": check_float(self.f_min, "f_min", min=0),
+            "f_max": check_float(self.f_max, "f_max", min=0, min_open=True, optional=True),
+            "log_offset": check_float(self.log_offset, "log_offset", min=0, min_open=True),
+            "normalize": check_bool(self.normalize, "normalize"),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+        if self.win_length < 1 or self.hop_length < 1:
+            raise ValueError(f"`win_ms` ({self.win_ms:g}) and `hop_ms` ({self.hop_ms:g}) must each be at least one "
+                             f"sample at `sample_rate` {self.sample_rate} Hz.")
         if self.n_fft is not None and self.n_fft < self.win_length:
-            raise ValueError(f"n_fft={self.n_fft} is smaller than the window ({self.win_length} samples)")
-        if self.log_offset <= 0:
-            raise ValueError("log_offset must be > 0")
+            raise ValueError(f"`n_fft` ({self.n_fft}) must be >= the window length ({self.win_length} samples: "
+                             f"`win_ms` {self.win_ms:g} at {self.sample_rate} Hz), or None.")
+        nyquist = self.sample_rate / 2
+        if not self.f_min < (self.f_max if self.f_max is not None else nyquist) <= nyquist:
+            raise ValueError(f"need `f_min` ({self.f_min:g}) < `f_max` ({self.f_max}) <= the Nyquist frequency "
+                             f"({nyquist:g} Hz at `sample_rate` {self.sample_rate}); `f_max=None` = Nyquist.")
 
     @property
     def win_length(self) -> int:

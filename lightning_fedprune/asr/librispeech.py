@@ -37,6 +37,8 @@ from typing import Iterable, Iterator, Optional, Sequence, Union, overload
 import torch
 from torch.utils.data import Dataset
 
+from lightning_fedprune.validation import check_bool, check_choice, check_each, check_int, check_path, check_str, fail
+
 from .features import FeatureConfig, FeatureExtractor
 
 __all__ = [
@@ -67,9 +69,18 @@ def _natural_key(s: str):
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s) if t]
 
 
-def _check_on_error(on_error: str) -> None:
-    if on_error not in _ON_ERROR:
-        raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+def _split_names(value: Union[str, Sequence[str], None], name: str) -> list[str]:
+    """A split name or a list of distinct split names (``None`` = none), checked under the argument's ``name``."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [check_str(value, name)]
+    if not isinstance(value, (list, tuple)):
+        fail(name, "a split name or a list of split names", value)
+    out = list(check_each(value, name, check_str))
+    if len(set(out)) != len(out):
+        raise ValueError(f"`{name}` lists a split twice: {out}")
+    return out
 
 
 def _problem(on_error: str, exc: Exception) -> None:
@@ -211,17 +222,14 @@ def scan_librispeech(
     ``check_audio=True`` an audio file whose header cannot be read -- are skipped with a
     warning naming the file (``on_error="warn"``) or raised (``"raise"``).
     """
-    _check_on_error(on_error)
-    root = Path(root).expanduser()
+    check_choice(on_error, "on_error", _ON_ERROR)
+    check_bool(check_audio, "check_audio")
+    split_list = _split_names(splits, "splits")
+    if not split_list:
+        fail("splits", "a split name or a non-empty list of split names", splits)
+    root = check_path(root, "root", kind="dir", optional=False)
     if not root.exists():
         raise FileNotFoundError(f"LibriSpeech root {root} does not exist")
-    if not root.is_dir():
-        raise NotADirectoryError(f"LibriSpeech root {root} is not a directory")
-    split_list = [splits] if isinstance(splits, str) else list(splits)
-    if not split_list:
-        raise ValueError("no split given")
-    if len(set(split_list)) != len(split_list):
-        raise ValueError(f"duplicate split names in {split_list}")
 
     utterances: list[Utterance] = []
     seen: dict[str, Path] = {}
@@ -311,11 +319,19 @@ class LibriSpeechDataset(Dataset):
         check_audio: bool = False,
         index: Optional[LibriSpeechIndex] = None,
     ) -> None:
-        _check_on_error(on_error)
+        check_choice(on_error, "on_error", _ON_ERROR)
+        if not isinstance(features, FeatureConfig):
+            fail("features", "a FeatureConfig", features)
+        check_path(cache_dir, "cache_dir", kind="dir")
+        check_int(max_utterances, "max_utterances", min=0, optional=True)
+        check_int(max_utterances_per_speaker, "max_utterances_per_speaker", min=1, optional=True)
         if index is None:
             if root is None or splits is None:
-                raise ValueError("give root and splits (or a prebuilt index)")
+                raise ValueError(f"give `root` and `splits` (or a prebuilt `index`), got root={root!r}, "
+                                 f"splits={splits!r}.")
             index = scan_librispeech(root, splits, on_error=on_error, check_audio=check_audio)
+        elif not isinstance(index, LibriSpeechIndex):
+            fail("index", "a LibriSpeechIndex or None", index)
         self.index = index.filter(speakers, max_utterances, max_utterances_per_speaker)
         self.on_error = on_error
         self.feature_config = features
@@ -403,8 +419,8 @@ def split_speakers(speakers: Iterable[str], num_heldout: int, seed: int = 0) -> 
     The result depends only on the *set* of speakers, ``num_heldout`` and ``seed``.
     """
     spk = sorted({str(s) for s in speakers}, key=_natural_key)
-    if not 0 <= num_heldout <= len(spk):
-        raise ValueError(f"num_heldout={num_heldout} must be between 0 and the number of speakers ({len(spk)})")
+    check_int(num_heldout, "num_heldout", min=0, max=len(spk))  # at most every speaker
+    check_int(seed, "seed")
     shuffled = spk[:]
     random.Random(f"fedprune-split-speakers-{seed}").shuffle(shuffled)
     held = set(shuffled[:num_heldout])

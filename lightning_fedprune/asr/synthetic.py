@@ -51,9 +51,20 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
+
+from lightning_fedprune.validation import (
+    check_bool,
+    check_choice,
+    check_each,
+    check_float,
+    check_int,
+    check_path,
+    check_str,
+    fail,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +139,35 @@ class SpeakerProfile:
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    """Everything that determines a synthetic corpus (hashed by :func:`default_corpus`)."""
+    """Everything that determines a synthetic corpus: the one definition of the generator settings.
+
+    :func:`generate_corpus` and :func:`default_corpus` take one, its fields are hashed into the
+    cache key (:meth:`key`), and :class:`~lightning_fedprune.asr.datamodule.ASRDataModule` takes one
+    as ``corpus`` -- in YAML a nested block, ``corpus: {vocabulary: digits, num_speakers: 16}``
+    (fields not given keep the defaults below). Every field is checked here, at construction: a
+    typo fails before minutes of synthesis, with the field's name.
+
+    Args:
+        vocabulary: ``"digits"`` (ZERO..NINE, 3-7 words per utterance) or ``"commands"`` (50
+            command words, 1-4 words per utterance).
+        num_speakers: speakers of the first split (``train``); with ``ASRDataModule`` each is one
+            federated client.
+        utterances_per_speaker: utterances of every training speaker (at most 9999: the
+            utterance ids have 4 digits).
+        test_speakers: speakers of the second split (``test``), all different from the training
+            speakers (other ids and, up to 96 speakers in all, other voices); 0 = no second split.
+        test_utterances_per_speaker: utterances of every test speaker (at most 9999).
+        seed: seed of the corpus (the speakers' voices, rates and pitches, the transcripts, the
+            noise); ``ASRDataModule`` keeps it apart from its own ``seed``, so changing the training
+            seed does not regenerate the corpus.
+        splits: names of the one or two split directories (training, then test speakers).
+        min_words, max_words: words per utterance (``None`` = the vocabulary's default range).
+        word_alpha: if set, every speaker draws words from its own Dirichlet(``word_alpha``)
+            preferences (label skew across clients); ``None`` = uniform words.
+        noise_snr_db: white noise floor added to the audio, as a signal-to-noise ratio in dB
+            (``None`` = digital silence between words).
+        sample_rate: sample rate of the FLAC files in Hz (eSpeak NG's 22050 Hz is resampled).
+    """
 
     vocabulary: str = "digits"
     num_speakers: int = 16
@@ -137,34 +176,43 @@ class CorpusConfig:
     test_utterances_per_speaker: int = 25
     seed: int = 0
     splits: tuple[str, ...] = ("train", "test")
-    min_words: Optional[int] = None  # None -> vocabulary default (digits 3..7, commands 1..4)
+    min_words: Optional[int] = None
     max_words: Optional[int] = None
-    word_alpha: Optional[float] = None  # Dirichlet concentration of per-speaker word preferences
-    noise_snr_db: Optional[float] = 40.0  # additive white noise floor (None = digital silence)
+    word_alpha: Optional[float] = None
+    noise_snr_db: Optional[float] = 40.0
     sample_rate: int = 16000
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "splits", tuple(self.splits))
-        if self.vocabulary not in VOCABULARIES:
-            raise ValueError(f"unknown vocabulary {self.vocabulary!r}; choose from {sorted(VOCABULARIES)}")
-        if not 1 <= len(self.splits) <= 2 or len(set(self.splits)) != len(self.splits):
-            raise ValueError(f"splits must be one or two distinct names (train[, test]), got {self.splits}")
-        for s in self.splits:
-            if not s or "/" in s or os.sep in s or s.startswith("."):
-                raise ValueError(f"invalid split name {s!r}")
-        if self.num_speakers < 1 or self.utterances_per_speaker < 1:
-            raise ValueError("num_speakers and utterances_per_speaker must be >= 1")
-        if len(self.splits) == 2 and (self.test_speakers < 0 or self.test_utterances_per_speaker < 0):
-            raise ValueError("test_speakers and test_utterances_per_speaker must be >= 0")
-        if max(self.utterances_per_speaker, self.test_utterances_per_speaker) > 9999:
-            raise ValueError("at most 9999 utterances per speaker (4-digit utterance ids)")
+        # normalised values (ints, floats, a tuple) make equal configurations hash to the same key
+        fields = {
+            "vocabulary": check_choice(self.vocabulary, "vocabulary", tuple(VOCABULARIES)),
+            "num_speakers": check_int(self.num_speakers, "num_speakers", min=1),
+            "utterances_per_speaker": check_int(self.utterances_per_speaker, "utterances_per_speaker", min=1,
+                                                max=9999),
+            "test_speakers": check_int(self.test_speakers, "test_speakers", min=0),
+            "test_utterances_per_speaker": check_int(self.test_utterances_per_speaker, "test_utterances_per_speaker",
+                                                     min=1, max=9999),
+            "seed": check_int(self.seed, "seed", min=0),  # numpy seeds must be >= 0
+            "splits": check_each(self.splits, "splits", check_str),
+            "min_words": check_int(self.min_words, "min_words", min=1, optional=True),
+            "max_words": check_int(self.max_words, "max_words", min=1, optional=True),
+            "word_alpha": check_float(self.word_alpha, "word_alpha", min=0, min_open=True, optional=True),
+            "noise_snr_db": check_float(self.noise_snr_db, "noise_snr_db", optional=True),
+            "sample_rate": check_int(self.sample_rate, "sample_rate", min=1),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+        splits = self.splits
+        if not 1 <= len(splits) <= 2 or len(set(splits)) != len(splits):
+            fail("splits", "one or two distinct split names (train[, test])", list(splits))
+        for i, split in enumerate(splits):
+            if "/" in split or os.sep in split or split.startswith("."):
+                fail(f"splits[{i}]", "a directory name (no '/', not starting with '.')", split)
         lo, hi = self.word_range
-        if not 1 <= lo <= hi:
-            raise ValueError(f"need 1 <= min_words <= max_words, got {lo}, {hi}")
-        if self.word_alpha is not None and self.word_alpha <= 0:
-            raise ValueError("word_alpha must be > 0")
-        if self.sample_rate <= 0:
-            raise ValueError("sample_rate must be > 0")
+        if hi < lo:
+            default = VOCABULARIES[self.vocabulary][1]
+            raise ValueError(f"`max_words` ({hi}) must be >= `min_words` ({lo}); `None` stands for the "
+                             f"{self.vocabulary!r} vocabulary's default range {default}.")
 
     @property
     def words(self) -> tuple[str, ...]:
@@ -374,8 +422,7 @@ class _CliEngine:
 
 def espeak_backend(backend: str = "auto") -> str:
     """Resolve ``"auto"`` to ``"ctypes"`` (espeakng-loader wheel) or ``"cli"`` (espeak-ng program)."""
-    if backend not in ("auto", "ctypes", "cli"):
-        raise ValueError(f"backend must be 'auto', 'ctypes' or 'cli', got {backend!r}")
+    check_choice(backend, "backend", ("auto", "ctypes", "cli"))
     if backend != "auto":
         return backend
     try:
@@ -498,43 +545,31 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def generate_corpus(
     root: PathLike,
+    config: CorpusConfig = CorpusConfig(),
     *,
-    vocabulary: str = "digits",
-    num_speakers: int = 16,
-    utterances_per_speaker: int = 50,
-    test_speakers: int = 4,
-    test_utterances_per_speaker: int = 25,
-    seed: int = 0,
-    splits: Sequence[str] = ("train", "test"),
-    min_words: Optional[int] = None,
-    max_words: Optional[int] = None,
-    word_alpha: Optional[float] = None,
-    noise_snr_db: Optional[float] = 40.0,
-    sample_rate: int = 16000,
     backend: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Synthesise a corpus in LibriSpeech layout under ``root`` and return ``root``.
+    """Synthesise the corpus described by ``config`` in LibriSpeech layout under ``root``; returns ``root``.
 
-    ``splits[0]`` gets ``num_speakers`` speakers x ``utterances_per_speaker`` utterances;
-    ``splits[1]`` (if given) gets ``test_speakers`` *other* speakers x ``test_utterances_per_speaker``.
-    Transcripts are 3-7 digit words (``vocabulary="digits"``, ZERO..NINE) or 1-4 command words
-    (``"commands"``, 50 words); ``min_words``/``max_words`` override the length range and
-    ``word_alpha`` gives every speaker its own Dirichlet(``word_alpha``) word preferences (extra
-    label skew; ``None`` = uniform). ``noise_snr_db`` adds a white noise floor (``None``: none).
+    ``config.splits[0]`` gets ``num_speakers`` speakers x ``utterances_per_speaker`` utterances;
+    ``config.splits[1]`` (if given and ``test_speakers > 0``) gets ``test_speakers`` *other*
+    speakers x ``test_utterances_per_speaker`` (see :class:`CorpusConfig` for every setting).
 
     ``backend``: ``"ctypes"`` (libespeak-ng from the espeakng-loader wheel), ``"cli"`` (the
     espeak-ng program) or ``"auto"`` (ctypes if available). Raises ``FileExistsError`` if a split
     directory to be written already has content, unless ``overwrite=True``.
     """
-    cfg = CorpusConfig(
-        vocabulary=vocabulary, num_speakers=num_speakers, utterances_per_speaker=utterances_per_speaker,
-        test_speakers=test_speakers, test_utterances_per_speaker=test_utterances_per_speaker, seed=seed,
-        splits=tuple(splits), min_words=min_words, max_words=max_words, word_alpha=word_alpha,
-        noise_snr_db=noise_snr_db, sample_rate=sample_rate,
-    )  # fmt: skip
-    return _generate(Path(root), cfg, backend=backend, overwrite=overwrite, progress=progress)
+    root = check_path(root, "root", kind="dir", optional=False)
+    _check_config(config)
+    return _generate(root, config, backend=backend, overwrite=check_bool(overwrite, "overwrite"),
+                     progress=check_bool(progress, "progress"))
+
+
+def _check_config(config: CorpusConfig) -> None:
+    if not isinstance(config, CorpusConfig):
+        fail("config", "a CorpusConfig (e.g. CorpusConfig(num_speakers=4))", config)
 
 
 def _generate(root: Path, cfg: CorpusConfig, *, backend: str, overwrite: bool, progress: bool) -> Path:
@@ -655,46 +690,33 @@ def _remove_stale_tmp(parent: Path) -> None:
 
 
 def default_corpus(
-    vocabulary: str = "digits",
+    config: CorpusConfig = CorpusConfig(),
     *,
-    num_speakers: int = 16,
-    utterances_per_speaker: int = 50,
-    test_speakers: int = 4,
-    test_utterances_per_speaker: int = 25,
-    seed: int = 0,
-    splits: Sequence[str] = ("train", "test"),
-    min_words: Optional[int] = None,
-    max_words: Optional[int] = None,
-    word_alpha: Optional[float] = None,
-    noise_snr_db: Optional[float] = 40.0,
-    sample_rate: int = 16000,
     backend: str = "auto",
     cache_dir: Optional[PathLike] = None,
     progress: bool = True,
 ) -> Path:
-    """The synthetic corpus for this configuration, generated once and cached.
+    """The synthetic corpus for ``config``, generated once and cached.
 
-    Lives in ``<cache_root(cache_dir)>/corpora/synth-<vocabulary>-<hash>`` where the hash covers
-    the configuration, the generator version and the eSpeak NG backend+version. Generation goes
-    to a temporary sibling directory that is renamed into place when complete, so an interrupted
-    run never leaves a partial corpus (and leftovers of dead processes are removed). A second call
-    only checks that the directory exists and returns immediately.
+    Lives in ``<cache_root(cache_dir)>/corpora/synth-<vocabulary>-<hash>`` where the hash
+    (:meth:`CorpusConfig.key`) covers the configuration, the generator version and the eSpeak NG
+    backend+version. Generation goes to a temporary sibling directory that is renamed into place
+    when complete, so an interrupted run never leaves a partial corpus (and leftovers of dead
+    processes are removed). A second call only checks that the directory exists and returns
+    immediately.
     """
-    cfg = CorpusConfig(
-        vocabulary=vocabulary, num_speakers=num_speakers, utterances_per_speaker=utterances_per_speaker,
-        test_speakers=test_speakers, test_utterances_per_speaker=test_utterances_per_speaker, seed=seed,
-        splits=tuple(splits), min_words=min_words, max_words=max_words, word_alpha=word_alpha,
-        noise_snr_db=noise_snr_db, sample_rate=sample_rate,
-    )  # fmt: skip
+    _check_config(config)
+    check_path(cache_dir, "cache_dir", kind="dir")
+    progress = check_bool(progress, "progress")
     parent = cache_root(cache_dir) / "corpora"
-    final = parent / f"synth-{cfg.vocabulary}-{cfg.key(_engine_id(backend))}"
+    final = parent / f"synth-{config.vocabulary}-{config.key(_engine_id(backend))}"
     if (final / "corpus.json").is_file():
         return final
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(parent)
     tmp = parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _generate(tmp, cfg, backend=backend, overwrite=False, progress=progress)
+        _generate(tmp, config, backend=backend, overwrite=False, progress=progress)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -20,11 +20,12 @@ pattern groups, so the realised sparsity can differ by up to one group per layer
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from lightning_fedprune.validation import check_choice, check_float, check_int, fail
 
 from .patterns import _shape_2d
 
@@ -39,24 +40,13 @@ _MIN_LOG_W = -700.0
 
 
 def _check_target(target: float) -> float:
-    if isinstance(target, bool) or not isinstance(target, numbers.Real):
-        raise ValueError(f"`target` must be a number in [0, 1), got {target!r}")
-    target = float(target)
-    if not 0.0 <= target < 1.0:
-        raise ValueError(f"`target` must be in [0, 1), got {target!r}")
-    return target
+    return check_float(target, "target", min=0, max=1, max_open=True)
 
 
 def _check_sizes(sizes: Mapping[str, int]) -> dict[str, int]:
     if not isinstance(sizes, Mapping):
-        kind = type(sizes).__name__
-        raise ValueError(f"`sizes` must be a mapping name -> parameter count, got {kind}")
-    out = {}
-    for name, n in sizes.items():
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
-            raise ValueError(f"`sizes[{name!r}]` must be a positive integer, got {n!r}")
-        out[name] = int(n)
-    return out
+        fail("sizes", "a mapping name -> parameter count", sizes)
+    return {name: check_int(n, f"sizes[{name!r}]", min=1) for name, n in sizes.items()}
 
 
 def uniform_allocation(sizes: Mapping[str, int], target: float) -> dict[str, float]:
@@ -115,8 +105,7 @@ def adaptive_allocation(
     target = _check_target(target)
     sizes = _check_sizes(sizes)
     if not isinstance(importance, Mapping):
-        kind = type(importance).__name__
-        raise ValueError(f"`importance` must be a mapping name -> float, got {kind}")
+        fail("importance", "a mapping name -> float", importance)
     if set(importance) != set(sizes):
         missing = sorted(set(sizes) - set(importance))
         extra = sorted(set(importance) - set(sizes))
@@ -124,43 +113,28 @@ def adaptive_allocation(
             "`importance` and `sizes` must have the same keys; missing in `importance`: "
             f"{missing}, not in `sizes`: {extra}"
         )
-    if isinstance(max_layer_sparsity, bool) or not isinstance(max_layer_sparsity, numbers.Real):
-        raise ValueError(
-            f"`max_layer_sparsity` must be a number in [0, 1], got {max_layer_sparsity!r}"
-        )
-    cap = float(max_layer_sparsity)
-    if not 0.0 <= cap <= 1.0:
-        raise ValueError(f"`max_layer_sparsity` must be in [0, 1], got {max_layer_sparsity!r}")
+    cap = check_float(max_layer_sparsity, "max_layer_sparsity", min=0, max=1)
     if target > cap:
         raise ValueError(
             f"`target` ({target}) is larger than `max_layer_sparsity` ({cap}): no allocation can "
             "reach it without exceeding the per-layer cap"
         )
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, numbers.Real)
-        or not math.isfinite(float(temperature))
-        or float(temperature) < 0
-    ):
-        raise ValueError(f"`temperature` must be a finite number >= 0, got {temperature!r}")
+    temperature = check_float(temperature, "temperature", min=0)
     names = list(sizes)
     imp = []
     for name in names:
         value = importance[name]
         if isinstance(value, Tensor) and value.numel() == 1:
             value = value.item()
-        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        if not real or not math.isfinite(float(value)):
-            raise ValueError(f"`importance[{name!r}]` must be a finite number, got {value!r}")
-        imp.append(float(value))
+        imp.append(check_float(value, f"importance[{name!r}]"))
     if not names:
         return {}
     top = max(imp)
-    if target == 0.0 or top <= 0.0 or float(temperature) == 0.0:
+    if target == 0.0 or top <= 0.0 or temperature == 0.0:
         return {name: target for name in names}
     log_i = [math.log(max(v, _REL_EPS * top)) for v in imp]
     mean_log = sum(log_i) / len(log_i)
-    log_w = [-float(temperature) * (v - mean_log) for v in log_i]  # log of (I / geomean)^-T
+    log_w = [-temperature * (v - mean_log) for v in log_i]  # log of (I / geomean)^-T
     if max(log_w) - min(log_w) == 0.0:
         return {name: target for name in names}
     shift = max(log_w)  # only the ratios matter: c absorbs the scale
@@ -213,9 +187,8 @@ def layer_importance(
         (0.5, 1.0)
     """
     if not isinstance(scores, Tensor):
-        raise ValueError(f"`scores` must be a torch.Tensor, got {type(scores).__name__}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}, got {normalize!r}")
+        fail("scores", "a torch.Tensor", scores)
+    check_choice(normalize, "normalize", NORMALIZATIONS)
     if shape is None:
         shape = scores.shape
     rows, cols = _shape_2d(shape, "scores")

@@ -17,20 +17,11 @@ At ``start_round`` itself the gradual schedules are still at 0 (``p = 0``).
 
 from __future__ import annotations
 
-import math
-import numbers
+from lightning_fedprune.validation import check_choice, check_float, check_int, fail
 
 __all__ = ["SCHEDULES", "sparsity_at", "validate_schedule"]
 
 SCHEDULES: tuple[str, ...] = ("one_shot", "linear", "cubic", "step")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def validate_schedule(
@@ -53,22 +44,15 @@ def validate_schedule(
         >>> validate_schedule(target=0.5, start_round=10, end_round=5, schedule="linear")
         Traceback (most recent call last):
         ...
-        ValueError: `end_round` must be an integer >= `start_round` (10), got 5
+        ValueError: `end_round` must be an integer >= `start_round` (10), got 5.
     """
-    if not isinstance(schedule, str) or schedule not in SCHEDULES:
-        raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}")
-    if not _is_real(target) or not 0.0 <= float(target) < 1.0:
-        raise ValueError(f"`target` must be a number in [0, 1), got {target!r}")
-    if not _is_int(start_round) or start_round < 0:
-        raise ValueError(f"`start_round` must be an integer >= 0, got {start_round!r}")
-    if not _is_int(end_round) or end_round < start_round:
-        raise ValueError(
-            f"`end_round` must be an integer >= `start_round` ({start_round}), got {end_round!r}"
-        )
-    if not _is_real(power) or not math.isfinite(float(power)) or float(power) <= 0:
-        raise ValueError(f"`power` must be a finite number > 0, got {power!r}")
-    if not _is_int(num_steps) or num_steps < 1:
-        raise ValueError(f"`num_steps` must be an integer >= 1, got {num_steps!r}")
+    check_choice(schedule, "schedule", SCHEDULES)
+    check_float(target, "target", min=0, max=1, max_open=True)
+    start_round = check_int(start_round, "start_round", min=0)
+    if check_int(end_round, "end_round", min=0) < start_round:
+        fail("end_round", f"an integer >= `start_round` ({start_round})", end_round)
+    check_float(power, "power", min=0, min_open=True)
+    check_int(num_steps, "num_steps", min=1)
 
 
 def sparsity_at(
@@ -110,8 +94,7 @@ def sparsity_at(
         power=power,
         num_steps=num_steps,
     )
-    if not _is_int(round) or round < 0:
-        raise ValueError(f"`round` must be an integer >= 0, got {round!r}")
+    check_int(round, "round", min=0)
     target = float(target)
     if round < start_round:
         return 0.0
