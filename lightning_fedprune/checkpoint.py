@@ -50,7 +50,6 @@ MASK_SHAPING: dict[str, set[str] | None] = {
     "AdaptiveLayerSparsity": None,
     "FineTuneFreeze": None,
 }
-SERVER_OPTIMIZER_FIELDS = ("server_optimizer", "server_lr", "server_momentum", "server_betas", "server_eps")
 
 
 class _Absent:
@@ -234,16 +233,10 @@ def federation_config(fed: pl.LightningModule) -> dict[str, Any]:
         "seed": fed.seed,
         "compact_clients": cc.compact,
         "client_gradient_clip_val": cc.gradient_clip_val,
-        "server_optimizer": fed.server_optimizer_name,
-        "server_lr": fed.server_lr,
+        **fed.strategy.config(),  # FedAvg/FedAvgM/FedAdam: server_optimizer, server_lr and its own settings
     }
     if cc.gradient_clip_val is not None:
         config["client_gradient_clip_algorithm"] = cc.gradient_clip_algorithm
-    if fed.server_optimizer_name == "sgdm":
-        config["server_momentum"] = fed.server_momentum
-    if fed.server_optimizer_name == "adam":
-        config["server_betas"] = list(fed.server_betas)
-        config["server_eps"] = fed.server_eps
     return config
 
 
@@ -359,9 +352,10 @@ def check_resume_config(fed: pl.LightningModule, checkpoint: dict[str, Any]) -> 
         raise ValueError(f"Resuming from {where}: these changes cannot be applied:\n"
                          + "\n".join(f"  {r}" for r in refused))
     names = {name for name, _, _ in changes}
-    optimizer_changes = {f"FederatedLightningModule.{f}" for f in SERVER_OPTIMIZER_FIELDS} & names
-    if optimizer_changes:
-        _apply_server_optimizer(fed, checkpoint, reset="FederatedLightningModule.server_optimizer" in names)
+    strategy_fields = {f"FederatedLightningModule.{f}" for f in fed.strategy.config()}
+    if strategy_fields & names:  # a different strategy starts a fresh server optimiser; new settings keep its state
+        reset = bool({"FederatedLightningModule.server_optimizer", "FederatedLightningModule.strategy"} & names)
+        _apply_server_optimizer(fed, checkpoint, reset=reset)
     if any(n.partition(".")[0] in ("SparsityRampCallback", "AdaptiveLayerSparsity") for n in names):
         fed._reapply_plan = True  # the masks are recomputed under the new plan when training starts
     warnings.warn(f"Resuming from {where} with a changed configuration (resume_config_change='apply'):\n{listing}",

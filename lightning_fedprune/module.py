@@ -28,12 +28,6 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from typing_extensions import Self
 
-from lightning_fedprune.aggregation import (
-    is_plain_fedavg,
-    make_server_optimizer,
-    validate_server_optimizer,
-    weighted_average,
-)
 from lightning_fedprune.checkpoint import (
     RESUME_CONFIG_CHANGES,
     install_checkpoint_validation,
@@ -54,17 +48,10 @@ from lightning_fedprune.client import (
 )
 from lightning_fedprune.executors import EXECUTORS, Executor, make_executor
 from lightning_fedprune.hooks import RoundSummary
-from lightning_fedprune.protocol import (
-    ClientConfig,
-    ClientPlan,
-    ClientResult,
-    LoggedValue,
-    OptimState,
-    RoundPayload,
-    derive_seed,
-)
+from lightning_fedprune.protocol import ClientConfig, ClientPlan, ClientResult, OptimState, RoundPayload, derive_seed
 from lightning_fedprune.pruning.plan import PruningPlan
 from lightning_fedprune.pruning.state import PruningState
+from lightning_fedprune.strategy import Aggregate, FedAvg, Strategy, make_strategy
 from lightning_fedprune.validation import check_choice, check_int, fail
 from lightning_fedprune.wire import decode_state, dense_nbytes, encode_state
 
@@ -99,6 +86,9 @@ class FederatedLightningModule(pl.LightningModule):
         local_epochs: passes over the client's data per round (default 1 if neither is given).
         server_optimizer: ``"sgd"`` (``server_lr=1`` is FedAvg), ``"sgdm"`` (FedAvgM) or ``"adam"`` (FedAdam).
         server_lr, server_momentum, server_betas, server_eps: server optimiser settings.
+        strategy: a :class:`~lightning_fedprune.strategy.Strategy` instance (e.g. ``FedAdam(server_lr=0.01)``
+            or your own subclass; in YAML a ``class_path``), used instead of ``server_optimizer`` and its
+            settings: how the server aggregates a round and steps.
         weighting: aggregation weight of a client: ``"num_samples"`` (its dataset size, FedAvg),
             ``"num_examples"`` (examples processed this round) or ``"uniform"``.
         executor: ``"sequential"`` (default), ``"process"`` (persistent worker processes) or an
@@ -141,6 +131,7 @@ class FederatedLightningModule(pl.LightningModule):
         client_gradient_clip_val: float | None = None,
         client_gradient_clip_algorithm: str = "norm",
         compact_clients: bool = True,
+        strategy: Strategy | None = None,
         max_failed_rounds: int = 3,
         seed: int = 0,
         resume_config_change: str = "error",
@@ -155,7 +146,11 @@ class FederatedLightningModule(pl.LightningModule):
         clients_per_round = check_int(clients_per_round, "clients_per_round", min=1)
         if local_steps is None and local_epochs is None:
             local_epochs = 1
-        validate_server_optimizer(server_optimizer, server_lr, server_momentum, server_betas, server_eps)
+        if isinstance(strategy, dict):  # as recorded in the hyperparameters (Strategy.spec)
+            strategy = Strategy.from_spec(strategy)
+        if strategy is not None and not isinstance(strategy, Strategy):
+            fail("strategy", "a lightning_fedprune.strategy.Strategy instance or None", strategy)
+        default_strategy = make_strategy(server_optimizer, server_lr, server_momentum, server_betas, server_eps)
         check_choice(weighting, "weighting", WEIGHTINGS)
         if not isinstance(executor, Executor) and not (isinstance(executor, str) and executor in EXECUTORS):
             fail("executor", f"one of {EXECUTORS} or an Executor instance", executor)
@@ -176,17 +171,14 @@ class FederatedLightningModule(pl.LightningModule):
         # the task is recorded as its class path and its own hyperparameters (checkpoint, loggers' hparams.yaml);
         # LightningCLI's `_instantiator` is dropped so that every checkpoint loads the same way; plain lists
         # keep hparams.yaml readable by yaml.safe_load
-        self.save_hyperparameters(ignore=["task", "executor", "_instantiator"])
-        self.save_hyperparameters({"task": task_spec(task), "server_betas": list(server_betas)})
+        self.save_hyperparameters(ignore=["task", "executor", "strategy", "_instantiator"])
+        self.save_hyperparameters({"task": task_spec(task), "server_betas": list(server_betas),
+                                   "strategy": strategy.spec() if strategy is not None else None})
         self.resume_config_change = resume_config_change
         self.automatic_optimization = False
         self.task = task
         self.clients_per_round = clients_per_round
-        self.server_optimizer_name = server_optimizer
-        self.server_lr = float(server_lr)
-        self.server_momentum = float(server_momentum)
-        self.server_betas = tuple(server_betas)
-        self.server_eps = float(server_eps)
+        self.strategy = strategy if strategy is not None else default_strategy
         self.weighting = weighting
         self.max_failed_rounds = max_failed_rounds
         self.seed = seed
@@ -311,7 +303,7 @@ class FederatedLightningModule(pl.LightningModule):
         # every callback has contributed its part of the plan: check it as a whole and take its configuration
         self.pruning.apply_plan(self.pruning.plan, [(n, tuple(p.shape)) for n, p in self.task.named_parameters()])
         if self.pruning.plan.active and self.pruning.momentum_source == "server_optimizer" \
-                and self.pruning.importance.startswith("momentum") and self.server_optimizer_name == "sgd":
+                and self.pruning.importance.startswith("momentum") and type(self.strategy) is FedAvg:
             raise ValueError("`momentum_source='server_optimizer'` needs server_optimizer 'sgdm' or 'adam' (plain 'sgd' "
                              "has no momentum).")
 
@@ -369,8 +361,7 @@ class FederatedLightningModule(pl.LightningModule):
 
     def make_server_optimizer(self) -> torch.optim.Optimizer:
         """A new server optimiser over the global parameters, from this module's settings."""
-        return make_server_optimizer(self.global_params().values(), self.server_optimizer_name, self.server_lr,
-                                     self.server_momentum, self.server_betas, self.server_eps)
+        return self.strategy.make_optimizer(list(self.global_params().values()))
 
     def configure_optimizers(self) -> Any:
         """The server optimiser, then the task's optimisers and schedulers (the clients' *template*).
@@ -396,73 +387,76 @@ class FederatedLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ the round
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """One federated round, in six steps."""
         start = time.perf_counter()
-        rnd = int(self.global_step)
-        if int(batch["round"]) != rnd:
-            raise RuntimeError(f"cohort for round {int(batch['round'])} arrived at round {rnd}")
-        cohort = [int(c) for c in batch["clients"].tolist()]
+        rnd, cohort = self._cohort(batch)
+        # 1. the plan: this round's masks (pruning callbacks contributed the plan), then the round-start hooks
         self.pruning.begin_round(rnd, self.global_params(), self._server_momentum())
         self._call_fed_hook("on_fed_round_start", rnd, cohort)
-
+        # 2. the broadcast: global weights with pruned entries zeroed, in wire form, and the clients' schedule
         payload = self.build_payload(rnd)
         plans = [ClientPlan(cid, rnd, derive_seed(self.seed, rnd, cid)) for cid in cohort]
+        # 3. the clients train (the executor decides where)
         results = self.executor.run(payload, plans, on_result=lambda r: self._call_fed_hook("on_fed_client_result", r))
-
-        for r in results:
-            if r.ok and r.payload is not None:
-                r.state = decode_state(r.payload, payload.masks)
-        ok = [r for r in results if r.ok]
-        avg = self._average(ok)
-        if avg is None and ok:  # some client sent NaN/Inf values: find it, leave it out
-            for r in ok:
-                r.check_finite()
-            ok = [r for r in results if r.ok]
-            avg = self._average(ok)
-            if avg is None and ok:  # finite clients, non-finite average (overflow): skip the update
-                for r in ok:
-                    r.error = "the weighted average of the cohort's updates is not finite (overflow)"
-                ok = []
-        failed = [r for r in results if not r.ok]
-        for r in failed:
-            first_line = (r.error or "").strip().splitlines()[0] if r.error else "unknown error"
-            warnings.warn(f"round {rnd}: client {r.client_id} failed and is left out of the aggregate: {first_line}", stacklevel=2)
-        self._rounds_this_fit += 1
-        if not ok:
-            self._fail_fast(rnd, results)
-        self._failed_streak = 0 if ok else self._failed_streak + 1
-        summary = RoundSummary(round=rnd, cohort=cohort, clients_ok=len(ok), clients_failed=len(failed))
-        summary.bytes_down = payload.encoded.nbytes * len(plans)
-        summary.bytes_up = sum(r.bytes_up for r in results)
-        summary.dense_bytes = 2 * dense_nbytes(payload.state) * len(plans)
+        # 4. aggregation (the strategy): failed and non-finite results left out, weighted average, metrics
+        states = [decode_state(r.payload, payload.masks) if r.ok else None for r in results]
+        agg = self.strategy.aggregate(results, states, self._param_names + self._buffer_names)
+        self._check_failures(rnd, results, agg)
+        # 5. the server step (the strategy), the pruning statistics, the clients' schedule position
+        summary = self._summary(rnd, cohort, payload, results, agg)
         optimizer = self.optimizers()[0]
-        if ok:
-            summary.total_weight = float(sum(r.weight for r in ok))
-            summary.train_loss = float(sum(r.loss * r.weight for r in ok) / summary.total_weight)
-            summary.pseudo_gradient = self._server_step(optimizer, avg)
+        if agg.ok:
+            summary.pseudo_gradient = self.strategy.step(optimizer.optimizer, self.global_params(), self.global_buffers(),
+                                                         agg.average, self.pruning.masks)
+            optimizer.step()  # counts the round for Lightning; no parameter has a gradient left, so it changes nothing
             self.pruning.end_round(summary.pseudo_gradient)
-            self._advance_client_clock(ok)
+            self._advance_client_clock([results[i] for i in agg.ok])
         else:
-            warnings.warn(f"round {rnd}: all {len(results)} clients failed; the global model is left unchanged.", stacklevel=2)
-            for p in self.global_params().values():
-                p.grad = None
-            optimizer.step()  # no parameter has a gradient: nothing changes, the round is still counted
+            optimizer.step()  # the round is still counted; no gradients, the global model stays as it is
         self._call_fed_hook("on_fed_after_aggregate", summary)
+        # 6. logging, and the round-end hooks
         summary.seconds = time.perf_counter() - start
-        summary.metrics = self._log_round(summary, ok)
+        summary.metrics = self._log_round(summary, agg)
         self.last_summary = summary
         self._call_fed_hook("on_fed_round_end", summary)
 
-    def _fail_fast(self, rnd: int, results: list[ClientResult]) -> None:
-        """No run ends "successfully" with an untrained model: raise when clients keep failing."""
-        streak = self._failed_streak + 1
-        if self._rounds_this_fit > 1 and streak < self.max_failed_rounds:
+    def _cohort(self, batch: dict[str, Any]) -> tuple[int, list[int]]:
+        rnd = int(self.global_step)
+        if int(batch["round"]) != rnd:
+            raise RuntimeError(f"cohort for round {int(batch['round'])} arrived at round {rnd}")
+        return rnd, [int(c) for c in batch["clients"].tolist()]
+
+    def _check_failures(self, rnd: int, results: list[ClientResult], agg: Aggregate) -> None:
+        """Warn about every client left out; raise when clients keep failing (a run never ends "successfully"
+        with an untrained model): every client of the first round, or of ``max_failed_rounds`` rounds in a row."""
+        for i, reason in sorted(agg.failed.items()):
+            first_line = reason.strip().splitlines()[0] if reason.strip() else "unknown error"
+            warnings.warn(f"round {rnd}: client {results[i].client_id} failed and is left out of the aggregate: "
+                          f"{first_line}", stacklevel=2)
+        self._rounds_this_fit += 1
+        if agg.ok:
+            self._failed_streak = 0
             return
-        first = next((r for r in results if r.error), None)
+        warnings.warn(f"round {rnd}: all {len(results)} clients failed; the global model is left unchanged.", stacklevel=2)
+        self._failed_streak += 1
+        if self._rounds_this_fit > 1 and self._failed_streak < self.max_failed_rounds:
+            return
         why = (f"every client of the first round ({rnd}) failed" if self._rounds_this_fit == 1
-               else f"every client failed in {streak} consecutive rounds (up to round {rnd}; max_failed_rounds="
-                    f"{self.max_failed_rounds})")
-        detail = f"client {first.client_id}: {first.error}" if first is not None else "no client ran"
+               else f"every client failed in {self._failed_streak} consecutive rounds (up to round {rnd}; "
+                    f"max_failed_rounds={self.max_failed_rounds})")
+        first = min(agg.failed, default=None)
+        detail = f"client {results[first].client_id}: {agg.failed[first]}" if first is not None else "no client ran"
         raise RuntimeError(f"Federated training stopped: {why}. The first client's error:\n{detail}")
+
+    @staticmethod
+    def _summary(rnd: int, cohort: list[int], payload: RoundPayload, results: list[ClientResult],
+                 agg: Aggregate) -> RoundSummary:
+        summary = RoundSummary(round=rnd, cohort=cohort, clients_ok=len(agg.ok), clients_failed=len(agg.failed),
+                               train_loss=agg.train_loss, total_weight=agg.weight)
+        summary.bytes_down = payload.encoded.nbytes * len(results)
+        summary.bytes_up = sum(r.bytes_up for r in results)
+        summary.dense_bytes = 2 * dense_nbytes(payload.state) * len(results)
+        return summary
 
     def build_payload(self, rnd: int) -> RoundPayload:
         """The broadcast of round ``rnd``: global weights with pruned entries zeroed, masks, the clients' schedule."""
@@ -533,55 +527,7 @@ class FederatedLightningModule(pl.LightningModule):
                 continue
             config.scheduler.step(float(value))
 
-    def _average(self, ok: list[ClientResult]) -> dict[str, Tensor] | None:
-        """Weighted average of the healthy results, or None if it is not finite.
-
-        A NaN/Inf in any client makes the weighted sum non-finite, so one cheap check of the
-        average (a sum per tensor; the exact scan only if that sum is not finite) replaces a
-        scan of every client's every tensor.
-        """
-        if not ok:
-            return None
-        avg = weighted_average(ok, self._param_names + self._buffer_names)
-        for t in avg.values():
-            if t.is_floating_point() and not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
-                return None
-        return avg
-
-    def _server_step(self, optimizer: Any, avg: dict[str, Tensor]) -> dict[str, Tensor]:
-        masks = self.pruning.masks
-        params = self.global_params()
-        pseudo: dict[str, Tensor] = {}
-        with torch.no_grad():
-            if is_plain_fedavg(optimizer.optimizer):
-                for name, p in params.items():
-                    new = avg[name]
-                    if name in masks:
-                        new = torch.where(masks[name], new, p)
-                    pseudo[name] = p - new
-                    p.copy_(new)
-                    p.grad = None
-                optimizer.step()  # counts the round; no gradients, so it changes nothing
-            else:
-                kept_values = {}
-                for name, p in params.items():
-                    g = p - avg[name]
-                    if name in masks:
-                        g.mul_(masks[name])
-                        kept_values[name] = p.detach().clone()
-                    pseudo[name] = g
-                    p.grad = g.clone()
-                optimizer.step()
-                for name, old in kept_values.items():
-                    p = params[name]
-                    p.copy_(torch.where(masks[name], p, old))
-                for p in params.values():
-                    p.grad = None
-            for name, b in self.global_buffers().items():
-                b.copy_(avg[name])
-        return pseudo
-
-    def _log_round(self, summary: RoundSummary, ok: list[ClientResult]) -> dict[str, float]:
+    def _log_round(self, summary: RoundSummary, agg: Aggregate) -> dict[str, float]:
         """Log the round (``round/*``, ``comm/*``) and the cohort's values of what the task logged.
 
         A name the task logged with ``self.log`` in client training is logged here once per round
@@ -590,7 +536,7 @@ class FederatedLightningModule(pl.LightningModule):
         (``X_epoch``) weights every example alike.
         """
         log = dict(on_step=True, on_epoch=False, batch_size=1)
-        if ok:
+        if agg.ok:
             self.log("round/train_loss", summary.train_loss, prog_bar=True, **log)
         self.log("round/clients_ok", float(summary.clients_ok), **log)
         self.log("round/clients_failed", float(summary.clients_failed), **log)
@@ -612,18 +558,10 @@ class FederatedLightningModule(pl.LightningModule):
             self.log("prune/restored", float(change.restored), **log)
             for name, value in state.actual_layer_sparsity().items():
                 self.log(f"prune/layer_sparsity/{name}", value, **log)
-        values: dict[str, list[LoggedValue]] = {}
-        for r in ok:
-            for name, logged in r.logged.items():
-                values.setdefault(name, []).append(logged)
-        metrics: dict[str, float] = {}
-        for name, logged in values.items():
-            value, weight = cohort_value(logged)
-            first = logged[0]
-            self.log(name, value, on_step=first.on_step, on_epoch=first.on_epoch, reduce_fx=first.reduce_fx,
-                     prog_bar=first.prog_bar, logger=first.logger, batch_size=max(1, int(round(weight))))
-            metrics[name] = value
-        return metrics
+        for name, v in agg.logged.items():
+            self.log(name, v.value, on_step=v.on_step, on_epoch=v.on_epoch, reduce_fx=v.reduce_fx, prog_bar=v.prog_bar,
+                     logger=v.logger, batch_size=max(1, int(round(v.weight))))
+        return {name: v.value for name, v in agg.logged.items()}
 
     def _call_fed_hook(self, hook: str, *args: Any) -> None:
         if self._trainer is None:
@@ -761,24 +699,3 @@ def _forward_to_task(hook: str) -> Any:
 
 for _hook in EVALUATION_HOOKS:
     setattr(FederatedLightningModule, _hook, _forward_to_task(_hook))
-
-
-def cohort_value(logged: list[LoggedValue]) -> tuple[float, float]:
-    """The cohort's value of one logged name and the examples behind it.
-
-    ``mean``: the mean weighted by each client's examples; ``sum``/``max``/``min``: over clients.
-
-    >>> cohort_value([LoggedValue(1.0, 3.0), LoggedValue(3.0, 1.0)])
-    (1.5, 4.0)
-    >>> cohort_value([LoggedValue(1.0, 3.0, reduce_fx="max"), LoggedValue(3.0, 1.0, reduce_fx="max")])
-    (3.0, 4.0)
-    """
-    weight = math.fsum(v.weight for v in logged)
-    reduce = logged[0].reduce_fx
-    if reduce == "mean":
-        value = math.fsum(v.value * v.weight for v in logged) / weight if weight > 0 else math.nan
-    elif reduce == "sum":
-        value = math.fsum(v.value for v in logged)
-    else:
-        value = (max if reduce == "max" else min)(v.value for v in logged)
-    return value, weight

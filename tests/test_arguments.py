@@ -238,9 +238,10 @@ def test_bad_argument_fails_at_construction_naming_it(ctor, kwargs, match):
 
 
 def test_good_arguments_are_accepted_and_normalised(tmp_path):
-    f = fed(server_lr=2, client_gradient_clip_val=1, compact_clients=False, num_workers=1, server_betas=[0.8, 0.9])
-    assert f.server_lr == 2.0 and f.client_config.gradient_clip_val == 1.0 and f.client_config.compact is False
-    assert f.server_betas == (0.8, 0.9)
+    f = fed(server_optimizer="adam", server_lr=2, client_gradient_clip_val=1, compact_clients=False, num_workers=1,
+            server_betas=[0.8, 0.9])
+    assert f.strategy.server_lr == 2.0 and f.client_config.gradient_clip_val == 1.0 and f.client_config.compact is False
+    assert f.strategy.server_betas == (0.8, 0.9)
     d = dm(partition="dirichlet", alpha=1, shuffle=False, drop_last=True)
     assert d.alpha == 1.0 and d.shuffle is False and d.drop_last is True
     cb = FineTuneFreeze(start_round=3, export_path=str(tmp_path / "model.pt"))

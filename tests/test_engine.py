@@ -24,9 +24,8 @@ from helpers import (
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule
-from lightning_fedprune.aggregation import weighted_average
+from lightning_fedprune.strategy import weighted_average
 from lightning_fedprune.data import dirichlet_partition, iid_partition, key_partition, sample_cohort
-from lightning_fedprune.protocol import ClientResult
 
 
 def _dm(n=64, num_clients=1, batch_size=None, **kw):
@@ -407,8 +406,7 @@ def test_by_key_with_field_name_and_small_clients_reported():
 
 def test_weighted_average_single_client_is_exact():
     x = torch.randn(5, 3)
-    r = ClientResult(0, 0, state={"w": x}, weight=7.0)
-    assert torch.equal(weighted_average([r], ["w"])["w"], x)
+    assert torch.equal(weighted_average([{"w": x}], [7.0], ["w"])["w"], x)
 
 
 # ------------------------------------------------------------------ errors
