@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .patterns import _shape_2d
+from .patterns import shape_2d
 
 __all__ = ["NORMALIZATIONS", "adaptive_allocation", "layer_importance", "uniform_allocation"]
 
@@ -218,7 +218,7 @@ def layer_importance(
         raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}, got {normalize!r}")
     if shape is None:
         shape = scores.shape
-    rows, cols = _shape_2d(shape, "scores")
+    rows, cols = shape_2d(shape, "scores")
     if rows * cols != scores.numel() or rows * cols == 0:
         raise ValueError(
             f"`scores` has {scores.numel()} entries, which does not match `shape` {tuple(shape)} "
