@@ -19,16 +19,22 @@ Kinds (``EncodedTensor.kind``) and the arrays each one carries::
                                                W2d = [W1 ; W2]: values_h = Wh[:, kept_h]
 
 ``W2d``, the groups and their block-major indices (``half_row``: group ``h*R + r``;
-``half_column``: group ``h*C + c``) are those of :mod:`lightning_fedprune.pruning.patterns`
-(``to_2d``, ``groups_from_mask``, ``expand_groups``, ``split_groups``); indices are sorted
-ascending. Any tensor can go ``dense`` (0-d and empty ones included); a masked one must be
-one :func:`~lightning_fedprune.pruning.patterns.check_pattern` accepts (at least one dimension
-and one entry, an even split axis for the half patterns).
+``half_column``: group ``h*C + c``) are those of :mod:`lightning_fedprune.pruning.patterns`;
+indices are sorted ascending. Any tensor can go ``dense`` (0-d and empty ones included); a
+masked one must be one :func:`~lightning_fedprune.pruning.patterns.check_pattern` accepts (at
+least one dimension and one entry, an even split axis for the half patterns).
+
+Nothing here names a pattern: the kind is a registered
+:class:`~lightning_fedprune.pruning.patterns.Pattern`, whose ``values`` are the arrays sent
+(``values`` for one block, ``values0``, ``values1``, ... for more) and whose ``scatter_`` rebuilds
+the tensor; its ``structured`` flag picks the index encoding below. A registered pattern
+therefore travels without any change to this module.
 
 **Index encoding** (structured kinds): the kept group indices are sent either as ``index``
 (int32, one per kept group) or as ``index_bits`` (``numpy.packbits`` over all groups, one
-bit per group) -- whichever is smaller, the bitmask on a tie. ``EncodedTensor.index``
-records the choice (``"int32"`` / ``"bits"``; ``None`` when no index is sent).
+bit per group) -- whichever is smaller, the bitmask on a tie. An unstructured kind always
+sends ``mask_bits`` (one bit per entry). ``EncodedTensor.index`` records the choice
+(``"int32"`` / ``"bits"``; ``None`` when no index is sent).
 
 **send_index=False** (the upward direction: the server already knows the mask) sends the
 values only; :func:`decode_tensor` / :meth:`EncodedTensor.kept_groups` then need the mask.
@@ -50,14 +56,16 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .pruning.compact import CompactLinear
 from .pruning.patterns import (
+    COMPACT_PATTERNS,
     STRUCTURED_PATTERNS,
-    check_pattern,
+    Pattern,
     expand_groups,
+    get_pattern,
     groups_from_mask,
     num_groups,
     shape_2d,
-    split_groups,
     to_2d,
 )
 
@@ -65,6 +73,7 @@ __all__ = [
     "STRUCTURED_PATTERNS",  # re-exported from pruning.patterns
     "EncodedTensor",
     "Payload",
+    "compact_linear_from_encoded",
     "encode_tensor",
     "decode_tensor",
     "encode_state",
@@ -118,6 +127,23 @@ def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
+# Array keys of a pattern's kept part
+# --------------------------------------------------------------------------------------
+
+
+def _value_keys(pattern: Pattern) -> tuple[str, ...]:
+    """``("values",)`` for one block, ``("values0", "values1", ...)`` for more."""
+    if pattern.num_blocks == 1:
+        return ("values",)
+    return tuple(f"values{i}" for i in range(pattern.num_blocks))
+
+
+def _bits_key(pattern: Pattern) -> str:
+    """The array of a bitmask index: one bit per entry (unstructured) or per group."""
+    return "index_bits" if pattern.structured else "mask_bits"
+
+
+# --------------------------------------------------------------------------------------
 # EncodedTensor
 # --------------------------------------------------------------------------------------
 
@@ -155,17 +181,18 @@ class EncodedTensor:
             return 1
         return num_groups(self.kind, self.shape)
 
+    @property
+    def _pattern(self) -> Pattern:
+        return get_pattern(self.kind, "kind")
+
     # -- indices --------------------------------------------------------------------
     def group_flags(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-group keep flags (bool, block-major). ``mask`` is needed iff no index was sent."""
         if self.kind == "dense":
             return torch.ones(1, dtype=torch.bool)
         if self.has_index:
-            if self.kind == "unstructured":
-                bits = np.unpackbits(self.arrays["mask_bits"], count=math.prod(self.shape))
-                flags = torch.from_numpy(bits.astype(np.bool_))
-            elif self.index == "bits":
-                bits = np.unpackbits(self.arrays["index_bits"], count=self.num_groups)
+            if self.index == "bits":
+                bits = np.unpackbits(self.arrays[_bits_key(self._pattern)], count=self.num_groups)
                 flags = torch.from_numpy(bits.astype(np.bool_))
             else:
                 flags = torch.zeros(self.num_groups, dtype=torch.bool)
@@ -194,9 +221,9 @@ class EncodedTensor:
     def blocks(self, mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(kept, values), ...]`` without scattering, for building a compact layer.
 
-        * structured patterns: the blocks of :func:`~lightning_fedprune.pruning.patterns.split_groups`
-          (one for ``row``/``column``, two for the half patterns);
-        * ``unstructured``: one block, flat kept indices and the 1-D kept values;
+        * a pattern: the blocks of its :meth:`~lightning_fedprune.pruning.patterns.Pattern.split`
+          (one for ``row``/``column``, two for the half patterns; ``unstructured``: one block, flat
+          kept indices and the 1-D kept values);
         * ``dense``: one block, ``arange(R)`` and the 2-D view (a 0-d tensor is ``(1, 1)``).
         """
         if self.kind == "dense":
@@ -205,16 +232,9 @@ class EncodedTensor:
         return self._blocks(self.group_flags(mask))
 
     def _blocks(self, flags: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        dtype = self.torch_dtype
-        R, C = self.shape2d
-        kept = flags.nonzero().reshape(-1)
-        if self.kind in ("unstructured", "row", "column"):
-            return [(kept, _from_numpy(self.arrays["values"], dtype))]
-        n = R if self.kind == "half_row" else C
-        return [
-            (kept[kept < n], _from_numpy(self.arrays["values0"], dtype)),
-            (kept[kept >= n] - n, _from_numpy(self.arrays["values1"], dtype)),
-        ]
+        pattern, dtype = self._pattern, self.torch_dtype
+        values = [_from_numpy(self.arrays[key], dtype) for key in _value_keys(pattern)]
+        return list(zip(pattern.kept(flags), values))
 
     def _check_mask_shape(self, mask: torch.Tensor) -> None:
         if tuple(mask.shape) != tuple(self.shape):
@@ -247,46 +267,30 @@ def encode_tensor(
     tensor with at least one dimension and one entry); without a mask the tensor is sent
     ``dense`` whatever the pattern.
     """
-    if pattern is not None:
-        check_pattern(pattern)
+    p = get_pattern("unstructured" if pattern is None else pattern)  # checked even when the tensor goes dense
     shape = tuple(int(s) for s in t.shape)
     dtype = _dtype_name(t.dtype)
     t = t.detach()
     if mask is None:
         return EncodedTensor("dense", shape, dtype, None, None, {"values": _to_numpy(t)})
-    pattern = pattern or "unstructured"
     if tuple(mask.shape) != shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match shape {shape} of {name}")
     if mask.dtype != torch.bool:
         raise ValueError(f"mask of {name} must be a bool tensor (True = kept), got {mask.dtype}")
-    check_pattern(pattern, shape, name)
-    mask = mask.detach().to(t.device)
-    arrays: dict[str, np.ndarray] = {}
-    index = None
-    if pattern == "unstructured":
-        flat = mask.reshape(-1)
-        if send_index:
-            index = "bits"
-            arrays["mask_bits"] = np.packbits(_to_numpy(flat))
-        arrays["values"] = _to_numpy(t.reshape(-1)[flat])
-        return EncodedTensor(pattern, shape, dtype, pattern, index, arrays)
+    flags = groups_from_mask(mask.detach().to(t.device), p.name, name)  # validates the shape and the groups
+    index, arrays = _encode_index(p, flags) if send_index else (None, {})
+    arrays.update(zip(_value_keys(p), map(_to_numpy, p.values(to_2d(t), flags))))
+    return EncodedTensor(p.name, shape, dtype, p.name, index, arrays)
 
-    flags = groups_from_mask(mask, pattern, name)  # validates
-    if send_index:
+
+def _encode_index(pattern: Pattern, flags: torch.Tensor) -> tuple[str, dict[str, np.ndarray]]:
+    """``(index kind, arrays)`` of the kept groups: a bitmask, or int32 indices where that is smaller
+    (structured patterns only; the bitmask on a tie)."""
+    if pattern.structured:
         kept = flags.nonzero().reshape(-1).cpu()
-        n = flags.numel()
-        if (n + 7) // 8 <= 4 * kept.numel():
-            index = "bits"
-            arrays["index_bits"] = np.packbits(_to_numpy(flags))
-        else:
-            index = "int32"
-            arrays["index"] = kept.numpy().astype(np.int32)
-    blocks = split_groups(to_2d(t), flags, pattern)
-    if len(blocks) == 1:
-        arrays["values"] = _to_numpy(blocks[0][1])
-    else:
-        arrays["values0"], arrays["values1"] = (_to_numpy(values) for _, values in blocks)
-    return EncodedTensor(pattern, shape, dtype, pattern, index, arrays)
+        if 4 * kept.numel() < (flags.numel() + 7) // 8:
+            return "int32", {"index": kept.numpy().astype(np.int32)}
+    return "bits", {_bits_key(pattern): np.packbits(_to_numpy(flags))}
 
 
 def decode_tensor(enc: EncodedTensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -296,30 +300,41 @@ def decode_tensor(enc: EncodedTensor, mask: torch.Tensor | None = None) -> torch
     shape = tuple(enc.shape)
     if enc.kind == "dense":
         return _from_numpy(enc.arrays["values"], dtype).reshape(shape)
-    R, C = enc.shape2d
-    flags = enc.group_flags(mask)
-    out = torch.zeros(R, C, dtype=dtype)
-    blocks = enc._blocks(flags)
-    if enc.kind == "unstructured":
-        (_, values), = blocks
-        out.view(-1)[flags] = values.reshape(-1)
-    elif enc.kind == "row":
-        (kept, values), = blocks
-        out[kept] = values.reshape(len(kept), C)
-    elif enc.kind == "column":
-        (kept, values), = blocks
-        out[:, kept] = values.reshape(R, len(kept))
-    elif enc.kind == "half_row":
-        h = C // 2
-        for b, (kept, values) in enumerate(blocks):
-            out[kept, b * h : (b + 1) * h] = values.reshape(len(kept), h)
-    elif enc.kind == "half_column":
-        h = R // 2
-        for b, (kept, values) in enumerate(blocks):
-            out[b * h : (b + 1) * h, kept] = values.reshape(h, len(kept))
-    else:
-        raise ValueError(f"unknown encoding kind {enc.kind!r}")
-    return out.reshape(shape)
+    blocks = enc._blocks(enc.group_flags(mask))
+    return enc._pattern.scatter_(torch.zeros(enc.shape2d, dtype=dtype), blocks).reshape(shape)
+
+
+def compact_linear_from_encoded(
+    enc: EncodedTensor,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    device: torch.device | str | None = None,
+    requires_grad: bool = True,
+) -> CompactLinear:
+    """A :class:`~lightning_fedprune.pruning.compact.CompactLinear` built straight from a wire-encoded
+    ``nn.Linear`` weight: its blocks become the layer's parameters, nothing is scattered to full size.
+
+    ``enc`` must be a 2-D weight encoded with a pattern that has a compact layer
+    (:data:`~lightning_fedprune.pruning.patterns.COMPACT_PATTERNS`); ``mask`` is needed iff it was
+    encoded with ``send_index=False``.
+    """
+    if enc.kind not in COMPACT_PATTERNS or len(enc.shape) != 2:
+        raise ValueError(
+            f"need a 2-D weight encoded with a pattern that has a compact layer {tuple(COMPACT_PATTERNS)}, "
+            f"got kind {enc.kind!r} shape {enc.shape}"
+        )
+    kept, blocks = zip(*enc.blocks(mask))
+    out_features, in_features = enc.shape
+    return CompactLinear(
+        in_features,
+        out_features,
+        enc.kind,
+        [k.to(device) for k in kept],
+        [w.to(device) for w in blocks],
+        None if bias is None else bias.to(device),
+        requires_grad=requires_grad,
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -543,6 +543,17 @@ def test_layer_importance_errors():
         P.layer_importance(torch.tensor([1.0, math.nan]))
 
 
+@pytest.mark.parametrize("pattern,shape", [("row", (4, 1)), ("row", (4,)), ("column", (1, 4)), ("unstructured", (2, 2))])
+def test_expand_groups_returns_a_new_tensor(pattern, shape):
+    """Before: a one-column ``row`` mask (a 1-D bias, say) or a one-row ``column`` mask was a view of
+    ``group_mask``, so writing to the mask changed the caller's group vector."""
+    flags = torch.tensor([True, False, True, True])
+    mask = P.expand_groups(flags, pattern, shape)
+    assert mask.is_contiguous() and mask.shape == shape
+    mask.fill_(False)
+    assert flags.tolist() == [True, False, True, True]
+
+
 @pytest.mark.parametrize(
     "pattern,shape", applicable(patterns.STRUCTURED_PATTERNS, [(8, 6), (4, 2, 3, 3), (6,)])
 )

@@ -1,5 +1,7 @@
+import hashlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,3 +300,48 @@ def test_payload_pickles():
     p = encode_state({"w": W}, {"w": _random_mask((8, 6), "row")}, {"w": "row"})
     q = pickle.loads(pickle.dumps(p))
     assert q.nbytes == p.nbytes and torch.equal(decode_state(q)["w"], decode_state(p)["w"])
+
+
+# ------------------------------------------------------------------ the wire bytes are pinned
+GOLDEN = Path(__file__).parent / "data" / "wire_golden.json"
+GOLDEN_SHAPES = [(8, 6), (6, 4, 3, 2), (10,), (4, 2, 5), (256, 4)]
+GOLDEN_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool]
+GOLDEN_KEEP = {"half": lambda i: (i * 7 + 3) % 5 < 3, "few": lambda i: i % 40 == 3}  # "few" picks int32 indices
+
+
+def _golden_payloads():
+    """``case -> Payload``: every dtype of one shape, pattern, density and direction in one payload.
+
+    Inputs are built from integer arithmetic only (no RNG, no transcendental functions), so they are
+    the same bits on every machine and torch version."""
+    out = {}
+    for shape in GOLDEN_SHAPES:
+        n = math.prod(shape)
+        base = ((torch.arange(n, dtype=torch.float64) * 7919 % 1009) - 504) / 37
+        state = {str(d)[6:]: (base > 0 if d == torch.bool else base.to(d)).reshape(shape) for d in GOLDEN_DTYPES}
+        for pattern in PATTERNS:
+            if not _applicable(shape, pattern):
+                continue
+            for density, keep in GOLDEN_KEEP.items():
+                flags = torch.tensor([keep(i) for i in range(num_groups(pattern, shape))])
+                mask = expand_groups(flags, pattern, shape)
+                masks = dict.fromkeys(state, mask)
+                patterns = dict.fromkeys(state, pattern)
+                for send_index in (True, False):
+                    case = f"{shape}|{pattern}|{density}|{'down' if send_index else 'up'}"
+                    out[case] = encode_state(state, masks, patterns, send_index=send_index)
+    return out
+
+
+def test_wire_bytes_are_pinned():
+    """The encoded bytes of every pattern, dtype, index kind and direction equal the ones the original
+    if/elif implementation produced (its ``Payload.to_bytes()`` digests, recorded in
+    ``tests/data/wire_golden.json`` before the pattern registry replaced it): the blob holds the spec
+    (kinds, index choice, array keys and order) and every array's dtype, shape and bytes."""
+    golden = json.loads(GOLDEN.read_text())
+    payloads = _golden_payloads()
+    assert {enc.index for p in payloads.values() for enc in p.tensors.values()} == {"bits", "int32", None}
+    got = {case: hashlib.sha256(p.to_bytes()).hexdigest() for case, p in payloads.items()}
+    assert sorted(got) == sorted(golden)
+    changed = [case for case in golden if got[case] != golden[case]]
+    assert not changed, f"wire bytes changed for {changed}"

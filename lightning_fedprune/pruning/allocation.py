@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_fedprune.validation import check_choice, check_float, check_int, fail
 
-from .patterns import _shape_2d
+from .patterns import shape_2d
 
 __all__ = ["NORMALIZATIONS", "adaptive_allocation", "layer_importance", "uniform_allocation"]
 
@@ -191,7 +191,7 @@ def layer_importance(
     check_choice(normalize, "normalize", NORMALIZATIONS)
     if shape is None:
         shape = scores.shape
-    rows, cols = _shape_2d(shape, "scores")
+    rows, cols = shape_2d(shape, "scores")
     if rows * cols != scores.numel() or rows * cols == 0:
         raise ValueError(
             f"`scores` has {scores.numel()} entries, which does not match `shape` {tuple(shape)} "

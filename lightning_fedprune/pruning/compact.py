@@ -1,10 +1,12 @@
 """Compact client layers and the masked-dense fallback.
 
-With a structured pattern (``row``, ``column``, ``half_row``, ``half_column``; see
-``docs/design.md``) a client's ``nn.Linear`` can be replaced by a :class:`CompactLinear` that
-holds only the kept slice of the weight, so weights, gradients and optimiser state physically
-shrink and the matmuls get smaller. It computes exactly what the masked-dense ``nn.Linear``
-computes (up to float summation order):
+With a pattern that has a compact layer (``row``, ``column``, ``half_row``, ``half_column``:
+:data:`~lightning_fedprune.pruning.patterns.COMPACT_PATTERNS`; see ``docs/design.md``) a client's
+``nn.Linear`` can be replaced by a :class:`CompactLinear` that holds only the kept slice of the
+weight, so weights, gradients and optimiser state physically shrink and the matmuls get smaller.
+The pattern object does the work (:meth:`~lightning_fedprune.pruning.patterns.Pattern.linear_forward`,
+``split``, ``scatter_``); it computes exactly what the masked-dense ``nn.Linear`` computes (up to
+float summation order):
 
 * ``column``      ``y = W[:, keep] x[..., keep] + b``
 * ``row``         ``y[..., keep] = W[keep] x + b[keep]``; pruned outputs are ``b`` (a pruned row
@@ -27,15 +29,14 @@ pruned by the masked-dense helpers :func:`apply_masks_`, :func:`mask_gradients_`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..wire import EncodedTensor
-from .patterns import STRUCTURED_PATTERNS, check_pattern, expand_groups, groups_from_mask, split_groups
+from .patterns import COMPACT_PATTERNS, STRUCTURED_PATTERNS, Pattern, check_pattern, expand_groups, get_pattern, groups_from_mask
 
 __all__ = [
     "CompactLinear",
@@ -48,19 +49,24 @@ __all__ = [
 ]
 
 
-def _blocks_of(pattern: str) -> int:
-    return 2 if pattern.startswith("half_") else 1
+def _compact_pattern(pattern: str, who: str) -> Pattern:
+    """The pattern object, if it has a compact layer."""
+    if pattern not in COMPACT_PATTERNS:
+        raise ValueError(f"{who} needs a structured pattern with a compact layer {tuple(COMPACT_PATTERNS)}, got {pattern!r}")
+    return get_pattern(pattern)
 
 
 class CompactLinear(nn.Module):
     """An ``nn.Linear`` of full size ``in_features -> out_features`` storing only the kept
-    slice of its weight for a structured ``pattern``.
+    slice of its weight for ``pattern`` (one of :data:`~lightning_fedprune.pruning.patterns.COMPACT_PATTERNS`).
 
     Parameters: ``weight_blocks`` (a ``ParameterList`` of one block for ``row``/``column``,
-    two for the half patterns, shapes as in :meth:`EncodedTensor.blocks`) and ``bias`` (full
-    ``(out_features,)``, or ``None``). ``kept[h]`` are the block's kept indices (rows of the
-    block for ``row``/``half_row``, columns for ``column``/``half_column``), ascending.
-    :attr:`weight` reads like ``nn.Linear.weight`` (full shape, zeros at pruned entries).
+    two for the half patterns, shapes as in :meth:`Pattern.split <lightning_fedprune.pruning.patterns.Pattern.split>`)
+    and ``bias`` (full ``(out_features,)``, or ``None``). ``kept[h]`` are the block's kept indices
+    (rows of the block for ``row``/``half_row``, columns for ``column``/``half_column``), ascending.
+    :attr:`pattern` is the :class:`~lightning_fedprune.pruning.patterns.Pattern` object.
+    :attr:`weight` reads like ``nn.Linear.weight`` (full shape, zeros at pruned entries). To build
+    one from a wire payload use :func:`lightning_fedprune.wire.compact_linear_from_encoded`.
     """
 
     def __init__(
@@ -75,27 +81,20 @@ class CompactLinear(nn.Module):
         requires_grad: bool = True,
     ) -> None:
         super().__init__()
-        if pattern not in STRUCTURED_PATTERNS:
-            raise ValueError(f"CompactLinear needs a structured pattern {STRUCTURED_PATTERNS}, got {pattern!r}")
-        nb = _blocks_of(pattern)
+        p = _compact_pattern(pattern, "CompactLinear")
+        nb = p.num_blocks
         if len(kept) != nb or len(blocks) != nb:
             raise ValueError(f"pattern {pattern!r} needs {nb} block(s), got {len(kept)} index sets / {len(blocks)} blocks")
         check_pattern(pattern, (out_features, in_features), "CompactLinear weight")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.pattern = pattern
-        h_in = self.in_features // 2 if pattern == "half_row" else self.in_features
-        h_out = self.out_features // 2 if pattern == "half_column" else self.out_features
+        self.pattern = p
+        limit = p.num_groups(self.out_features, self.in_features) // nb  # groups per block
         params = []
         for i, (k, w) in enumerate(zip(kept, blocks)):
             k = torch.as_tensor(k, dtype=torch.long, device=w.device).reshape(-1)
-            if pattern in ("row", "half_row"):
-                expect = (k.numel(), h_in)
-                limit = h_out
-            else:
-                expect = (h_out, k.numel())
-                limit = h_in
-            w = w.reshape(expect) if w.numel() == expect[0] * expect[1] else w
+            expect = p.block_shape(k.numel(), self.out_features, self.in_features)
+            w = w.reshape(expect) if w.numel() == math.prod(expect) else w
             if tuple(w.shape) != expect:
                 raise ValueError(f"block {i} of a {pattern!r} CompactLinear should be {expect}, got {tuple(w.shape)}")
             if k.numel() and (int(k.min()) < 0 or int(k.max()) >= limit or bool((k[1:] <= k[:-1]).any())):
@@ -103,6 +102,7 @@ class CompactLinear(nn.Module):
             self.register_buffer(f"keep{i}", k, persistent=False)
             params.append(nn.Parameter(w.detach().clone(), requires_grad=requires_grad))
         self.weight_blocks = nn.ParameterList(params)
+        self._kept_names = tuple(f"keep{i}" for i in range(nb))
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise ValueError(f"bias should have shape ({self.out_features},), got {tuple(bias.shape)}")
@@ -110,90 +110,36 @@ class CompactLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    # -- construction ---------------------------------------------------------------
-    @classmethod
-    def from_encoded(
-        cls,
-        enc: EncodedTensor,
-        bias: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        *,
-        device: torch.device | str | None = None,
-        requires_grad: bool = True,
-    ) -> "CompactLinear":
-        """Build straight from a wire-encoded weight (no scatter to full size)."""
-        if enc.kind not in STRUCTURED_PATTERNS or len(enc.shape) != 2:
-            raise ValueError(f"need a 2-D weight encoded with a structured pattern, got kind {enc.kind!r} shape {enc.shape}")
-        blocks = enc.blocks(mask)
-        kept = [k.to(device) for k, _ in blocks]
-        ws = [w.to(device) for _, w in blocks]
-        out_f, in_f = enc.shape
-        return cls(in_f, out_f, enc.kind, kept, ws, None if bias is None else bias.to(device), requires_grad=requires_grad)
-
     @property
     def kept(self) -> list[torch.Tensor]:
-        return [getattr(self, f"keep{i}") for i in range(len(self.weight_blocks))]
+        """The kept index buffer of every block (``keep0``, ``keep1``, ...)."""
+        buffers = self._buffers  # read directly: this runs on every forward
+        return [buffers[name] for name in self._kept_names]
 
     # -- forward --------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.pattern
-        W = self.weight_blocks
-        b = self.bias
-        if p == "column":
-            return F.linear(x.index_select(-1, self.keep0), W[0], b)
-        if p == "half_column":
-            h = self.out_features // 2
-            b0 = None if b is None else b[:h]
-            b1 = None if b is None else b[h:]
-            y0 = F.linear(x.index_select(-1, self.keep0), W[0], b0)
-            y1 = F.linear(x.index_select(-1, self.keep1), W[1], b1)
-            return torch.cat([y0, y1], dim=-1)
-        if p == "row":
-            y = F.linear(x, W[0])
-            out = y.new_zeros(*y.shape[:-1], self.out_features).index_copy(-1, self.keep0, y)
-        else:  # half_row
-            h = self.in_features // 2
-            y0 = F.linear(x[..., :h], W[0])
-            y1 = F.linear(x[..., h:], W[1])
-            out = y0.new_zeros(*y0.shape[:-1], self.out_features)
-            out = out.index_add(-1, self.keep0, y0).index_add(-1, self.keep1, y1)
-        return out if b is None else out + b
+        weights = list(self.weight_blocks._parameters.values())  # in block order; cheaper than iterating the list
+        return self.pattern.linear_forward(x, weights, self.kept, self.bias, self.out_features)
 
     # -- back to full coordinates -------------------------------------------------------
     def mask(self) -> torch.Tensor:
         """Full ``(out_features, in_features)`` bool keep-mask."""
-        dev = self.weight_blocks[0].device
-        if self.pattern in ("row", "column"):
-            n = self.out_features if self.pattern == "row" else self.in_features
-            flags = torch.zeros(n, dtype=torch.bool, device=dev)
-            flags[self.keep0] = True
-        else:
-            n = self.out_features if self.pattern == "half_row" else self.in_features
-            flags = torch.zeros(2 * n, dtype=torch.bool, device=dev)
-            flags[self.keep0] = True
-            flags[self.keep1 + n] = True
-        return expand_groups(flags, self.pattern, (self.out_features, self.in_features))
+        p = self.pattern
+        flags = torch.zeros(p.num_groups(self.out_features, self.in_features), dtype=torch.bool,
+                            device=self.weight_blocks[0].device)
+        per_block = flags.numel() // p.num_blocks
+        for h, kept in enumerate(self.kept):
+            flags[h * per_block + kept] = True
+        return expand_groups(flags, p.name, (self.out_features, self.in_features))
 
     def _scatter(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
         """The blocks placed in a full ``(out_features, in_features)`` tensor, zeros elsewhere.
 
-        Built with out-of-place ``index_copy``/``cat``, so it is differentiable: a loss on the
-        result sends its gradient to the kept entries of ``blocks`` (see :attr:`weight`)."""
-        p = self.pattern
-        b0 = blocks[0]
-        if p == "row":
-            return b0.new_zeros(self.out_features, self.in_features).index_copy(0, self.keep0, b0)
-        if p == "column":
-            return b0.new_zeros(self.out_features, self.in_features).index_copy(1, self.keep0, b0)
-        if p == "half_row":  # [W1 | W2]: kept rows of each half of the columns
-            h = self.in_features // 2
-            left = b0.new_zeros(self.out_features, h).index_copy(0, self.keep0, b0)
-            right = b0.new_zeros(self.out_features, self.in_features - h).index_copy(0, self.keep1, blocks[1])
-            return torch.cat([left, right], dim=1)
-        h = self.out_features // 2  # half_column, [W1 ; W2]: kept columns of each half of the rows
-        top = b0.new_zeros(h, self.in_features).index_copy(1, self.keep0, b0)
-        bottom = b0.new_zeros(self.out_features - h, self.in_features).index_copy(1, self.keep1, blocks[1])
-        return torch.cat([top, bottom], dim=0)
+        Written into a new zero tensor by the pattern's ``scatter_`` (``index_copy_`` into it or
+        its block views), so it is differentiable: a loss on the result sends its gradient to the
+        kept entries of ``blocks`` (see :attr:`weight`)."""
+        out = blocks[0].new_zeros(self.out_features, self.in_features)
+        return self.pattern.scatter_(out, list(zip(self.kept, blocks)))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -257,7 +203,7 @@ class CompactLinear(nn.Module):
     def extra_repr(self) -> str:
         dense = self.in_features * self.out_features
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern!r}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern.name!r}, "
             f"kept={self.num_kept()}/{dense}, bias={self.bias is not None}"
         )
 
@@ -267,13 +213,12 @@ def compact_linear(linear: nn.Linear, mask: torch.Tensor, pattern: str, *, requi
     entries are dropped). ``mask`` must be a union of whole ``pattern`` groups."""
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"compact_linear needs an nn.Linear, got {type(linear).__name__}")
-    if pattern not in STRUCTURED_PATTERNS:
-        raise ValueError(f"compact_linear needs a structured pattern {STRUCTURED_PATTERNS}, got {pattern!r}")
+    p = _compact_pattern(pattern, "compact_linear")
     W = linear.weight.detach()
     if tuple(mask.shape) != tuple(W.shape):
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(W.shape)}")
     flags = groups_from_mask(mask.to(W.device), pattern, "linear weight")
-    kept, blocks = zip(*split_groups(W, flags, pattern))
+    kept, blocks = zip(*p.split(W, flags))
     rg = linear.weight.requires_grad if requires_grad is None else requires_grad
     return CompactLinear(linear.in_features, linear.out_features, pattern, kept, blocks, linear.bias, requires_grad=rg)
 
@@ -393,6 +338,8 @@ def compact_module(
                 reason = f"{type(mod).__name__}.{leaf} is not an nn.Linear weight"
             elif pattern not in STRUCTURED_PATTERNS:
                 reason = f"pattern {pattern!r} is not structured"
+            elif pattern not in COMPACT_PATTERNS:
+                reason = f"pattern {pattern!r} has no compact nn.Linear layer"
             elif isinstance(parent, nn.MultiheadAttention):
                 reason = "owned by nn.MultiheadAttention (reads the weight directly)"
             elif type(mod).forward is not nn.Linear.forward:

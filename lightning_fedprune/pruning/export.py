@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_fedprune.validation import check_choice, fail
+from lightning_fedprune.pruning.patterns import STRUCTURED_PATTERNS, get_pattern, groups_from_mask, to_2d
+from lightning_fedprune.validation import fail
 
 
 def export_pruned(task: torch.nn.Module, masks: dict[str, Tensor], patterns: dict[str, str]) -> dict[str, Any]:
@@ -23,9 +24,6 @@ def export_pruned(task: torch.nn.Module, masks: dict[str, Tensor], patterns: dic
       smaller layer needs;
     * ``masks``, ``patterns`` and ``sparsity`` (pruned fraction over the masked parameters).
     """
-    from lightning_fedprune.pruning.patterns import PATTERNS, STRUCTURED_PATTERNS
-    from lightning_fedprune.wire import encode_tensor
-
     if not isinstance(task, torch.nn.Module):
         fail("task", "a torch.nn.Module", task)
     state = {k: v.detach().clone() for k, v in task.state_dict().items()}
@@ -36,17 +34,17 @@ def export_pruned(task: torch.nn.Module, masks: dict[str, Tensor], patterns: dic
             shown = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(f"`masks[{name!r}]` must be a bool tensor of shape {tuple(state[name].shape)}, got {shown}.")
     for name, pattern in patterns.items():
-        check_choice(pattern, f"patterns[{name!r}]", PATTERNS)
+        get_pattern(pattern, f"patterns[{name!r}]")
     compact: dict[str, Any] = {}
     for name, mask in masks.items():
         state[name] = state[name].masked_fill(~mask, 0)
         pattern = patterns.get(name, "unstructured")
         if pattern in STRUCTURED_PATTERNS:
-            enc = encode_tensor(state[name], mask, pattern, name=name)
+            blocks = get_pattern(pattern).split(to_2d(state[name]), groups_from_mask(mask, pattern, name))
             compact[name] = {
                 "pattern": pattern,
                 "shape": list(mask.shape),
-                "blocks": [{"kept": kept.clone(), "values": values.clone()} for kept, values in enc.blocks()],
+                "blocks": [{"kept": kept, "values": values} for kept, values in blocks],
             }
     total = sum(m.numel() for m in masks.values())
     kept = sum(int(m.sum()) for m in masks.values())

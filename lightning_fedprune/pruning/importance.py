@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_fedprune.validation import check_choice, fail
+
 from .patterns import group_reduce
 
 __all__ = [
@@ -43,8 +45,7 @@ def parse_importance(name: str) -> tuple[str, str]:
         >>> parse_importance("weight_x_gradient")
         ('weight_x_gradient', 'l1')
     """
-    if not isinstance(name, str) or name not in IMPORTANCE:
-        raise ValueError(f"`importance` must be one of {IMPORTANCE}, got {name!r}")
+    check_choice(name, "importance", IMPORTANCE)
     if name == "weight_x_gradient":
         return "weight_x_gradient", "l1"
     source, norm = name.rsplit("_", 1)
@@ -58,7 +59,7 @@ def _check_stat(value: Tensor | None, arg: str, name: str, weight: Tensor) -> Te
             "for this parameter yet)"
         )
     if not isinstance(value, Tensor):
-        raise ValueError(f"`{arg}` must be a torch.Tensor, got {type(value).__name__}")
+        fail(arg, "a torch.Tensor", value)
     if value.shape != weight.shape:
         raise ValueError(
             f"`{arg}` must have the weight's shape {tuple(weight.shape)}, got {tuple(value.shape)}"
@@ -91,7 +92,7 @@ def importance_source(
     """
     source, _ = parse_importance(name)
     if not isinstance(weight, Tensor):
-        raise ValueError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}")
+        fail("weight", "a torch.Tensor", weight)
     if source == "weight":
         return weight.detach()
     if source == "gradient":

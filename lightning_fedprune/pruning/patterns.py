@@ -1,4 +1,4 @@
-"""Pruning patterns on the 2-D view of a tensor (pure functions, no state).
+"""Pruning patterns on the 2-D view of a tensor: one :class:`Pattern` class per pattern, in a registry.
 
 Every tensor is viewed as a matrix with ``t.reshape(t.shape[0], -1)``: rows are the first
 dimension, columns everything else flattened; a 1-D tensor becomes ``(n, 1)``. A *pattern*
@@ -20,46 +20,426 @@ Group indices of the half patterns are *block-major* (see ``docs/design.md``). A
 is the L1 (``sum |x|``) or L2 (``sqrt(sum x^2)``) norm of an elementwise importance over its
 entries; ``round(sparsity * n_groups)`` groups with the lowest scores are pruned, ties broken by
 the lower group index.
+
+Each pattern is one :class:`Pattern` subclass registered in :data:`PATTERNS` (name -> instance):
+the group geometry, the kept part that travels on the wire (:mod:`lightning_fedprune.wire`) and,
+where it has one, the forward of a compact ``nn.Linear``
+(:class:`~lightning_fedprune.pruning.compact.CompactLinear`). The module functions below take a
+pattern *name* and delegate to its object; a new pattern is one subclass and one
+:func:`register` call (worked example in ``docs/design.md``).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_fedprune.validation import check_bool, check_choice, check_float, check_int, check_str, fail
+
 __all__ = [
+    "COMPACT_PATTERNS",
     "NORMS",
     "PATTERNS",
     "STRUCTURED_PATTERNS",
+    "Pattern",
     "check_pattern",
     "compute_mask",
     "expand_groups",
+    "get_pattern",
     "group_reduce",
     "group_size",
     "groups_from_mask",
     "mask_from_scores",
     "num_groups",
     "num_to_prune",
+    "register",
     "shape_2d",
     "split_groups",
     "to_2d",
 ]
 
-PATTERNS: tuple[str, ...] = ("unstructured", "row", "column", "half_row", "half_column")
-#: The patterns whose groups are whole rows / columns (of the full matrix or of one half).
-STRUCTURED_PATTERNS: tuple[str, ...] = ("row", "column", "half_row", "half_column")
 NORMS: tuple[str, ...] = ("l1", "l2")
 
 ShapeLike = torch.Size | Sequence[int]
+#: ``fn(tensor, dim)``: a reduction over ``dim`` (an int or a tuple of ints), e.g. a norm or ``all``.
+Reduction = Callable[[Tensor, "int | tuple[int, ...]"], Tensor]
+#: ``(kept, values)`` of one block: the block-local kept group indices and the kept entries.
+Block = tuple[Tensor, Tensor]
 
 # Below this many scores the exact selection runs directly on all of them.
 _DIRECT_SELECT = 1 << 16
 # Size of the strided sample used to bracket the k-th smallest score of a large vector.
 _SAMPLE = 1 << 14
+
+
+# --------------------------------------------------------------------------------------
+# The pattern protocol
+# --------------------------------------------------------------------------------------
+
+
+class Pattern(ABC):
+    """One pruning pattern: how the entries of a ``(rows, cols)`` matrix form groups.
+
+    A subclass is the whole pattern. The mask math uses :meth:`num_groups`, :meth:`reduce` and
+    :meth:`expand`; the wire (:mod:`lightning_fedprune.wire`) sends :meth:`values` (the kept part)
+    and rebuilds the matrix with :meth:`scatter_`; a pattern that overrides :meth:`linear_forward`
+    can also replace an ``nn.Linear`` by a :class:`~lightning_fedprune.pruning.compact.CompactLinear`
+    holding only the kept part. Nothing outside the class names the pattern, so adding one is a
+    subclass and a :func:`register` call.
+
+    Two conventions every pattern keeps, because the rest of the code relies on them:
+
+    * every group has the same number of entries (:meth:`group_size`);
+    * group indices are *block-major*: the kept part is :attr:`num_blocks` blocks, block ``h``
+      owns the groups ``[h * n, (h + 1) * n)`` with ``n = num_groups // num_blocks``, and a
+      block's kept indices are local to it (``g - h * n``), ascending.
+
+    Instances are stateless; pickling one yields the registered instance of the same name.
+    """
+
+    #: the registry key, e.g. ``"row"``.
+    name: ClassVar[str]
+    #: ``True``: a group is more than one entry and the kept part travels as dense blocks with a
+    #: group index (int32 indices or a group bitmask, whichever is smaller); ``False``: groups
+    #: are single entries and the index is a one-bit-per-entry bitmask (``mask_bits``).
+    structured: ClassVar[bool] = True
+    #: number of ``(kept, values)`` blocks :meth:`split` returns.
+    num_blocks: ClassVar[int] = 1
+
+    def check(self, rows: int, cols: int, name: str) -> None:
+        """Raise ``ValueError`` if the pattern cannot be applied to a non-empty ``(rows, cols)``
+        view of the tensor ``name`` (e.g. an odd axis that must be halved). Default: always applies."""
+
+    @abstractmethod
+    def num_groups(self, rows: int, cols: int) -> int:
+        """Number of groups in a ``(rows, cols)`` matrix."""
+
+    @abstractmethod
+    def reduce(self, x2d: Tensor, fn: Reduction) -> Tensor:
+        """``fn`` applied over the entries of every group of ``x2d``: 1-D, in group order."""
+
+    @abstractmethod
+    def expand(self, flags: Tensor, rows: int, cols: int) -> Tensor:
+        """The ``(rows, cols)`` boolean mask of per-group keep ``flags`` (may be a view of ``flags``)."""
+
+    @abstractmethod
+    def values(self, x2d: Tensor, flags: Tensor) -> list[Tensor]:
+        """The kept entries of ``x2d``, one tensor per block, of :meth:`block_shape` (what travels)."""
+
+    @abstractmethod
+    def block_shape(self, kept: int, rows: int, cols: int) -> tuple[int, ...]:
+        """Shape of one block of :meth:`values` with ``kept`` kept groups, in a ``(rows, cols)`` matrix."""
+
+    @abstractmethod
+    def scatter_(self, out2d: Tensor, blocks: Sequence[Block]) -> Tensor:
+        """Write the ``blocks`` of :meth:`split` into ``out2d`` (a zero ``(rows, cols)`` matrix) in
+        place and return it; differentiable with respect to the values (``CompactLinear.weight``)."""
+
+    # -- derived; override only for speed ------------------------------------------------
+    def group_size(self, rows: int, cols: int) -> int:
+        """Entries per group (all groups have the same size)."""
+        return rows * cols // self.num_groups(rows, cols)
+
+    def norms(self, x2d: Tensor, order: int, dtype: torch.dtype) -> Tensor:
+        """Per-group ``order``-norms of ``x2d`` in ``dtype`` (group order)."""
+        return self.reduce(x2d, lambda t, dim: torch.linalg.vector_norm(t, ord=order, dim=dim, dtype=dtype))
+
+    def flags(self, m2d: Tensor) -> Tensor | None:
+        """Per-group keep flags of a boolean ``(rows, cols)`` mask; ``None`` if a group is partly kept."""
+        kept_all = self.reduce(m2d, torch.all)
+        return kept_all if torch.equal(kept_all, self.reduce(m2d, torch.any)) else None
+
+    def kept(self, flags: Tensor) -> list[Tensor]:
+        """Block-local kept group indices (int64, ascending), one tensor per block."""
+        return [f.nonzero().reshape(-1) for f in flags.reshape(self.num_blocks, -1)]
+
+    def split(self, x2d: Tensor, flags: Tensor) -> list[Block]:
+        """``[(kept, values), ...]``: the kept part of ``x2d`` block by block, without scattering."""
+        return list(zip(self.kept(flags), self.values(x2d, flags)))
+
+    # -- compact nn.Linear ----------------------------------------------------------------
+    @property
+    def compactable(self) -> bool:
+        """Whether the pattern has a compact ``nn.Linear`` forward (overrides :meth:`linear_forward`)."""
+        return type(self).linear_forward is not Pattern.linear_forward
+
+    def linear_forward(
+        self, x: Tensor, weights: Sequence[Tensor], kept: Sequence[Tensor], bias: Tensor | None, out_features: int
+    ) -> Tensor:
+        """``x @ W.T + bias`` for the full weight ``W`` given by its kept ``weights`` blocks and their
+        ``kept`` indices (the blocks of :meth:`split`), computed on the kept part only."""
+        raise NotImplementedError(f"pattern {self.name!r} has no compact nn.Linear layer")
+
+    def __reduce__(self) -> tuple[Callable[[str], Pattern], tuple[str]]:
+        return get_pattern, (self.name,)
+
+    def __repr__(self) -> str:
+        return f"<pattern {self.name!r}>"
+
+
+class Unstructured(Pattern):
+    """Every entry is its own group (index ``r * C + c``); one block of the flat kept values."""
+
+    name = "unstructured"
+    structured = False
+
+    def num_groups(self, rows: int, cols: int) -> int:
+        return rows * cols
+
+    def reduce(self, x2d: Tensor, fn: Reduction) -> Tensor:
+        return fn(x2d.reshape(-1, 1), 1)
+
+    def norms(self, x2d: Tensor, order: int, dtype: torch.dtype) -> Tensor:
+        return x2d.reshape(-1).abs().to(dtype)  # the norm of one entry is |x|, whatever the order
+
+    def flags(self, m2d: Tensor) -> Tensor:
+        return m2d.reshape(-1)
+
+    def expand(self, flags: Tensor, rows: int, cols: int) -> Tensor:
+        return flags.reshape(rows, cols)
+
+    def values(self, x2d: Tensor, flags: Tensor) -> list[Tensor]:
+        return [x2d.reshape(-1)[flags]]
+
+    def block_shape(self, kept: int, rows: int, cols: int) -> tuple[int, ...]:
+        return (kept,)
+
+    def scatter_(self, out2d: Tensor, blocks: Sequence[Block]) -> Tensor:
+        ((kept, values),) = blocks
+        out2d.view(-1).index_copy_(0, kept, values.reshape(-1))
+        return out2d
+
+
+class _Lines(Pattern):
+    """A group is one whole line of the matrix: a row (``axis = 0``) or a column (``axis = 1``)."""
+
+    axis: ClassVar[int]
+
+    def num_groups(self, rows: int, cols: int) -> int:
+        return (rows, cols)[self.axis]
+
+    def reduce(self, x2d: Tensor, fn: Reduction) -> Tensor:
+        return fn(x2d, 1 - self.axis)
+
+    def expand(self, flags: Tensor, rows: int, cols: int) -> Tensor:
+        return flags.unsqueeze(1 - self.axis).expand(rows, cols)
+
+    def values(self, x2d: Tensor, flags: Tensor) -> list[Tensor]:
+        return [x2d[flags] if self.axis == 0 else x2d[:, flags]]
+
+    def block_shape(self, kept: int, rows: int, cols: int) -> tuple[int, ...]:
+        return (kept, cols) if self.axis == 0 else (rows, kept)
+
+    def scatter_(self, out2d: Tensor, blocks: Sequence[Block]) -> Tensor:
+        ((kept, values),) = blocks
+        return out2d.index_copy_(self.axis, kept, values.reshape(self.block_shape(len(kept), *out2d.shape)))
+
+
+class Row(_Lines):
+    """``row``: one block ``W[kept]`` ``(k, C)``; compact forward ``y[..., kept] = W[kept] x``, pruned outputs
+    are the bias alone (as in the masked-dense layer)."""
+
+    name = "row"
+    axis = 0
+
+    def linear_forward(self, x, weights, kept, bias, out_features):
+        y = F.linear(x, weights[0])
+        out = y.new_zeros(*y.shape[:-1], out_features).index_copy(-1, kept[0], y)
+        return out if bias is None else out + bias
+
+
+class Column(_Lines):
+    """``column``: one block ``W[:, kept]`` ``(R, k)``; compact forward ``W[:, kept] x[..., kept] + b``."""
+
+    name = "column"
+    axis = 1
+
+    def linear_forward(self, x, weights, kept, bias, out_features):
+        return F.linear(x.index_select(-1, kept[0]), weights[0], bias)
+
+
+class _Halves(Pattern):
+    """The matrix cut into two equal blocks along the axis the groups do not run along; each block
+    is pruned with :attr:`lines` (its group ``g`` is group ``h * n + g`` of the whole)."""
+
+    num_blocks = 2
+    lines: ClassVar[_Lines]
+
+    @property
+    def _split_axis(self) -> int:
+        return 1 - self.lines.axis
+
+    def check(self, rows: int, cols: int, name: str) -> None:
+        axis = self._split_axis
+        n = (rows, cols)[axis]
+        if n % 2:
+            raise ValueError(
+                f"pattern {self.name!r} cannot be applied to {name!r}: its 2-D view has shape "
+                f"({rows}, {cols}) and axis {axis} ({('rows', 'columns')[axis]}) has odd length {n}, so it "
+                "cannot be split into two equal blocks"
+            )
+
+    def num_groups(self, rows: int, cols: int) -> int:
+        return 2 * self.lines.num_groups(rows, cols)
+
+    def _half(self, x2d: Tensor, h: int) -> Tensor:
+        size = x2d.shape[self._split_axis] // 2
+        return x2d.narrow(self._split_axis, h * size, size)
+
+    def values(self, x2d: Tensor, flags: Tensor) -> list[Tensor]:
+        return [self.lines.values(self._half(x2d, h), f)[0] for h, f in enumerate(flags.reshape(2, -1))]
+
+    def block_shape(self, kept: int, rows: int, cols: int) -> tuple[int, ...]:
+        half = (rows // 2, cols) if self._split_axis == 0 else (rows, cols // 2)
+        return self.lines.block_shape(kept, *half)
+
+    def scatter_(self, out2d: Tensor, blocks: Sequence[Block]) -> Tensor:
+        for h, block in enumerate(blocks):
+            self.lines.scatter_(self._half(out2d, h), [block])
+        return out2d
+
+
+class HalfRow(_Halves):
+    """``half_row``: ``W = [W1 | W2]``, block ``h`` is ``Wh[kept_h]`` ``(k_h, C/2)``; compact forward
+    ``scatter_k0(W1[k0] x[..., :C/2]) + scatter_k1(W2[k1] x[..., C/2:]) + b``."""
+
+    name = "half_row"
+    lines = Row()
+
+    def reduce(self, x2d: Tensor, fn: Reduction) -> Tensor:
+        rows, cols = x2d.shape  # (R, 2, C/2) -> (R, 2) -> block-major (2, R)
+        return fn(x2d.reshape(rows, 2, cols // 2), 2).t().reshape(-1)
+
+    def expand(self, flags: Tensor, rows: int, cols: int) -> Tensor:
+        return flags.reshape(2, rows).t()[:, :, None].expand(rows, 2, cols // 2).reshape(rows, cols)
+
+    def linear_forward(self, x, weights, kept, bias, out_features):
+        h = x.shape[-1] // 2
+        y0 = F.linear(x[..., :h], weights[0])
+        y1 = F.linear(x[..., h:], weights[1])
+        out = y0.new_zeros(*y0.shape[:-1], out_features).index_add(-1, kept[0], y0).index_add(-1, kept[1], y1)
+        return out if bias is None else out + bias
+
+
+class HalfColumn(_Halves):
+    """``half_column``: ``W = [W1 ; W2]``, block ``h`` is ``Wh[:, kept_h]`` ``(R/2, k_h)``; compact forward
+    ``cat(W1[:, k0] x[..., k0], W2[:, k1] x[..., k1]) + b``."""
+
+    name = "half_column"
+    lines = Column()
+
+    def reduce(self, x2d: Tensor, fn: Reduction) -> Tensor:
+        rows, cols = x2d.shape  # (2, R/2, C) -> (2, C), already block-major
+        return fn(x2d.reshape(2, rows // 2, cols), 1).reshape(-1)
+
+    def expand(self, flags: Tensor, rows: int, cols: int) -> Tensor:
+        return flags.reshape(2, cols)[:, None, :].expand(2, rows // 2, cols).reshape(rows, cols)
+
+    def linear_forward(self, x, weights, kept, bias, out_features):
+        h = out_features // 2
+        halves = [None, None] if bias is None else [bias[:h], bias[h:]]
+        return torch.cat([self.lines.linear_forward(x, [w], [k], b, h) for w, k, b in zip(weights, kept, halves)], -1)
+
+
+# --------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------
+
+#: name -> pattern, in registration order. Iterating it (or ``in``) gives the names.
+PATTERNS: dict[str, Pattern] = {}
+
+
+class _Names(Sequence[str]):
+    """The names of the registered patterns that pass ``keep``, read from :data:`PATTERNS` at every use
+    (a read-only, tuple-like listing that follows :func:`register`)."""
+
+    def __init__(self, keep: Callable[[Pattern], bool]) -> None:
+        self._keep = keep
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(name for name, p in PATTERNS.items() if self._keep(p))
+
+    def __contains__(self, name: object) -> bool:
+        p = PATTERNS.get(name) if isinstance(name, str) else None
+        return p is not None and self._keep(p)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._names()[i]
+
+    def __eq__(self, other: object) -> bool:
+        return self._names() == (tuple(other) if isinstance(other, Sequence) else other)
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+#: The registered patterns whose kept part is dense blocks of whole slices (:attr:`Pattern.structured`).
+STRUCTURED_PATTERNS: Sequence[str] = _Names(lambda p: p.structured)
+#: The registered patterns with a compact ``nn.Linear`` layer (:attr:`Pattern.compactable`).
+COMPACT_PATTERNS: Sequence[str] = _Names(lambda p: p.compactable)
+
+
+def register(pattern: Pattern) -> Pattern:
+    """Add ``pattern`` to :data:`PATTERNS` under ``pattern.name`` and return it.
+
+    From then on every pattern argument (``SparsityRampCallback(pattern=...)``, the wire, the
+    compact client layers) accepts the name.
+
+    Raises:
+        ValueError: if ``pattern`` is not a :class:`Pattern` instance, its ``name``, ``structured``
+            or ``num_blocks`` are malformed, or the name is taken.
+    """
+    if not isinstance(pattern, Pattern):
+        fail("pattern", "a Pattern instance", pattern)
+    name = check_str(getattr(pattern, "name", None), "pattern.name")
+    check_bool(pattern.structured, "pattern.structured")
+    check_int(pattern.num_blocks, "pattern.num_blocks", min=1)
+    if name in PATTERNS:
+        raise ValueError(f"a pattern named {name!r} is already registered ({PATTERNS[name]!r})")
+    PATTERNS[name] = pattern
+    return pattern
+
+
+def get_pattern(name: str, arg: str = "pattern") -> Pattern:
+    """The registered :class:`Pattern` called ``name``.
+
+    Raises:
+        ValueError: naming ``arg`` and the registered names, if there is none.
+
+    Example:
+        >>> from lightning_fedprune.pruning.patterns import get_pattern
+        >>> get_pattern("half_row").num_groups(6, 4)
+        12
+        >>> get_pattern("diagonal", "patterns['fc.weight']")
+        Traceback (most recent call last):
+        ...
+        ValueError: `patterns['fc.weight']` must be one of ('unstructured', 'row', 'column', 'half_row', 'half_column'), got 'diagonal'.
+    """
+    pattern = PATTERNS.get(name) if isinstance(name, str) else None
+    if pattern is None:
+        check_choice(name, arg, PATTERNS)
+    return pattern
+
+
+for _pattern in (Unstructured(), Row(), Column(), HalfRow(), HalfColumn()):
+    register(_pattern)
+
+
+# --------------------------------------------------------------------------------------
+# The module functions: by pattern name, through the registry
+# --------------------------------------------------------------------------------------
 
 
 def shape_2d(shape: ShapeLike, name: str = "tensor") -> tuple[int, int]:
@@ -84,9 +464,6 @@ def shape_2d(shape: ShapeLike, name: str = "tensor") -> tuple[int, int]:
     return dims[0], math.prod(dims[1:])
 
 
-_shape_2d = shape_2d  # the name the other pruning modules import
-
-
 def to_2d(t: Tensor) -> Tensor:
     """View ``t`` as a matrix: ``t.reshape(t.shape[0], -1)``; a 1-D tensor becomes ``(n, 1)``.
 
@@ -105,19 +482,30 @@ def to_2d(t: Tensor) -> Tensor:
         torch.Size([4, 1])
     """
     if not isinstance(t, Tensor):
-        raise ValueError(f"`t` must be a torch.Tensor, got {type(t).__name__}")
+        fail("t", "a torch.Tensor", t)
     if t.dim() == 0:
         raise ValueError("`t` is a 0-d (scalar) tensor; the 2-D view needs at least one dimension")
     rows, cols = shape_2d(t.shape)
     return t.reshape(rows, cols)
 
 
+def _checked(pattern: str, shape: ShapeLike, name: str = "tensor") -> tuple[Pattern, int, int]:
+    """The pattern object and the 2-D view's ``(rows, cols)``, after :func:`check_pattern`'s checks."""
+    p = get_pattern(pattern)
+    rows, cols = shape_2d(shape, name)
+    if rows * cols == 0:
+        raise ValueError(f"{name!r} is empty (shape {tuple(shape)}); there is nothing to prune")
+    p.check(rows, cols, name)
+    return p, rows, cols
+
+
 def check_pattern(pattern: str, shape: ShapeLike | None = None, name: str = "tensor") -> None:
     """Raise ``ValueError`` unless ``pattern`` can be applied to a tensor of ``shape``.
 
-    Checks that ``pattern`` is one of :data:`PATTERNS`, that the tensor is not 0-d or empty and,
-    for the half patterns, that the split axis of the 2-D view has an even length
-    (``half_row`` splits the columns, axis 1; ``half_column`` splits the rows, axis 0).
+    Checks that ``pattern`` is registered (:data:`PATTERNS`), that the tensor is not 0-d or empty
+    and whatever the pattern itself requires (:meth:`Pattern.check`): the half patterns need an
+    even split axis in the 2-D view (``half_row`` splits the columns, axis 1; ``half_column``
+    splits the rows, axis 0).
 
     Args:
         pattern: pattern name.
@@ -132,25 +520,10 @@ def check_pattern(pattern: str, shape: ShapeLike | None = None, name: str = "ten
         ...
         ValueError: pattern 'half_column' cannot be applied to 'fc.weight': its 2-D view has shape (3, 4) ...
     """
-    if not isinstance(pattern, str) or pattern not in PATTERNS:
-        raise ValueError(f"`pattern` must be one of {PATTERNS}, got {pattern!r}")
     if shape is None:
-        return
-    rows, cols = shape_2d(shape, name)
-    if rows * cols == 0:
-        raise ValueError(f"{name!r} is empty (shape {tuple(shape)}); there is nothing to prune")
-    if pattern == "half_row" and cols % 2:
-        raise ValueError(
-            f"pattern 'half_row' cannot be applied to {name!r}: its 2-D view has shape "
-            f"({rows}, {cols}) and axis 1 (columns) has odd length {cols}, so it cannot be split "
-            "into two equal blocks"
-        )
-    if pattern == "half_column" and rows % 2:
-        raise ValueError(
-            f"pattern 'half_column' cannot be applied to {name!r}: its 2-D view has shape "
-            f"({rows}, {cols}) and axis 0 (rows) has odd length {rows}, so it cannot be split "
-            "into two equal blocks"
-        )
+        get_pattern(pattern)
+    else:
+        _checked(pattern, shape, name)
 
 
 def num_groups(pattern: str, shape: ShapeLike) -> int:
@@ -162,49 +535,20 @@ def num_groups(pattern: str, shape: ShapeLike) -> int:
         >>> [num_groups(p, (6, 4)) for p in PATTERNS]
         [24, 6, 4, 12, 8]
     """
-    check_pattern(pattern, shape)
-    rows, cols = shape_2d(shape)
-    return {
-        "unstructured": rows * cols,
-        "row": rows,
-        "column": cols,
-        "half_row": 2 * rows,
-        "half_column": 2 * cols,
-    }[pattern]
+    p, rows, cols = _checked(pattern, shape)
+    return p.num_groups(rows, cols)
 
 
 def group_size(pattern: str, shape: ShapeLike) -> int:
-    """Number of entries in one group of ``pattern`` in a tensor of ``shape``.
+    """Number of entries in one group of ``pattern`` in a tensor of ``shape`` (all groups have this size).
 
     Example:
-        >>> from lightning_fedprune.pruning import group_size
-        >>> from lightning_fedprune.pruning import PATTERNS
-        >>> [group_size(p, (6, 4)) for p in PATTERNS]
-        [1, 4, 6, 2, 3]
+        >>> from lightning_fedprune.pruning import PATTERNS, group_size
+        >>> {p: group_size(p, (6, 4)) for p in PATTERNS}
+        {'unstructured': 1, 'row': 4, 'column': 6, 'half_row': 2, 'half_column': 3}
     """
-    check_pattern(pattern, shape)
-    rows, cols = shape_2d(shape)
-    return {
-        "unstructured": 1,
-        "row": cols,
-        "column": rows,
-        "half_row": cols // 2,
-        "half_column": rows // 2,
-    }[pattern]
-
-
-def _reduce_groups(x2d: Tensor, pattern: str, fn: Callable[[Tensor, int], Tensor]) -> Tensor:
-    """Apply the reduction ``fn(tensor, dim)`` over every group; 1-D result in group order."""
-    rows, cols = x2d.shape
-    if pattern == "row":
-        return fn(x2d, 1)
-    if pattern == "column":
-        return fn(x2d, 0)
-    if pattern == "half_row":  # (R, 2, C/2) -> (R, 2) -> block-major (2, R)
-        return fn(x2d.reshape(rows, 2, cols // 2), 2).t().reshape(-1)
-    if pattern == "half_column":  # (2, R/2, C) -> (2, C), already block-major
-        return fn(x2d.reshape(2, rows // 2, cols), 1).reshape(-1)
-    raise AssertionError(pattern)  # unstructured is handled by the callers
+    p, rows, cols = _checked(pattern, shape)
+    return p.group_size(rows, cols)
 
 
 def _score_dtype(x: Tensor) -> torch.dtype:
@@ -225,7 +569,7 @@ def group_reduce(x: Tensor, pattern: str, norm: str = "l1") -> Tensor:
 
     Args:
         x: elementwise importance, e.g. the weight itself.
-        pattern: one of :data:`PATTERNS`.
+        pattern: a registered pattern name (:data:`PATTERNS`).
         norm: ``"l1"`` or ``"l2"``.
 
     Example:
@@ -238,20 +582,17 @@ def group_reduce(x: Tensor, pattern: str, norm: str = "l1") -> Tensor:
         tensor([ 3., 11.,  7., 15.])
     """
     if not isinstance(x, Tensor):
-        raise ValueError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
-    if norm not in NORMS:
-        raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}")
-    check_pattern(pattern, x.shape, "x")
-    dtype = _score_dtype(x)
-    x2d = to_2d(x.detach())
-    if pattern == "unstructured":
-        return x2d.reshape(-1).abs().to(dtype)
-    order = 1 if norm == "l1" else 2
+        fail("x", "a torch.Tensor", x)
+    check_choice(norm, "norm", NORMS)
+    p, _, _ = _checked(pattern, x.shape, "x")
+    return p.norms(to_2d(x.detach()), 1 if norm == "l1" else 2, _score_dtype(x))
 
-    def fn(t: Tensor, dim: int) -> Tensor:
-        return torch.linalg.vector_norm(t, ord=order, dim=dim, dtype=dtype)
 
-    return _reduce_groups(x2d, pattern, fn)
+def _fresh(out: Tensor, source: Tensor) -> Tensor:
+    """``out`` as a new contiguous tensor: a copy where it still shares memory with ``source``."""
+    if out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        return out.clone(memory_format=torch.contiguous_format)
+    return out.contiguous()
 
 
 def expand_groups(group_mask: Tensor, pattern: str, shape: ShapeLike) -> Tensor:
@@ -262,7 +603,7 @@ def expand_groups(group_mask: Tensor, pattern: str, shape: ShapeLike) -> Tensor:
 
     Args:
         group_mask: 1-D boolean tensor of length ``num_groups(pattern, shape)``; True = kept.
-        pattern: one of :data:`PATTERNS`.
+        pattern: a registered pattern name (:data:`PATTERNS`).
         shape: shape of the parameter.
 
     Example:
@@ -274,28 +615,17 @@ def expand_groups(group_mask: Tensor, pattern: str, shape: ShapeLike) -> Tensor:
                 [0, 1],
                 [0, 1]], dtype=torch.int32)
     """
-    check_pattern(pattern, shape)
+    p, rows, cols = _checked(pattern, shape)
     if not isinstance(group_mask, Tensor) or group_mask.dtype != torch.bool:
         raise ValueError("`group_mask` must be a boolean torch.Tensor")
-    n = num_groups(pattern, shape)
+    n = p.num_groups(rows, cols)
     if group_mask.dim() != 1 or group_mask.numel() != n:
         raise ValueError(
             f"`group_mask` must be 1-D with {n} entries for pattern {pattern!r} on shape "
             f"{tuple(shape)}, got shape {tuple(group_mask.shape)}"
         )
-    shape = torch.Size(int(d) for d in shape)
-    rows, cols = shape_2d(shape)
-    if pattern == "unstructured":
-        out = group_mask.clone()
-    elif pattern == "row":
-        out = group_mask[:, None].expand(rows, cols)
-    elif pattern == "column":
-        out = group_mask[None, :].expand(rows, cols)
-    elif pattern == "half_row":
-        out = group_mask.reshape(2, rows).t()[:, :, None].expand(rows, 2, cols // 2)
-    else:  # half_column
-        out = group_mask.reshape(2, cols)[:, None, :].expand(2, rows // 2, cols)
-    return out.reshape(shape).contiguous()
+    out = p.expand(group_mask, rows, cols).reshape(torch.Size(int(d) for d in shape))
+    return _fresh(out, group_mask)
 
 
 def groups_from_mask(mask: Tensor, pattern: str, name: str | None = None) -> Tensor:
@@ -303,7 +633,7 @@ def groups_from_mask(mask: Tensor, pattern: str, name: str | None = None) -> Ten
 
     Args:
         mask: boolean (or 0/1 numeric) tensor of the parameter's shape.
-        pattern: one of :data:`PATTERNS`.
+        pattern: a registered pattern name (:data:`PATTERNS`).
         name: name of the masked tensor, used in error messages.
 
     Raises:
@@ -322,31 +652,30 @@ def groups_from_mask(mask: Tensor, pattern: str, name: str | None = None) -> Ten
         ValueError: the mask of 'fc.weight' (shape (2, 3)) is not a union of whole 'row' groups: group 0 (of 2) ...
     """
     if not isinstance(mask, Tensor):
-        raise ValueError(f"`mask` must be a torch.Tensor, got {type(mask).__name__}")
-    check_pattern(pattern, mask.shape, "mask" if name is None else name)
+        fail("mask", "a torch.Tensor", mask)
+    p, _, _ = _checked(pattern, mask.shape, "mask" if name is None else name)
     what = "`mask`" if name is None else f"the mask of {name!r}"
-    if mask.dtype != torch.bool:
-        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+    m = mask
+    if m.dtype != torch.bool:
+        if m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
             raise ValueError(f"{what} must be boolean or contain only 0 and 1")
-        mask = mask != 0
-    m2d = to_2d(mask)
-    if pattern == "unstructured":
-        return m2d.reshape(-1).clone()
-    kept_all = _reduce_groups(m2d, pattern, lambda t, d: t.all(dim=d))
-    kept_any = _reduce_groups(m2d, pattern, lambda t, d: t.any(dim=d))
-    if not torch.equal(kept_all, kept_any):
-        bad = int((kept_all != kept_any).nonzero()[0])
+        m = m != 0
+    m2d = to_2d(m)
+    flags = p.flags(m2d)
+    if flags is None:
+        partly = p.reduce(m2d, torch.all) != p.reduce(m2d, torch.any)
         raise ValueError(
             f"{what} (shape {tuple(mask.shape)}) is not a union of whole {pattern!r} groups: "
-            f"group {bad} (of {kept_all.numel()}) is partly kept"
+            f"group {int(partly.nonzero()[0])} (of {partly.numel()}) is partly kept"
         )
-    return kept_all
+    return _fresh(flags, mask)
 
 
-def split_groups(x2d: Tensor, group_mask: Tensor, pattern: str) -> list[tuple[Tensor, Tensor]]:
+def split_groups(x2d: Tensor, group_mask: Tensor, pattern: str) -> list[Block]:
     """The kept slices of a 2-D view, one ``(kept, values)`` pair per block, without scattering.
 
-    For a structured pattern (:data:`STRUCTURED_PATTERNS`) and a per-group keep vector:
+    For a structured pattern (:data:`STRUCTURED_PATTERNS`) and a per-group keep vector
+    (:meth:`Pattern.split`):
 
     * ``row``: one block, ``kept`` rows and ``values = x2d[kept]`` ``(k, C)``;
     * ``column``: one block, ``kept`` columns and ``values = x2d[:, kept]`` ``(R, k)``;
@@ -364,30 +693,17 @@ def split_groups(x2d: Tensor, group_mask: Tensor, pattern: str) -> list[tuple[Te
         >>> split_groups(x, torch.tensor([True, False, False, True]), "half_row")
         [(tensor([0]), tensor([[0., 1.]])), (tensor([1]), tensor([[6., 7.]]))]
     """
-    if pattern not in STRUCTURED_PATTERNS:
-        raise ValueError(f"`pattern` must be one of {STRUCTURED_PATTERNS}, got {pattern!r}")
+    check_choice(pattern, "pattern", STRUCTURED_PATTERNS)
     if not isinstance(x2d, Tensor) or x2d.dim() != 2:
         raise ValueError("`x2d` must be a 2-D torch.Tensor")
     rows, cols = x2d.shape
-    if group_mask.dtype != torch.bool or group_mask.shape != (num_groups(pattern, (rows, cols)),):
+    n = num_groups(pattern, (rows, cols))
+    if group_mask.dtype != torch.bool or group_mask.shape != (n,):
         raise ValueError(
-            f"`group_mask` must be a 1-D boolean tensor of {num_groups(pattern, (rows, cols))} "
-            f"entries for pattern {pattern!r} on a ({rows}, {cols}) matrix, got "
-            f"{group_mask.dtype} of shape {tuple(group_mask.shape)}"
+            f"`group_mask` must be a 1-D boolean tensor of {n} entries for pattern {pattern!r} on a "
+            f"({rows}, {cols}) matrix, got {group_mask.dtype} of shape {tuple(group_mask.shape)}"
         )
-
-    def kept(flags: Tensor) -> Tensor:
-        return flags.nonzero().reshape(-1)
-
-    if pattern == "row":
-        return [(kept(group_mask), x2d[group_mask])]
-    if pattern == "column":
-        return [(kept(group_mask), x2d[:, group_mask])]
-    if pattern == "half_row":
-        f, h = group_mask.reshape(2, rows), cols // 2
-        return [(kept(f[0]), x2d[:, :h][f[0]]), (kept(f[1]), x2d[:, h:][f[1]])]
-    f, h = group_mask.reshape(2, cols), rows // 2  # half_column
-    return [(kept(f[0]), x2d[:h][:, f[0]]), (kept(f[1]), x2d[h:][:, f[1]])]
+    return PATTERNS[pattern].split(x2d, group_mask)
 
 
 def num_to_prune(sparsity: float, n: int) -> int:
@@ -400,15 +716,7 @@ def num_to_prune(sparsity: float, n: int) -> int:
         >>> num_to_prune(0.3, 10), num_to_prune(0.25, 10), num_to_prune(0.35, 10)
         (3, 2, 4)
     """
-    _check_sparsity(sparsity)
-    return round(float(sparsity) * int(n))
-
-
-def _check_sparsity(sparsity: float) -> None:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-        raise ValueError(f"`sparsity` must be a real number in [0, 1], got {sparsity!r}")
-    if not 0.0 <= float(sparsity) <= 1.0:
-        raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity!r}")
+    return round(check_float(sparsity, "sparsity", min=0, max=1) * int(n))
 
 
 def _kth_smallest(s: Tensor, k: int) -> Tensor:
@@ -466,13 +774,12 @@ def mask_from_scores(group_scores: Tensor, sparsity: float) -> Tensor:
         tensor([False, False,  True,  True])
     """
     if not isinstance(group_scores, Tensor):
-        kind = type(group_scores).__name__
-        raise ValueError(f"`group_scores` must be a torch.Tensor, got {kind}")
+        fail("group_scores", "a torch.Tensor", group_scores)
     if group_scores.dim() != 1:
         raise ValueError(f"`group_scores` must be 1-D, got shape {tuple(group_scores.shape)}")
     if group_scores.dtype == torch.bool or group_scores.is_complex():
         raise ValueError(f"`group_scores` must be real numbers, got dtype {group_scores.dtype}")
-    _check_sparsity(sparsity)
+    check_float(sparsity, "sparsity", min=0, max=1)
     s = group_scores.detach()
     if not s.is_floating_point():
         s = s.to(torch.float64)
@@ -505,7 +812,7 @@ def compute_mask(
 
     Args:
         x: elementwise importance (e.g. the weight), shape of the parameter.
-        pattern: one of :data:`PATTERNS`.
+        pattern: a registered pattern name (:data:`PATTERNS`).
         sparsity: fraction of *groups* to prune, in ``[0, 1]``.
         norm: ``"l1"`` or ``"l2"`` group norm.
         name: tensor name used in error messages.
@@ -519,7 +826,7 @@ def compute_mask(
                 [False,  True,  True]])
     """
     if not isinstance(x, Tensor):
-        raise ValueError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+        fail("x", "a torch.Tensor", x)
     check_pattern(pattern, x.shape, name)
     scores = group_reduce(x, pattern, norm)
     return expand_groups(mask_from_scores(scores, sparsity), pattern, x.shape)
