@@ -49,7 +49,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_fedprune.protocol import ClientConfig, ClientPlan, ClientResult, LoggedValue, OptimState, RoundPayload
-from lightning_fedprune.pruning.compact import CompactedModule, compact_module
+from lightning_fedprune.pruning.compact import CompactedModule, MaskedDense, compact_module
 from lightning_fedprune.wire import STRUCTURED_PATTERNS, decode_state, encode_state
 
 #: Precisions a client can train in (``Trainer(precision=...)`` after Lightning's normalisation).
@@ -351,7 +351,7 @@ class ClientOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer, runner: ClientRunner) -> None:
         self._optimizer = optimizer
         self._runner = runner
-        self._masked: list[tuple[Tensor, Tensor]] = []
+        self._masked = MaskedDense()
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -360,20 +360,15 @@ class ClientOptimizer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._optimizer, name)
 
-    def set_masks(self, masked: list[tuple[Tensor, Tensor]]) -> None:
-        """The (parameter, mask) pairs of this client that are trained masked-dense by this optimiser."""
-        ids = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
-        self._masked = [(p, m) for p, m in masked if id(p) in ids]
+    def set_masks(self, masked: MaskedDense) -> None:
+        """This client's masked-dense parameters that this optimiser trains."""
+        self._masked = masked.subset(p for group in self._optimizer.param_groups for p in group["params"])
 
     def mask_gradients(self) -> None:
-        for p, m in self._masked:
-            if p.grad is not None:
-                p.grad.mul_(m)
+        self._masked.mask_grads_()
 
     def reapply_masks(self) -> None:
-        with torch.no_grad():
-            for p, m in self._masked:
-                p.mul_(m)
+        self._masked.apply_()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._optimizer.zero_grad(set_to_none=set_to_none)
@@ -542,8 +537,7 @@ class ClientRunner:
             for name, tensor in self._targets:
                 tensor.copy_(state[name])
 
-    def _fresh_optimizers(self, optim: OptimState, compacted: CompactedModule | None,
-                          masked: list[tuple[Tensor, Tensor]]) -> None:
+    def _fresh_optimizers(self, optim: OptimState, compacted: CompactedModule | None, masked: MaskedDense) -> None:
         """Empty optimiser state, the schedule position of ``optim``, params = what this client trains."""
         remap: dict[int, list[Tensor]] = {}
         if compacted is not None:
@@ -577,10 +571,8 @@ class ClientRunner:
             masks = compacted.fallback_masks
         try:
             params_now = dict(task.named_parameters()) if compacted is not None else self._params
-            masked = [(params_now[n], m) for n, m in masks.items()]  # masked-dense: everything not compacted
-            with torch.no_grad():
-                for p, m in masked:
-                    p.mul_(m)
+            masked = MaskedDense((params_now[n], m) for n, m in masks.items())  # everything not compacted
+            masked.apply_()
             self._fresh_optimizers(payload.optim or self._initial_optim, compacted, masked)
             view = self.view
             start = payload.optim or self._initial_optim

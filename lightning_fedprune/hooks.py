@@ -16,7 +16,6 @@ from torch import Tensor
 if TYPE_CHECKING:
     from lightning_fedprune.protocol import ClientResult
 
-FED_HOOKS = ("on_fed_round_start", "on_fed_client_result", "on_fed_after_aggregate", "on_fed_round_end")
 
 
 @dataclass

@@ -7,10 +7,8 @@ from torch import nn
 from lightning_fedprune.pruning.compact import (
     CompactLinear,
     MaskedDense,
-    apply_masks_,
     compact_linear,
     compact_module,
-    mask_gradients_,
 )
 from lightning_fedprune.pruning.patterns import STRUCTURED_PATTERNS, expand_groups, num_groups
 from lightning_fedprune.wire import compact_linear_from_encoded, encode_tensor
@@ -25,7 +23,7 @@ def _mask(shape, pattern, frac=0.5, seed=0):
 
 def _masked_dense(linear, mask):
     ref = copy.deepcopy(linear)
-    apply_masks_(ref, {"weight": mask})
+    MaskedDense.from_module(ref, {"weight": mask}).apply_()
     return ref
 
 
@@ -100,7 +98,7 @@ def test_optimizer_steps_match_masked_dense(pattern):
 
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05)
     opt_cmp = torch.optim.SGD(cmp.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05)
-    md = MaskedDense(ref, masks).attach(opt_ref)
+    md = MaskedDense.from_module(ref, masks).attach(opt_ref)
     g = torch.Generator().manual_seed(5)
     for _ in range(5):
         x = torch.randn(7, 16, generator=g)
@@ -132,7 +130,7 @@ def test_adamw_masked_dense_keeps_pruned_zero_and_matches():
     cl = compact_linear(lin, mask, "column")
     o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     o_cl = torch.optim.AdamW(cl.parameters(), lr=1e-2, weight_decay=0.1)
-    md = MaskedDense(ref, {"weight": mask}).attach(o_ref)
+    md = MaskedDense.from_module(ref, {"weight": mask}).attach(o_ref)
     for i in range(4):
         x = torch.randn(5, 10)
         for m, o in ((ref, o_ref), (cl, o_cl)):
@@ -149,20 +147,20 @@ def test_masked_dense_hooks_and_helpers():
     mask = torch.tensor([[1, 0, 1, 0]] * 3, dtype=torch.bool)
     with torch.no_grad():
         lin.weight.fill_(float("nan"))
-    apply_masks_(lin, {"weight": mask})
+    MaskedDense.from_module(lin, {"weight": mask}).apply_()
     assert torch.equal(lin.weight[~mask], torch.zeros(6))  # exact zeros, even from NaN
     lin.weight.grad = torch.ones(3, 4)
-    mask_gradients_(lin, {"weight": mask})
+    MaskedDense.from_module(lin, {"weight": mask}).mask_grads_()
     assert torch.equal(lin.weight.grad, mask.float())
     with pytest.raises(KeyError):
-        apply_masks_(lin, {"nope": mask})
-    apply_masks_(lin, {"nope": mask}, strict=False)
+        MaskedDense.from_module(lin, {"nope": mask}).apply_()
+    MaskedDense.from_module(lin, {"nope": mask}, strict=False).apply_()
     with pytest.raises(ValueError, match="mask shape"):
-        mask_gradients_(lin, {"weight": mask.t()})
+        MaskedDense.from_module(lin, {"weight": mask.t()}).mask_grads_()
 
     # grad hook fires at backward, before any clipping
     lin = nn.Linear(4, 3)
-    md = MaskedDense(lin, {"weight": mask}).attach()
+    md = MaskedDense.from_module(lin, {"weight": mask}).attach()
     lin(torch.randn(2, 4)).sum().backward()
     assert not lin.weight.grad[~mask].any()
     md.detach()
@@ -250,7 +248,7 @@ def test_compact_module_leaves_mha_conv_tied_unstructured_alone():
     patterns = {k: ("unstructured" if k == "ff1.bias" else "row") for k in masks}
     patterns.update({"attn.out_proj.weight": "column", "ff1.weight": "half_column", "ff2.weight": "unstructured"})
     ref = copy.deepcopy(model)
-    apply_masks_(ref, masks)
+    MaskedDense.from_module(ref, masks).apply_()
     x = torch.randn(2, 5, 8)
     expected = ref(x)
 
@@ -264,7 +262,7 @@ def test_compact_module_leaves_mha_conv_tied_unstructured_alone():
     assert "tied" in handle.fallback["head.weight"]
     assert "not structured" in handle.fallback["ff2.weight"]
     assert set(handle.fallback_masks) == set(masks) - {"ff1.weight"}
-    apply_masks_(cm, handle.fallback_masks)  # ff1.bias still exists under its name
+    MaskedDense.from_module(cm, handle.fallback_masks).apply_()  # ff1.bias still exists under its name
     torch.testing.assert_close(cm(x), expected, atol=1e-5, rtol=0)
     full = handle.full_state()
     assert set(full) == {"ff1.weight", "ff1.bias"}
@@ -349,7 +347,7 @@ def test_compact_module_with_weight_reads_matches_masked_dense_training():
         handle = compact_module(cmp, masks, {k: pattern for k in masks}, release=True)
         opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
         opt_cmp = torch.optim.SGD(cmp.parameters(), lr=0.1, momentum=0.9)
-        md = MaskedDense(ref, masks).attach(opt_ref)
+        md = MaskedDense.from_module(ref, masks).attach(opt_ref)
         g = torch.Generator().manual_seed(5)
         for _ in range(4):
             x, y = torch.randn(7, 16, generator=g), torch.randn(7, 8, generator=g)

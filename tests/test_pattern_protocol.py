@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule
 from lightning_fedprune.callbacks import SparsityRampCallback
-from lightning_fedprune.pruning.compact import CompactLinear, apply_masks_, compact_linear, compact_module
+from lightning_fedprune.pruning.compact import CompactLinear, MaskedDense, compact_linear, compact_module
 from lightning_fedprune.pruning import check_pattern, compute_mask, expand_groups, group_reduce, group_size, num_groups
 from lightning_fedprune.pruning.patterns import COMPACT_PATTERNS, PATTERNS, STRUCTURED_PATTERNS, Pattern, get_pattern
 from lightning_fedprune.pruning.patterns import groups_from_mask, register
@@ -209,7 +209,7 @@ def test_column_pair_compact_layer_matches_masked_dense(column_pair, bias):
     keep = torch.tensor([True, False, True, True, False])
     mask = _pair_mask(keep, lin.weight.shape)
     ref = copy.deepcopy(lin)
-    apply_masks_(ref, {"weight": mask})
+    MaskedDense.from_module(ref, {"weight": mask}).apply_()
     cl = compact_linear(lin, mask, "column_pair")
     assert isinstance(cl, CompactLinear) and cl.pattern is column_pair and cl.num_kept() == 6 * 3 * 2
     assert torch.equal(cl.weight.detach(), ref.weight.detach()) and torch.equal(cl.mask(), mask)

@@ -23,15 +23,15 @@ kept entries of the masked-dense layer.
 
 Everything else (convolutions, embeddings, ``nn.MultiheadAttention`` projections, tied
 weights, ``unstructured`` masks, biases with their own mask) stays a full tensor and is kept
-pruned by the masked-dense helpers :func:`apply_masks_`, :func:`mask_gradients_` and
-:class:`MaskedDense` (which hooks them after backward and after every optimiser step).
+pruned by the masked-dense mechanism :class:`MaskedDense`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,8 +43,6 @@ __all__ = [
     "compact_linear",
     "compact_module",
     "CompactedModule",
-    "apply_masks_",
-    "mask_gradients_",
     "MaskedDense",
 ]
 
@@ -378,57 +376,49 @@ def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _resolve(module: nn.Module, masks: Mapping[str, torch.Tensor], strict: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    tensors = _named_tensors(module)
-    pairs = []
-    for name, m in masks.items():
-        t = tensors.get(name)
-        if t is None:
-            if strict:
-                raise KeyError(f"mask for {name!r} but the module has no such parameter or buffer")
-            continue
-        if tuple(m.shape) != tuple(t.shape):
-            raise ValueError(f"mask shape {tuple(m.shape)} does not match {name!r} shape {tuple(t.shape)}")
-        pairs.append((t, m))
-    return pairs
-
-
-@torch.no_grad()
-def apply_masks_(module: nn.Module, masks: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
-    """Set pruned entries (``mask == False``) of ``module``'s parameters/buffers to exact 0."""
-    for t, m in _resolve(module, masks, strict):
-        t.masked_fill_(~m.to(device=t.device, dtype=torch.bool), 0)
-
-
-@torch.no_grad()
-def mask_gradients_(module: nn.Module, masks: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
-    """Set the gradients of pruned entries to exact 0 (parameters without ``.grad`` are skipped)."""
-    for t, m in _resolve(module, masks, strict):
-        if t.grad is not None:
-            t.grad.masked_fill_(~m.to(device=t.grad.device, dtype=torch.bool), 0)
-
-
 class MaskedDense:
-    """Keep a module masked-dense while it trains.
+    """The masked-dense mechanism: tensors whose pruned entries stay exact zeros while they train.
 
-    ``md = MaskedDense(module, masks)``; ``md.apply_()`` zeroes pruned weights,
-    ``md.mask_grads_()`` zeroes their gradients. ``md.attach(optimizer)`` does both
-    automatically: a post-accumulate-grad hook on every masked parameter masks its gradient as
-    soon as backward has produced it (before clipping, so grad norms match a compact layer),
-    and an optimiser step post-hook re-zeroes the weights after every step (momentum / weight
-    decay / a stray gradient would otherwise move pruned entries). ``md.detach()`` removes the
-    hooks. Masks are moved to each tensor's device once, at construction.
+    The federated client uses it for everything it does not compact (it calls :meth:`mask_grads_` and
+    :meth:`apply_` at the points of Lightning's step order); :meth:`attach` does the same with hooks for
+    a plain torch loop. Build it from ``(tensor, mask)`` pairs (``True`` = kept) or with
+    :meth:`from_module` from names. Pruned entries are set with ``masked_fill_`` (an exact ``+0``);
+    the inverted masks are made once, on each tensor's device.
+
+    * :meth:`apply_`: pruned entries to 0 (momentum, weight decay or a stray gradient would move them);
+    * :meth:`mask_grads_`: their gradients to 0 (before clipping, so gradient norms match a compact layer);
+    * :meth:`subset`: the pairs among some parameters (one optimiser's).
     """
 
-    def __init__(self, module: nn.Module, masks: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
-        self.module = module
-        tensors = _named_tensors(module)
-        _resolve(module, masks, strict)  # validates names and shapes
-        self.masks = {
-            n: m.to(device=tensors[n].device, dtype=torch.bool) for n, m in masks.items() if n in tensors
-        }
-        self._pairs = [(tensors[n], ~m) for n, m in self.masks.items()]
+    def __init__(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+        self._pairs = [(t, ~m.to(device=t.device, dtype=torch.bool)) for t, m in pairs]
         self._handles: list[Any] = []
+
+    @classmethod
+    def from_module(cls, module: nn.Module, masks: Mapping[str, torch.Tensor], *, strict: bool = True) -> MaskedDense:
+        """The parameters/buffers of ``module`` named in ``masks`` (a missing name raises unless ``strict=False``)."""
+        tensors = _named_tensors(module)
+        pairs = []
+        for name, m in masks.items():
+            t = tensors.get(name)
+            if t is None:
+                if strict:
+                    raise KeyError(f"mask for {name!r} but the module has no such parameter or buffer")
+                continue
+            if tuple(m.shape) != tuple(t.shape):
+                raise ValueError(f"mask shape {tuple(m.shape)} does not match {name!r} shape {tuple(t.shape)}")
+            pairs.append((t, m))
+        return cls(pairs)
+
+    def subset(self, tensors: Iterable[torch.Tensor]) -> MaskedDense:
+        """The pairs whose tensor is one of ``tensors`` (e.g. the parameters of one optimiser)."""
+        ids = {id(t) for t in tensors}
+        out = MaskedDense()
+        out._pairs = [(t, pm) for t, pm in self._pairs if id(t) in ids]
+        return out
+
+    def __len__(self) -> int:
+        return len(self._pairs)
 
     @torch.no_grad()
     def apply_(self) -> None:
@@ -441,8 +431,9 @@ class MaskedDense:
             if t.grad is not None:
                 t.grad.masked_fill_(pm, 0)
 
-    def attach(self, optimizer: torch.optim.Optimizer | None = None, *, grad_hooks: bool = True) -> "MaskedDense":
-        """Apply the masks now and register the hooks (see class docstring)."""
+    def attach(self, optimizer: torch.optim.Optimizer | None = None, *, grad_hooks: bool = True) -> MaskedDense:
+        """Apply the masks now, mask every gradient as backward produces it (a post-accumulate-grad hook)
+        and re-zero after every step of ``optimizer`` (a step post-hook); :meth:`detach` removes the hooks."""
         self.apply_()
         if grad_hooks:
             for t, pm in self._pairs:
