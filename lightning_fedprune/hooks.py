@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from lightning_fedprune.protocol import ClientResult
 
 
-
 @dataclass
 class RoundSummary:
     """What happened in one round (passed to ``on_fed_after_aggregate`` and ``on_fed_round_end``)."""
