@@ -30,7 +30,7 @@ from lightning_fedprune.aggregation import (
     weighted_average,
 )
 from lightning_fedprune.client import state_names
-from lightning_fedprune.executors import EXECUTORS, Executor, make_executor
+from lightning_fedprune.executors import EXECUTORS, Executor, ExecutorTeardown, make_executor
 from lightning_fedprune.hooks import RoundSummary
 from lightning_fedprune.protocol import ClientConfig, ClientPlan, ClientResult, RoundPayload, derive_seed
 from lightning_fedprune.pruning.state import PruningState
@@ -182,6 +182,10 @@ class FederatedLightningModule(pl.LightningModule):
             self.executor.teardown()
             self._executor_ready = False
         self._delegate("teardown", stage)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # Lightning skips `teardown` when fit raises; this callback's `on_exception` stops the executor then
+        return [ExecutorTeardown()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return make_server_optimizer(
