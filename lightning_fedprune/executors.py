@@ -347,6 +347,11 @@ class ProcessPoolExecutor(Executor):
         self._workers: list[_Worker] = []
         weakref.finalize(self, _shutdown, self._workers)  # last resort: garbage collection, interpreter exit
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (e.g. to account their CPU time); empty when torn down."""
+        return [w.proc.pid for w in self._workers]
+
     def setup(self, task: pl.LightningModule, data: ClientData, config: ClientConfig, weighting: str) -> None:
         self.teardown()
         if getattr(mp.current_process(), "_inheriting", False):

@@ -216,6 +216,17 @@ def test_client_timeout_kills_a_stuck_client_and_the_round_goes_on():
     _assert_identical(fed, ref)
 
 
+@pytest.mark.parametrize(("kwargs", "argument"), [
+    ({"startup_timeout": 0}, "startup_timeout"), ({"startup_timeout": float("inf")}, "startup_timeout"),
+    ({"startup_timeout": True}, "startup_timeout"), ({"client_timeout": -1}, "client_timeout"),
+    ({"client_timeout": "10"}, "client_timeout"), ({"startup_attempts": 0}, "startup_attempts"),
+    ({"startup_attempts": 1.5}, "startup_attempts"), ({"num_workers": True}, "num_workers"),
+])
+def test_bad_arguments_are_rejected_naming_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}` must be"):
+        ProcessPoolExecutor(**kwargs)
+
+
 # ------------------------------------------------------------------ start-up
 def _start(fault: str, **pool_kwargs) -> ProcessPoolExecutor:
     pool = ProcessPoolExecutor(num_workers=1, start_method="fork", **pool_kwargs)
@@ -249,11 +260,12 @@ def test_a_task_that_cannot_be_loaded_fails_at_once_with_the_workers_traceback()
 def test_pool_is_torn_down_when_fit_raises():
     fds_before = _pipes_and_sockets()
     raising = RaiseInRound(2)
+    pool = ProcessPoolExecutor(num_workers=2, start_method="fork")
     with pytest.raises(RuntimeError, match="callback fault"):
-        _fit(ProcessPoolExecutor(num_workers=2, start_method="fork"), callbacks=[raising])
+        _fit(pool, callbacks=[raising])
     assert len(raising.pids) == 2
     assert all(_gone(pid) for pid in raising.pids)
-    assert mp.active_children() == []
+    assert mp.active_children() == [] and pool.worker_pids == []
     assert _pipes_and_sockets() == fds_before
 
 
@@ -283,7 +295,6 @@ def test_connection_loss_is_noticed_at_every_point_without_blocking():
 
 # ------------------------------------------------------------------ scripts (spawn re-imports them)
 SCRIPT = '''
-import os, signal
 import torch
 import lightning.pytorch as pl
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule, ProcessPoolExecutor
@@ -293,7 +304,7 @@ from lightning_fedprune.demos import GaussianMixtureDataset, MLPClassifier
 def fit(executor):
     torch.manual_seed(0)
     task = MLPClassifier(in_dim=32, hidden=16, num_classes=3)
-    # 2,000 samples: the task + data sent to a worker (~260 kB) exceed a pipe's 64 kB buffer
+    # 2,000 samples: the task + data sent to a worker (~300 kB) exceed a pipe's 64 kB buffer
     dm = FederatedDataModule(GaussianMixtureDataset(2000, dim=32, num_classes=3), num_clients=4, batch_size=16)
     fed = FederatedLightningModule(task, clients_per_round=4, local_steps=2, executor=executor)
     pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -304,7 +315,9 @@ def fit(executor):
 torch.set_num_threads(1)
 '''
 
-KILLED_AT_START_UP = SCRIPT + '''
+KILLED_AT_START_UP = '''
+import os, signal
+
 if __name__ == "__mp_main__":  # a spawned worker importing this script while it starts
     try:
         os.close(os.open("first-worker", os.O_CREAT | os.O_EXCL))
@@ -312,7 +325,7 @@ if __name__ == "__mp_main__":  # a spawned worker importing this script while it
         pass
     else:  # the first worker dies here, before it has read anything the server sends it
         os.kill(os.getpid(), signal.SIGKILL)
-
+''' + SCRIPT + '''
 if __name__ == "__main__":
     pool = fit(ProcessPoolExecutor(num_workers=1))
     ref = fit("sequential")
