@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import pickle
 import selectors
 import signal
@@ -29,7 +30,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import torch
@@ -127,39 +128,56 @@ def _recv_frame(sock: socket.socket) -> bytearray:
     return _recv_exact(sock, size)
 
 
-def _worker_main(sock: socket.socket, num_threads: int) -> None:
+def _worker_main(sock: socket.socket, num_threads: int, server_end: socket.socket | None) -> None:
     """A worker's life: load the task (first frame), report ready, then train one client per plan.
 
     The worker exits on ``stop``, when the server closes its end (EOF, broken pipe) or when the
     server process dies (its sentinel), so workers do not outlive the server. SIGINT is ignored:
     Ctrl+C reaches the whole process group, and the server decides what happens to its workers.
+    ``server_end`` is the server's end of the socket pair, inherited under ``fork``: closed at
+    once, or this process would hold its own peer open and never see the server go.
     """
+    if server_end is not None:
+        server_end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock.setblocking(True)
     torch.set_num_threads(num_threads)
     parent = mp.parent_process()
+
+    def receive() -> bytearray:
+        if parent is not None and parent.sentinel in wait([sock, parent.sentinel]):
+            raise EOFError("the server process died")
+        return _recv_frame(sock)
+
     try:
-        init = _recv_frame(sock)
+        init = receive()
         try:
             runner = ClientRunner(*pickle.loads(init))
         except Exception:
             _send_frame(sock, _dumps(("failed", traceback.format_exc())))
-            return
+            _leave(1)
         del init
         _send_frame(sock, _dumps(("ready", None)))
         payload: RoundPayload | None = None
         while True:
-            if parent is not None and parent.sentinel in wait([sock, parent.sentinel]):
-                return
-            kind, obj = pickle.loads(_recv_frame(sock))
+            kind, obj = pickle.loads(receive())
             if kind == "payload":
                 payload = obj
             elif kind == "plan":
                 _send_frame(sock, _dumps(("result", runner.run(payload, obj))))
             else:  # "stop"
-                return
-    except (EOFError, OSError):
-        return
+                break
+    except (EOFError, OSError):  # the server closed its end or died
+        pass
+    _leave(0)
+
+
+def _leave(code: int) -> NoReturn:
+    """End a worker process at once: it has nothing to clean up, and finalising an interpreter with
+    torch loaded costs seconds of CPU, which the server would wait for at every teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -426,7 +444,8 @@ class ProcessPoolExecutor(Executor):
         ctx = mp.get_context(self.start_method)
         parent_sock, child_sock = socket.socketpair()
         try:
-            proc = ctx.Process(target=_worker_main, args=(child_sock, self.threads_per_worker), daemon=True,
+            server_end = parent_sock if self.start_method == "fork" else None  # spawn/forkserver: not inherited
+            proc = ctx.Process(target=_worker_main, args=(child_sock, self.threads_per_worker, server_end), daemon=True,
                                name=f"fedprune-worker-{slot}")
             proc.start()
         except Exception as err:
