@@ -30,6 +30,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
@@ -87,7 +88,7 @@ class SequentialExecutor(Executor):
 # blocking a send or a receive forever.
 _HEADER = struct.Struct("!Q")  # frame header: the frame's length in bytes
 _EXIT_UNGUARDED_MAIN = 86  # exit code of a worker whose start-up re-ran the user's training script
-_STOP_GRACE = 2.0  # seconds idle workers get at teardown to exit on their own before they are killed
+_STOP_GRACE = 2.0  # seconds idle workers get at teardown to exit on their own (they take ~0.1 s) before they are killed
 _JOIN_TIMEOUT = 5.0  # seconds to reap a killed worker process
 
 UNGUARDED_MAIN_MESSAGE = (
@@ -199,7 +200,7 @@ class _Worker:
     seconds) bounds the start-up or the current client.
     """
 
-    def __init__(self, proc: Any, sock: socket.socket, attempt: int, deadline: float) -> None:
+    def __init__(self, proc: BaseProcess, sock: socket.socket, attempt: int, deadline: float) -> None:
         self.proc = proc
         self.sock = sock
         self.attempt = attempt  # start-up attempt of this worker slot (1 = first)
@@ -325,7 +326,7 @@ class ProcessPoolExecutor(Executor):
     Args:
         num_workers: worker processes (>= 1).
         start_method: ``"spawn"`` (default, safe with threads and loggers), ``"forkserver"`` or
-            ``"fork"`` (fastest start, shares datasets copy-on-write; only safe before threads start).
+            ``"fork"`` (fastest start; only safe before threads start).
             With ``"spawn"``/``"forkserver"`` the training script needs an
             ``if __name__ == "__main__":`` guard (a worker without it fails with a clear error).
         threads_per_worker: torch intra-op threads per worker (default: cores // workers, >= 1).
@@ -542,8 +543,9 @@ class ProcessPoolExecutor(Executor):
             raise WorkerStartupError(
                 f"Could not start a worker process: it {why} on each of {w.attempt} attempts (`startup_attempts`). "
                 "The worker's own error output (stderr) shows the cause. A worker imports the task's modules and "
-                "unpickles the task and client data (with spawn/forkserver it also imports the main script); on a "
-                "slow machine raise `startup_timeout`, or use executor='sequential'."
+                "unpickles the task and client data; with start_method 'spawn' or 'forkserver' it also imports the "
+                'main script, whose training code must be under `if __name__ == "__main__":`. On a slow machine '
+                "raise `startup_timeout`; or use executor='sequential'."
             )
         warnings.warn(f"A worker process {why} (attempt {w.attempt} of {self.startup_attempts}); starting it again.",
                       stacklevel=3)
