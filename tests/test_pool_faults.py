@@ -86,7 +86,7 @@ class Trace(FederatedCallback):
         self.failed.setdefault(result.round, [])
         if not result.ok:
             self.failed[result.round].append(result.client_id)
-        self.pids.update(p.pid for p in mp.active_children())
+        self.pids.update(getattr(pl_module.executor, "worker_pids", []))
 
 
 class KillIdleWorker(FederatedCallback):
@@ -94,7 +94,7 @@ class KillIdleWorker(FederatedCallback):
 
     def on_fed_round_end(self, trainer, pl_module, summary):
         if summary.round == 0:
-            pid = mp.active_children()[0].pid
+            pid = pl_module.executor.worker_pids[0]
             os.kill(pid, signal.SIGKILL)
             _wait(lambda: _exited(pid))
 
@@ -108,7 +108,7 @@ class KillWorkerWhileSending(FederatedCallback):
 
     def on_fed_round_start(self, trainer, pl_module, round, cohort):
         if round == 1:
-            self.pid = mp.active_children()[0].pid
+            self.pid = pl_module.executor.worker_pids[0]
             os.kill(self.pid, signal.SIGSTOP)
 
     def on_fed_client_result(self, trainer, pl_module, result):
@@ -125,7 +125,7 @@ class RaiseInRound(FederatedCallback):
 
     def on_fed_round_start(self, trainer, pl_module, round, cohort):
         if round == self.round:
-            self.pids = [p.pid for p in mp.active_children()]
+            self.pids = pl_module.executor.worker_pids
             raise RuntimeError("callback fault")
 
 
@@ -140,6 +140,11 @@ def _exited(pid: int) -> bool:
 def _gone(pid: int) -> bool:
     """Exited and reaped."""
     return not Path(f"/proc/{pid}").exists()
+
+
+def _pool_children() -> list:
+    """This process's live worker processes of any pool."""
+    return [p for p in mp.active_children() if p.name.startswith("fedprune-worker-")]
 
 
 def _wait(condition, timeout: float = 10.0) -> None:
@@ -209,8 +214,8 @@ def test_worker_killed_while_training_fails_only_its_client():
 
 def test_client_timeout_kills_a_stuck_client_and_the_round_goes_on():
     ref, ref_trace = _fit("sequential", FaultTask, fault="raise", at=(1, 3))
-    pool = ProcessPoolExecutor(num_workers=2, start_method="fork", client_timeout=2)
-    with pytest.warns(UserWarning, match=r"Client 3 ran past client_timeout=2 s in round 1"):
+    pool = ProcessPoolExecutor(num_workers=2, start_method="fork", client_timeout=4)
+    with pytest.warns(UserWarning, match=r"Client 3 ran past client_timeout=4 s in round 1"):
         fed, trace = _fit(pool, FaultTask, fault="hang", at=(1, 3))
     assert trace.failed == ref_trace.failed == {0: [], 1: [3], 2: []}
     _assert_identical(fed, ref)
@@ -239,7 +244,7 @@ def test_a_worker_that_keeps_dying_at_start_up_gives_up_after_startup_attempts()
     with pytest.warns(UserWarning, match=r"exited during start-up \(killed by SIGKILL\) \(attempt 1 of 2\)"):
         with pytest.raises(WorkerStartupError, match=r"exited during start-up \(killed by SIGKILL\) on each of 2 attempts"):
             _start("kill", startup_attempts=2)
-    assert mp.active_children() == []
+    assert _pool_children() == []
 
 
 def test_a_worker_stuck_at_start_up_is_bounded_by_startup_timeout():
@@ -247,13 +252,13 @@ def test_a_worker_stuck_at_start_up_is_bounded_by_startup_timeout():
     with pytest.raises(WorkerStartupError, match=r"did not finish start-up within startup_timeout=1 s on each of 1 attempts"):
         _start("hang", startup_timeout=1, startup_attempts=1)
     assert time.monotonic() - started < 30
-    assert mp.active_children() == []
+    assert _pool_children() == []
 
 
 def test_a_task_that_cannot_be_loaded_fails_at_once_with_the_workers_traceback():
     with pytest.raises(WorkerStartupError, match=r"could not load the task(.|\n)*cannot load this task here"):
         _start("raise", startup_attempts=3)
-    assert mp.active_children() == []
+    assert _pool_children() == []
 
 
 # ------------------------------------------------------------------ teardown on every exit path
@@ -265,7 +270,7 @@ def test_pool_is_torn_down_when_fit_raises():
         _fit(pool, callbacks=[raising])
     assert len(raising.pids) == 2
     assert all(_gone(pid) for pid in raising.pids)
-    assert mp.active_children() == [] and pool.worker_pids == []
+    assert _pool_children() == [] and pool.worker_pids == []
     assert _pipes_and_sockets() == fds_before
 
 
