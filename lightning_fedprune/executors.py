@@ -44,7 +44,11 @@ ResultCallback = Callable[[ClientResult], None]
 
 
 class Executor:
-    """Base class: ``setup`` once per fit, ``run`` once per round, ``teardown`` at the end."""
+    """Base class: ``setup`` once per fit, ``run`` once per round, ``teardown`` at the end.
+
+    ``teardown`` runs on every exit of ``fit``, also when it raises (see :class:`ExecutorTeardown`),
+    and may run more than once: it must be idempotent.
+    """
 
     def setup(self, task: pl.LightningModule, data: ClientData, config: ClientConfig, weighting: str) -> None:
         raise NotImplementedError
