@@ -73,9 +73,9 @@ class Clock(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.train_start = time.perf_counter()
-        workers = getattr(pl_module.executor, "_workers", None)  # private: read-only use for CPU accounting
-        if workers:
-            self._pids = [None] + [proc.pid for proc, _ in workers]
+        pids = getattr(pl_module.executor, "worker_pids", None)  # the pool's workers, for CPU accounting
+        if pids:
+            self._pids = [None, *pids]
 
     def _cpu(self) -> float:
         return sum(_cpu_seconds(pid) for pid in self._pids)

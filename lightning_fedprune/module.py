@@ -46,7 +46,7 @@ from lightning_fedprune.client import (
     optim_state_of,
     state_names,
 )
-from lightning_fedprune.executors import EXECUTORS, Executor, make_executor
+from lightning_fedprune.executors import EXECUTORS, Executor, ExecutorTeardown, make_executor
 from lightning_fedprune.hooks import RoundSummary
 from lightning_fedprune.protocol import ClientConfig, ClientPlan, ClientResult, OptimState, RoundPayload, derive_seed
 from lightning_fedprune.pruning.plan import PruningPlan
@@ -242,7 +242,11 @@ class FederatedLightningModule(pl.LightningModule):
         """
         self._adopt_trainer_settings(self.trainer)
         self.pruning.plan = PruningPlan()  # the pruning callbacks contribute theirs in `setup`, before ours
-        return self._delegate("configure_callbacks")
+        task_callbacks = self._delegate("configure_callbacks") or []
+        if isinstance(task_callbacks, pl.Callback):
+            task_callbacks = [task_callbacks]
+        # Lightning skips `teardown` when fit raises; ExecutorTeardown's `on_exception` stops the executor then
+        return [*task_callbacks, ExecutorTeardown()]
 
     def _adopt_trainer_settings(self, trainer: pl.Trainer) -> None:
         cfg = self.client_config
