@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_fedprune.client import ClientRunner
+from lightning_fedprune.wire import encode_state
 from lightning_fedprune.pruning.compact import compact_module
 from lightning_fedprune.pruning.state import PruningState
 from lightning_fedprune.protocol import ClientConfig, ClientPlan, RoundPayload
@@ -211,10 +212,9 @@ def column_masks(task: nn.Module, regex: str, sparsity: float = 0.5) -> tuple[di
 
 
 def make_payload(task: nn.Module, masks: dict, patterns: dict) -> RoundPayload:
-    state = {}
-    for n, p in task.named_parameters():
-        state[n] = p.detach() * masks[n] if n in masks else p.detach().clone()
-    return RoundPayload(round=0, state=state, masks=masks, patterns=patterns, max_rounds=1)
+    state = {n: p.detach() for n, p in task.named_parameters()}
+    state.update((n, b.detach()) for n, b in task.named_buffers())
+    return RoundPayload(round=0, encoded=encode_state(state, masks, patterns))
 
 
 # ----------------------------------------------------------------------------- the client path

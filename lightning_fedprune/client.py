@@ -50,7 +50,8 @@ from torchmetrics import Metric
 
 from lightning_fedprune.protocol import ClientConfig, ClientPlan, ClientResult, LoggedValue, OptimState, RoundPayload
 from lightning_fedprune.pruning.compact import CompactedModule, MaskedDense, compact_module
-from lightning_fedprune.wire import STRUCTURED_PATTERNS, decode_state, encode_state
+from lightning_fedprune.pruning.patterns import COMPACT_PATTERNS
+from lightning_fedprune.wire import encode_state
 
 #: Precisions a client can train in (``Trainer(precision=...)`` after Lightning's normalisation).
 CLIENT_PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
@@ -454,6 +455,8 @@ class ClientRunner:
         self.wrapped = [ClientOptimizer(o, self) for o in self.optimizers]
         self._orig_groups = [[list(g["params"]) for g in o.param_groups] for o in self.optimizers]
         self._initial_optim = optim_state_of(self.optimizers, self.sched_configs, 0, 0)
+        self._round_key: tuple[int, int] | None = None
+        self._round: tuple[dict[str, Tensor], dict[str, Tensor], dict[str, str]] = ({}, {}, {})
 
     # ------------------------------------------------------------------ the task's Lightning stand-ins
     def _bind(self) -> None:
@@ -520,19 +523,19 @@ class ClientRunner:
         except Exception as err:  # a failing client must not take the round down
             tb = traceback.format_exc(limit=-3)
             result = ClientResult(plan.client_id, plan.round, error=f"{type(err).__name__}: {err}\n{tb}")
-        result.check_finite(values=False)  # the values are checked once, on the server's average
-        if result.ok:
-            # what travels up: kept entries only (the server knows the masks, so no index is sent);
-            # encoding copies the replica's live tensors, which the next client overwrites
-            result.payload = encode_state(result.state, payload.masks, payload.patterns, send_index=False)
-            result.bytes_up = result.payload.nbytes
-            result.state = {}
         result.seconds = time.perf_counter() - start
         return result
 
     # ------------------------------------------------------------------ internals
-    def _load(self, payload: RoundPayload) -> None:
-        state = payload.state if payload.state else decode_state(payload.encoded)
+    def _read(self, payload: RoundPayload) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, str]]:
+        """The round's global state, masks and patterns, decoded from the wire once per round."""
+        key = (payload.round, id(payload.encoded))
+        if self._round_key != key:
+            self._round = payload.encoded.read()
+            self._round_key = key
+        return self._round
+
+    def _load(self, state: dict[str, Tensor]) -> None:
         with torch.no_grad():
             for name, tensor in self._targets:
                 tensor.copy_(state[name])
@@ -561,21 +564,24 @@ class ClientRunner:
 
     def _train(self, payload: RoundPayload, plan: ClientPlan) -> ClientResult:
         task = self.replica
-        self._load(payload)
+        state, round_masks, patterns = self._read(payload)
+        self._load(state)
         task.train()
-        masks = payload.masks
+        masks = round_masks
         compacted = None
-        if self.config.compact and any(payload.patterns.get(n) in STRUCTURED_PATTERNS for n in masks):
+        if self.config.compact and any(patterns.get(n) in COMPACT_PATTERNS for n in masks):
             # a physically smaller replica: structured-pruned nn.Linear layers hold only their kept slice
-            compacted = compact_module(task, masks, payload.patterns, release=True)
+            compacted = compact_module(task, masks, patterns, release=True)
             masks = compacted.fallback_masks
         try:
             params_now = dict(task.named_parameters()) if compacted is not None else self._params
             masked = MaskedDense((params_now[n], m) for n, m in masks.items())  # everything not compacted
             masked.apply_()
-            self._fresh_optimizers(payload.optim or self._initial_optim, compacted, masked)
+            # the server's schedule position (a payload without one, e.g. built by hand, starts where
+            # `configure_optimizers` started)
+            start = payload.optim if payload.optim.param_groups else self._initial_optim
+            self._fresh_optimizers(start, compacted, masked)
             view = self.view
-            start = payload.optim or self._initial_optim
             view.fed_round, view.client_id = plan.round, plan.client_id
             view.base_step, view.local_steps, view.should_stop = start.global_step, 0, False
             view.callback_metrics = {}
@@ -587,18 +593,22 @@ class ClientRunner:
             if compacted is not None:
                 compacted.restore(copy_back=True)  # trained values back in full coordinates, zeros where pruned
             self._restore_param_groups()
-        # live views, encoded (copied) in run(); the upload carries kept entries only, so pruned
-        # entries never leave the client whatever their value here
-        state = {name: tensor.detach() for name, tensor in self._targets}
+        loss = (loss_sum / num_losses) if num_losses else math.nan
+        if not math.isfinite(loss):  # the values are checked once, on the server's average
+            return ClientResult(plan.client_id, plan.round, loss=loss, error=f"non-finite loss {loss}")
+        # what travels up: the kept entries only (the server knows the masks, so no index is sent), so
+        # pruned entries never leave the client whatever their value here; encoding copies the
+        # replica's live tensors, which the next client overwrites
+        upload = encode_state({name: t.detach() for name, t in self._targets}, round_masks, patterns, send_index=False)
         size = self.data.client_size(plan.client_id)
         weight = float(size if self.weighting == "num_samples" else num_examples if self.weighting == "num_examples" else 1.0)
         return ClientResult(
             client_id=plan.client_id,
             round=plan.round,
-            state=state,
+            payload=upload,
             weight=weight,
             num_examples=num_examples,
-            loss=(loss_sum / num_losses) if num_losses else float("nan"),
+            loss=loss,
             logged=logged,
             optim=optim,
         )

@@ -381,8 +381,6 @@ class ProcessPoolExecutor(Executor):
             # this process is a worker still importing the main script, which started training again
             sys.stderr.write(f"lightning_fedprune: {UNGUARDED_MAIN_MESSAGE}\n")
             raise SystemExit(_EXIT_UNGUARDED_MAIN)
-        if hasattr(data, "client_data"):  # a data module: ship only its picklable client-data view
-            data = data.client_data()
         trainer = task._trainer
         task._trainer = None
         try:
@@ -424,7 +422,7 @@ class ProcessPoolExecutor(Executor):
     # ------------------------------------------------------------------ internals
     def _run_round(self, payload: RoundPayload, plans: Sequence[ClientPlan], on_result: ResultCallback | None) -> list[ClientResult]:
         # the round's broadcast goes to each worker once, in wire form (kept entries + indices / bitmasks)
-        self._payload = _dumps(("payload", payload.for_transport()))
+        self._payload = _dumps(("payload", payload))
         for slot, w in enumerate(self._workers):
             if w.proc.is_alive():
                 w.queue(self._payload)

@@ -53,7 +53,7 @@ from lightning_fedprune.pruning.plan import PruningPlan
 from lightning_fedprune.pruning.state import PruningState
 from lightning_fedprune.strategy import Aggregate, FedAvg, Strategy, make_strategy
 from lightning_fedprune.validation import check_choice, check_int, fail
-from lightning_fedprune.wire import decode_state, dense_nbytes, encode_state
+from lightning_fedprune.wire import decode_state, encode_state
 
 WEIGHTINGS = ("num_samples", "num_examples", "uniform")
 
@@ -348,7 +348,8 @@ class FederatedLightningModule(pl.LightningModule):
             self.pruning.reapply_plan(int(self.global_step), self.global_params(), self._server_momentum())
         self._delegate("on_train_start")
         # after the task's on_train_start, so the clients' replicas start from what it set up
-        self.executor.setup(self.task, self.trainer.datamodule, self.client_config, self.weighting)
+        # both executors get the same picklable view of the clients' data (no Trainer, no data module)
+        self.executor.setup(self.task, self.trainer.datamodule.client_data(), self.client_config, self.weighting)
         self._executor_ready = True
 
     def on_train_end(self) -> None:
@@ -403,7 +404,8 @@ class FederatedLightningModule(pl.LightningModule):
         # 3. the clients train (the executor decides where)
         results = self.executor.run(payload, plans, on_result=lambda r: self._call_fed_hook("on_fed_client_result", r))
         # 4. aggregation (the strategy): failed and non-finite results left out, weighted average, metrics
-        states = [decode_state(r.payload, payload.masks) if r.ok else None for r in results]
+        masks = self.pruning.masks  # what this round's payload was built with
+        states = [decode_state(r.payload, masks) if r.ok else None for r in results]
         agg = self.strategy.aggregate(results, states, self._param_names + self._buffer_names)
         self._check_failures(rnd, results, agg)
         # 5. the server step (the strategy), the pruning statistics, the clients' schedule position
@@ -459,24 +461,17 @@ class FederatedLightningModule(pl.LightningModule):
                                train_loss=agg.train_loss, total_weight=agg.weight)
         summary.bytes_down = payload.encoded.nbytes * len(results)
         summary.bytes_up = sum(r.bytes_up for r in results)
-        summary.dense_bytes = 2 * dense_nbytes(payload.state) * len(results)
+        summary.dense_bytes = 2 * payload.encoded.dense_nbytes * len(results)
         return summary
 
     def build_payload(self, rnd: int) -> RoundPayload:
-        """The broadcast of round ``rnd``: global weights with pruned entries zeroed, masks, the clients' schedule."""
-        masks = self.pruning.masks
-        state: dict[str, Tensor] = {}
-        for name, p in self.global_params().items():
-            t = p.detach()
-            state[name] = t.masked_fill(~masks[name], 0) if name in masks else t
-        for name, b in self.global_buffers().items():
-            state[name] = b.detach()
-        patterns = dict(self.pruning.patterns)
-        encoded = encode_state(state, masks, patterns, send_index=True)
+        """The broadcast of round ``rnd``: global weights with pruned entries zeroed, in wire form (kept
+        values and indices), and the clients' schedule position."""
+        state = {name: p.detach() for name, p in self.global_params().items()}
+        state.update((name, b.detach()) for name, b in self.global_buffers().items())
+        encoded = encode_state(state, self.pruning.masks, self.pruning.patterns, send_index=True)  # kept values only
         optimizers, configs = self._template
-        optim = optim_state_of(optimizers, configs, self._clock.global_step, self._clock.epoch)
-        return RoundPayload(round=rnd, state=state, masks=dict(masks), patterns=patterns,
-                            max_rounds=self.client_config.max_rounds, encoded=encoded, optim=optim)
+        return RoundPayload(rnd, encoded, optim_state_of(optimizers, configs, self._clock.global_step, self._clock.epoch))
 
     def _advance_client_clock(self, ok: list[ClientResult]) -> None:
         """Adopt the schedule position of the client that took the most optimiser steps (the first on ties)."""

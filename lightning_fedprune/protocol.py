@@ -1,21 +1,20 @@
 """The data model shared by the server, the executors and the clients.
 
-Everything that crosses the server/client boundary is one of the plain dataclasses below: tensors,
-numbers and strings only (no module references), so they pickle to worker processes and map to
-Flower messages. See ``docs/design.md``.
+Everything that crosses the server/client boundary is one of the typed dataclasses below: the
+model travels only in wire form (:class:`~lightning_fedprune.wire.Payload`: arrays plus a small
+spec), everything else is numbers and strings — no module references and no decoded tensors — so
+messages pickle to worker processes and map to Flower messages as they are. See ``docs/design.md``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from lightning_fedprune.validation import check_bool, check_choice, check_float, check_int
+from lightning_fedprune.wire import Payload
 
 
 def derive_seed(*parts: int) -> int:
@@ -111,25 +110,17 @@ class LoggedValue:
 
 @dataclass
 class RoundPayload:
-    """What the server broadcasts in one round: the same for every client of the cohort.
+    """What the server broadcasts in one round, the same for every client of the cohort.
 
-    ``state`` holds the global parameters and buffers by name, with pruned entries already set to
-    exact zeros; ``masks``/``patterns`` describe the pruned parameters (``True`` = kept).
-    ``max_rounds`` and ``round`` are exposed to the task as ``self.trainer.max_steps`` /
-    ``self.trainer.global_step``.
+    ``encoded`` is the global model in wire form — pruned tensors as their kept values plus the kept
+    indices, so a client reads the masks and patterns from it (:meth:`Payload.read
+    <lightning_fedprune.wire.Payload.read>`) and never sees a pruned value; ``optim`` is where the
+    clients' optimisers start (see :class:`OptimState`).
     """
 
     round: int
-    state: dict[str, Tensor]
-    masks: dict[str, Tensor] = field(default_factory=dict)
-    patterns: dict[str, str] = field(default_factory=dict)
-    max_rounds: int = -1
-    encoded: Any = None  # the wire form (lightning_fedprune.wire.Payload) of ``state``; its nbytes is what travels down
-    optim: OptimState | None = None
-
-    def for_transport(self) -> RoundPayload:
-        """The payload as it crosses a process boundary: the wire form only, no decoded tensors."""
-        return RoundPayload(self.round, {}, self.masks, self.patterns, self.max_rounds, self.encoded, self.optim)
+    encoded: Payload
+    optim: OptimState = field(default_factory=OptimState)
 
 
 @dataclass
@@ -145,42 +136,31 @@ class ClientPlan:
 class ClientResult:
     """What one client returns.
 
-    ``state`` holds the client's final parameters (kept entries; pruned entries are exact zeros)
-    and buffers in full coordinates; on the way to the server it travels as ``payload`` (the
-    wire form, kept entries only) and the server decodes it back into ``state``. ``weight`` is the
+    ``payload`` is the client's trained parameters and buffers in wire form — the kept entries only
+    (the server knows the masks, so no index travels up); the server decodes it. ``weight`` is the
     aggregation weight (the client's dataset size by default), ``num_examples`` the examples it
-    processed. ``logged`` holds what the task logged with ``self.log`` during local training,
-    reduced over the client's steps; ``optim`` where its optimisers and schedulers ended (see
-    :class:`OptimState`). ``error`` is set when the client failed; then ``state`` is empty.
+    processed, ``loss`` its mean training loss. ``logged`` holds what the task logged with
+    ``self.log`` during local training, reduced over the client's steps; ``optim`` where its
+    optimisers and schedulers ended (see :class:`OptimState`). ``error`` is set when the client
+    failed (an exception, or a non-finite loss); then there is no payload.
     """
 
     client_id: int
     round: int
-    state: dict[str, Tensor] = field(default_factory=dict)
+    payload: Payload | None = None
     weight: float = 0.0
     num_examples: int = 0
     loss: float = float("nan")
     logged: dict[str, LoggedValue] = field(default_factory=dict)
     optim: OptimState | None = None
     seconds: float = 0.0
-    payload: Any = None  # the wire form of ``state`` sent up (kept entries only); decoded by the server
-    bytes_up: int = 0
     error: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
-    def check_finite(self, values: bool = True) -> None:
-        """Turn a result with a NaN/Inf loss (or, with ``values``, state) into a failed one (in place)."""
-        if self.error is not None:
-            return
-        if not math.isfinite(self.loss):
-            self.error = f"non-finite loss {self.loss}"
-        elif values:
-            for name, value in self.state.items():
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    self.error = f"non-finite values in {name!r}"
-                    break
-        if self.error is not None:
-            self.state = {}
+    @property
+    def bytes_up(self) -> int:
+        """Bytes of the upload (what the payload's arrays hold)."""
+        return self.payload.nbytes if self.payload is not None else 0

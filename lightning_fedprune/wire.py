@@ -354,6 +354,23 @@ class Payload:
     def nbytes(self) -> int:
         return int(sum(e.nbytes for e in self.tensors.values()))
 
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes plain FedAvg would send for the same tensors: every one dense."""
+        return int(sum(math.prod(e.shape) * e.torch_dtype.itemsize for e in self.tensors.values()))
+
+    def read(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+        """``(state, masks, patterns)``: what a receiver rebuilds from a payload encoded with its indices
+        (the server's broadcast): full tensors with exact zeros at pruned entries, the keep-mask and the
+        pattern of every tensor that travelled pruned."""
+        state, masks, patterns = {}, {}, {}
+        for name, enc in self.tensors.items():
+            state[name] = decode_tensor(enc)
+            if enc.kind != "dense":
+                masks[name] = enc.mask()
+                patterns[name] = enc.kind
+        return state, masks, patterns
+
     def __len__(self) -> int:
         return len(self.tensors)
 

@@ -33,13 +33,14 @@ class SpyExecutor(SequentialExecutor):
         return sum(a.size for k, a in enc.arrays.items() if k.startswith("values"))
 
     def run(self, payload, plans, on_result=None):
-        for name, mask in payload.masks.items():
-            assert torch.all(payload.state[name][~mask] == 0), name
+        state, masks, _ = payload.encoded.read()  # what a client sees
+        for name, mask in masks.items():
+            assert torch.all(state[name][~mask] == 0), name
             assert self._num_values(payload.encoded.tensors[name]) == int(mask.sum()), name  # only kept values go down
         results = super().run(payload, plans, on_result)
         for r in results:
-            decoded = decode_state(r.payload, payload.masks)
-            for name, mask in payload.masks.items():
+            decoded = decode_state(r.payload, masks)
+            for name, mask in masks.items():
                 enc = r.payload.tensors[name]
                 assert not enc.has_index and self._num_values(enc) == int(mask.sum()), name  # only kept values go up
                 assert torch.all(decoded[name][~mask] == 0), name
