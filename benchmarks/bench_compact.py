@@ -55,11 +55,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_fedprune.client import ClientRunner
-from lightning_fedprune.wire import encode_state
+from lightning_fedprune.federated.client import ClientRunner
+from lightning_fedprune.federated.wire import encode_state
 from lightning_fedprune.pruning.compact import compact_module
 from lightning_fedprune.pruning.state import PruningState
-from lightning_fedprune.protocol import ClientConfig, ClientPlan, RoundPayload
+from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, RoundPayload
 
 GOAL_TIME, GOAL_MEM = 0.6, 0.55
 ASR_REGEX = r".*ffn[12]\.sequential\.[14]\.weight"

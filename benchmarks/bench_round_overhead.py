@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule
 from lightning_fedprune.demos import GaussianMixtureDataset, MLPClassifier
-from lightning_fedprune.protocol import derive_seed
-from lightning_fedprune.data import sample_cohort
+from lightning_fedprune.federated.protocol import derive_seed
+from lightning_fedprune.federated.data import sample_cohort
 
 SIZES = {
     # name: (in_dim, hidden, depth) -- batch 32, 10 classes
@@ -199,11 +199,11 @@ def profile_ours(setup: Setup, top: int) -> None:
 def breakdown(setup: Setup, reps: int) -> None:
     """Where a round's time goes, without a profiler's distortion: wrap the engine's pieces with
     perf_counter accumulators (one instrumented fit per rep, median per piece, ms per round)."""
-    import lightning_fedprune.client as client_mod
-    import lightning_fedprune.module as module_mod
-    from lightning_fedprune.client import ClientRunner
-    from lightning_fedprune.executors import SequentialExecutor
-    from lightning_fedprune.protocol import ClientResult
+    import lightning_fedprune.federated.client as client_mod
+    import lightning_fedprune.federated.module as module_mod
+    from lightning_fedprune.federated.client import ClientRunner
+    from lightning_fedprune.federated.executors import SequentialExecutor
+    from lightning_fedprune.federated.protocol import ClientResult
 
     acc: dict[str, float] = {}
     targets = [

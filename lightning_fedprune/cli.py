@@ -8,7 +8,7 @@
 The task is a nested ``class_path`` (``--model.task.class_path``), data modules are chosen with
 ``--data.class_path``, and every callback is a ``--trainer.callbacks+=...`` entry. ``export`` is not a
 LightningCLI subcommand: it writes the plain pruned task of a checkpoint for serving
-(:func:`lightning_fedprune.checkpoint.export_task_checkpoint`).
+(:func:`lightning_fedprune.federated.checkpoint.export_task_checkpoint`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_fedprune.checkpoint import export_task_checkpoint, validate_checkpoint_file
-from lightning_fedprune.module import FederatedLightningModule
+from lightning_fedprune.federated.checkpoint import export_task_checkpoint, validate_checkpoint_file
+from lightning_fedprune.federated.module import FederatedLightningModule
 from lightning_fedprune.validation import check_int
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -83,7 +83,7 @@ class FedPruneCLI(LightningCLI):
         disabled or a progress bar callback is configured)."""
         from lightning.pytorch.callbacks import ProgressBar
 
-        from lightning_fedprune.callbacks.progress import FederatedProgressBar
+        from lightning_fedprune.observers.progress import FederatedProgressBar
 
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         callbacks = kwargs.get("callbacks", trainer_cfg.get("callbacks")) or []

@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule
 from lightning_fedprune.callbacks import FineTuneFreeze, MaskRefinementCallback, SparsityRampCallback
-from lightning_fedprune.checkpoint import CheckpointError, export_task_checkpoint
+from lightning_fedprune.federated.checkpoint import CheckpointError, export_task_checkpoint
 from lightning_fedprune.cli import build_cli
 from lightning_fedprune.cli import main as cli_main
 

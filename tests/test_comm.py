@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule, SequentialExecutor
 from lightning_fedprune.callbacks import SparsityRampCallback
-from lightning_fedprune.wire import dense_nbytes
+from lightning_fedprune.federated.wire import dense_nbytes
 
 
 class LossTrace(Callback):

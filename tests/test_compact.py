@@ -11,7 +11,7 @@ from lightning_fedprune.pruning.compact import (
     compact_module,
 )
 from lightning_fedprune.pruning.patterns import STRUCTURED_PATTERNS, expand_groups, num_groups
-from lightning_fedprune.wire import compact_linear_from_encoded, encode_tensor
+from lightning_fedprune.federated.wire import compact_linear_from_encoded, encode_tensor
 
 
 def _mask(shape, pattern, frac=0.5, seed=0):

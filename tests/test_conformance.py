@@ -38,7 +38,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule
-from lightning_fedprune.client import ClientTrainerView
+from lightning_fedprune.federated.client import ClientTrainerView
 
 FED_ONLY = re.compile(r"^(round/|comm/|prune/|lr-Server)")
 

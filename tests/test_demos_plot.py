@@ -50,7 +50,7 @@ def run_dir(tmp_path: Path) -> Path:
 
 def test_plot_run_and_its_argument_checks(run_dir: Path, tmp_path: Path):
     pytest.importorskip("matplotlib")
-    from lightning_fedprune.plot import plot_run, read_scalars
+    from lightning_fedprune.observers.plot import plot_run, read_scalars
 
     assert [v for _, v in read_scalars(run_dir)["prune/sparsity"]] == pytest.approx([0.0, 0.1, 0.2, 0.3])
     out = plot_run(run_dir, tmp_path / "img" / "run.png")  # val/acc: the first default metric logged

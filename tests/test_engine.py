@@ -24,8 +24,8 @@ from helpers import (
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule
-from lightning_fedprune.strategy import weighted_average
-from lightning_fedprune.data import dirichlet_partition, iid_partition, key_partition, sample_cohort
+from lightning_fedprune.federated.strategy import weighted_average
+from lightning_fedprune.federated.data import dirichlet_partition, iid_partition, key_partition, sample_cohort
 
 
 def _dm(n=64, num_clients=1, batch_size=None, **kw):

@@ -25,7 +25,7 @@ from lightning_fedprune.pruning.compact import CompactLinear, MaskedDense, compa
 from lightning_fedprune.pruning import check_pattern, compute_mask, expand_groups, group_reduce, group_size, num_groups
 from lightning_fedprune.pruning.patterns import COMPACT_PATTERNS, PATTERNS, STRUCTURED_PATTERNS, Pattern, get_pattern
 from lightning_fedprune.pruning.patterns import groups_from_mask, register
-from lightning_fedprune.wire import Payload, compact_linear_from_encoded, decode_tensor, encode_tensor
+from lightning_fedprune.federated.wire import Payload, compact_linear_from_encoded, decode_tensor, encode_tensor
 
 BUILTIN = ("unstructured", "row", "column", "half_row", "half_column")
 
@@ -254,7 +254,7 @@ def test_a_structured_pattern_without_compact_layer_stays_masked_dense():
 def test_column_pair_federated_fit_compact_clients_equal_masked_dense(column_pair, monkeypatch):
     """The whole stack with the new pattern: the server scores pairs, the payload carries kept pairs,
     compact clients train CompactLinear layers, and the result equals masked-dense clients'."""
-    import lightning_fedprune.client as client
+    import lightning_fedprune.federated.client as client
 
     compacted = []
 

@@ -26,7 +26,7 @@ import torch
 from helpers import GaussianMixtureDataset, MLPClassifier, quiet_trainer
 
 from lightning_fedprune import ClientConfig, FederatedCallback, FederatedDataModule, FederatedLightningModule, ProcessPoolExecutor
-from lightning_fedprune.executors import _HEADER, WorkerStartupError, _Worker
+from lightning_fedprune.federated.executors import _HEADER, WorkerStartupError, _Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 WATCHDOG_S = 240  # per test; generous for a loaded CI machine, far below "forever"
@@ -366,5 +366,5 @@ def test_unguarded_main_script_fails_with_a_clear_error(tmp_path):
     out = _run_script(tmp_path, UNGUARDED)
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("lightning_fedprune.executors.WorkerStartupError: A worker process re-ran the training script")
+    assert last.startswith("lightning_fedprune.federated.executors.WorkerStartupError: A worker process re-ran the training script")
     assert 'if __name__ == "__main__":' in last and 'executor="sequential"' in last and 'start_method="fork"' in last

@@ -18,7 +18,7 @@ from lightning_fedprune.callbacks import (
     SparsityRampCallback,
 )
 from lightning_fedprune.pruning.state import PruningState
-from lightning_fedprune.wire import decode_state
+from lightning_fedprune.federated.wire import decode_state
 
 
 class SpyExecutor(SequentialExecutor):

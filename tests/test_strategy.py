@@ -10,8 +10,8 @@ import torch
 from helpers import GaussianMixtureDataset, MLPClassifier, params_of, quiet_trainer
 
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule
-from lightning_fedprune.protocol import ClientResult, LoggedValue
-from lightning_fedprune.strategy import Aggregate, FedAdam, FedAvg, FedAvgM, ServerAdam, ServerSGD, Strategy
+from lightning_fedprune.federated.protocol import ClientResult, LoggedValue
+from lightning_fedprune.federated.strategy import Aggregate, FedAdam, FedAvg, FedAvgM, ServerAdam, ServerSGD, Strategy
 
 
 def _results(*states_weights, logged=None):
@@ -46,7 +46,7 @@ def test_aggregate_leaves_out_failed_and_non_finite_clients_and_overflow(monkeyp
     torch.testing.assert_close(agg.average["w"], good["w"])
     # finite clients whose average is not finite (an overflow; rounding alone hardly reaches it, so the
     # average is forced to inf here): the update is skipped, every client reported, none blamed alone
-    import lightning_fedprune.strategy as strategy_module
+    import lightning_fedprune.federated.strategy as strategy_module
 
     real = strategy_module.weighted_average
     monkeypatch.setattr(strategy_module, "weighted_average",
@@ -141,7 +141,7 @@ def test_strategy_argument_checks():
         FedAvg(float("inf"))
     with pytest.raises(ValueError, match="server_betas"):
         FedAdam(server_betas=(0.9, 1.5))
-    assert FedAdam(0.1).spec() == {"class_path": "lightning_fedprune.strategy.FedAdam",
+    assert FedAdam(0.1).spec() == {"class_path": "lightning_fedprune.federated.strategy.FedAdam",
                                    "init_args": {"server_lr": 0.1, "server_betas": [0.9, 0.99], "server_eps": 1e-3}}
     assert isinstance(Strategy.from_spec(FedAvgM(0.5).spec()), FedAvgM)
     assert copy.deepcopy(FedAvg()).server_lr == 1.0

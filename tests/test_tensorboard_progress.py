@@ -27,7 +27,7 @@ from lightning_fedprune.callbacks import (
     PruningImages,
     SparsityRampCallback,
 )
-from lightning_fedprune.callbacks.tensorboard import mask_image
+from lightning_fedprune.observers.tensorboard import mask_image
 from lightning_fedprune.pruning.state import PruningState
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_fedprune.pruning.patterns import PATTERNS, expand_groups, groups_from_mask, num_groups
-from lightning_fedprune.wire import (
+from lightning_fedprune.federated.wire import (
     STRUCTURED_PATTERNS,
     EncodedTensor,
     Payload,

@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from lightning_fedprune.data import FederatedDataModule
+from lightning_fedprune.federated.data import FederatedDataModule
 from lightning_fedprune.validation import (
     check_bool,
     check_choice,

@@ -27,7 +27,7 @@ class FineTuneFreeze(pl.Callback):
         export_path: if set, write the pruned model there at the end of fit (``torch.save`` of
             :func:`lightning_fedprune.pruning.export.export_pruned`: a state_dict with zeros, and a
             compact form for structured patterns). For a checkpoint that ``Task.load_from_checkpoint``
-            reads, see :func:`lightning_fedprune.checkpoint.export_task_checkpoint`.
+            reads, see :func:`lightning_fedprune.federated.checkpoint.export_task_checkpoint`.
     """
 
     def __init__(self, start_round: int, make_permanent: bool = True, export_path: str | None = None) -> None:

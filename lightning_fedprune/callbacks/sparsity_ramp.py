@@ -83,32 +83,24 @@ class SparsityRampCallback(pl.Callback):
                 f"`importance={importance!r}` uses server-side gradient statistics, which exist only after a round has "
                 f"been aggregated: `start_round` must be >= 1, got {start_round}."
             )
-        self._parameters = check_regex(parameters, "parameters")  # compiled once; the strings stay for YAML
-        self._exclude = check_regex(exclude, "exclude")
+        check_regex(parameters, "parameters")  # checked now; the plan compiles them when fit starts
+        check_regex(exclude, "exclude")
         momentum_beta = check_float(momentum_beta, "momentum_beta", min=0, max=1, max_open=True)
         check_choice(momentum_source, "momentum_source", MOMENTUM_SOURCES)
-        self.target_sparsity = target_sparsity
-        self.start_round = start_round
-        self.end_round = end_round
-        self.schedule = schedule
-        self.power = power
-        self.num_steps = num_steps
-        self.every_n_rounds = every_n_rounds
-        self.pattern = pattern
-        self.importance = importance
-        self.parameters = parameters
-        self.exclude = exclude
-        self.momentum_beta = momentum_beta
-        self.momentum_source = momentum_source
+        self.ramp = Ramp(target_sparsity, start_round, end_round, schedule, power, num_steps, every_n_rounds)
+        self.selection = Selection(pattern, importance, parameters, exclude, momentum_beta, momentum_source)
+
+    def __getattr__(self, name: str) -> Any:
+        """The settings (``target_sparsity``, ``pattern``, ``end_round``, ...) are read from the plan parts."""
+        for part in ("ramp", "selection"):
+            value = self.__dict__.get(part)
+            if value is not None and name in value.__dataclass_fields__:
+                return getattr(value, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def plan_parts(self) -> dict[str, Any]:
         """This callback's part of the plan: the ramp and the selection."""
-        return {
-            "ramp": Ramp(self.target_sparsity, self.start_round, self.end_round, self.schedule, self.power,
-                         self.num_steps, self.every_n_rounds),
-            "selection": Selection(self.pattern, self.importance, self.parameters, self.exclude, self.momentum_beta,
-                                   self.momentum_source),
-        }
+        return {"ramp": self.ramp, "selection": self.selection}
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         if stage == "fit":

@@ -64,7 +64,7 @@ class CompactLinear(nn.Module):
     (rows of the block for ``row``/``half_row``, columns for ``column``/``half_column``), ascending.
     :attr:`pattern` is the :class:`~lightning_fedprune.pruning.patterns.Pattern` object.
     :attr:`weight` reads like ``nn.Linear.weight`` (full shape, zeros at pruned entries). To build
-    one from a wire payload use :func:`lightning_fedprune.wire.compact_linear_from_encoded`.
+    one from a wire payload use :func:`lightning_fedprune.federated.wire.compact_linear_from_encoded`.
     """
 
     def __init__(

@@ -22,7 +22,7 @@ entries; ``round(sparsity * n_groups)`` groups with the lowest scores are pruned
 the lower group index.
 
 Each pattern is one :class:`Pattern` subclass registered in :data:`PATTERNS` (name -> instance):
-the group geometry, the kept part that travels on the wire (:mod:`lightning_fedprune.wire`) and,
+the group geometry, the kept part that travels on the wire (:mod:`lightning_fedprune.federated.wire`) and,
 where it has one, the forward of a compact ``nn.Linear``
 (:class:`~lightning_fedprune.pruning.compact.CompactLinear`). The module functions below take a
 pattern *name* and delegate to its object; a new pattern is one subclass and one
@@ -87,7 +87,7 @@ class Pattern(ABC):
     """One pruning pattern: how the entries of a ``(rows, cols)`` matrix form groups.
 
     A subclass is the whole pattern. The mask math uses :meth:`num_groups`, :meth:`reduce` and
-    :meth:`expand`; the wire (:mod:`lightning_fedprune.wire`) sends :meth:`values` (the kept part)
+    :meth:`expand`; the wire (:mod:`lightning_fedprune.federated.wire`) sends :meth:`values` (the kept part)
     and rebuilds the matrix with :meth:`scatter_`; a pattern that overrides :meth:`linear_forward`
     can also replace an ``nn.Linear`` by a :class:`~lightning_fedprune.pruning.compact.CompactLinear`
     holding only the kept part. Nothing outside the class names the pattern, so adding one is a

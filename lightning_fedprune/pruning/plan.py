@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from lightning_fedprune.pruning.schedules import sparsity_at
+from lightning_fedprune.pruning.schedules import Schedule
 
 __all__ = ["Allocation", "Freeze", "Phase", "PruningPlan", "Ramp", "Refinement", "Selection", "phase_at", "update_at"]
 
@@ -87,8 +87,8 @@ class Ramp:
     every_n_rounds: int = 1
 
     def sparsity_at(self, round: int) -> float:
-        return sparsity_at(round, target=self.target_sparsity, start_round=self.start_round, end_round=self.end_round,
-                           schedule=self.schedule, power=self.power, num_steps=self.num_steps)
+        return Schedule(self.target_sparsity, self.start_round, self.end_round, self.schedule, self.power,
+                        self.num_steps).at(round)
 
 
 @dataclass(frozen=True)

@@ -17,58 +17,24 @@ At ``start_round`` itself the gradual schedules are still at 0 (``p = 0``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from lightning_fedprune.validation import check_choice, check_float, check_int, fail
 
-__all__ = ["SCHEDULES", "sparsity_at", "validate_schedule"]
+__all__ = ["SCHEDULES", "Schedule", "sparsity_at", "validate_schedule"]
 
 SCHEDULES: tuple[str, ...] = ("one_shot", "linear", "cubic", "step")
 
 
-def validate_schedule(
-    *,
-    target: float,
-    start_round: int,
-    end_round: int,
-    schedule: str,
-    power: float = 3.0,
-    num_steps: int = 4,
-) -> None:
-    """Raise ``ValueError`` (naming the argument) for an invalid schedule; call it at construction.
+@dataclass(frozen=True)
+class Schedule:
+    """A sparsity schedule, checked when it is made (each argument named in the error).
 
     Requires ``0 <= target < 1``, integers ``0 <= start_round <= end_round``, ``schedule`` in
     :data:`SCHEDULES`, ``power > 0`` and an integer ``num_steps >= 1``.
 
-    Example:
-        >>> from lightning_fedprune.pruning import validate_schedule
-        >>> validate_schedule(target=0.5, start_round=10, end_round=100, schedule="cubic")
-        >>> validate_schedule(target=0.5, start_round=10, end_round=5, schedule="linear")
-        Traceback (most recent call last):
-        ...
-        ValueError: `end_round` must be an integer >= `start_round` (10), got 5.
-    """
-    check_choice(schedule, "schedule", SCHEDULES)
-    check_float(target, "target", min=0, max=1, max_open=True)
-    start_round = check_int(start_round, "start_round", min=0)
-    if check_int(end_round, "end_round", min=0) < start_round:
-        fail("end_round", f"an integer >= `start_round` ({start_round})", end_round)
-    check_float(power, "power", min=0, min_open=True)
-    check_int(num_steps, "num_steps", min=1)
-
-
-def sparsity_at(
-    round: int,  # noqa: A002 - the natural name in a federated setting
-    *,
-    target: float,
-    start_round: int,
-    end_round: int,
-    schedule: str,
-    power: float = 3.0,
-    num_steps: int = 4,
-) -> float:
-    """Target sparsity at federated ``round`` (see the module docstring for the formulas).
-
     Args:
-        round: the round index (integer >= 0).
         target: final sparsity ``S`` in ``[0, 1)``.
         start_round: first round of the pruning phase.
         end_round: round from which the sparsity stays at ``target``.
@@ -77,33 +43,75 @@ def sparsity_at(
         num_steps: number of increments of the ``step`` schedule.
 
     Example:
-        >>> from lightning_fedprune.pruning import sparsity_at
-        >>> kw = dict(target=0.5, start_round=0, end_round=100)
-        >>> [sparsity_at(r, schedule="linear", **kw) for r in (0, 50, 100, 200)]
-        [0.0, 0.25, 0.5, 0.5]
-        >>> sparsity_at(50, schedule="cubic", **kw)
+        >>> from lightning_fedprune.pruning.schedules import Schedule
+        >>> Schedule(target=0.5, start_round=0, end_round=100, schedule="cubic").at(50)
         0.4375
-        >>> [sparsity_at(r, schedule="step", num_steps=2, **kw) for r in (49, 50, 99, 100)]
-        [0.0, 0.25, 0.25, 0.5]
+        >>> Schedule(target=0.5, start_round=10, end_round=5, schedule="linear")
+        Traceback (most recent call last):
+        ...
+        ValueError: `end_round` must be an integer >= `start_round` (10), got 5.
     """
-    validate_schedule(
-        target=target,
-        start_round=start_round,
-        end_round=end_round,
-        schedule=schedule,
-        power=power,
-        num_steps=num_steps,
-    )
-    check_int(round, "round", min=0)
-    target = float(target)
-    if round < start_round:
-        return 0.0
-    if schedule == "one_shot" or round >= end_round:
-        return target
-    done, span = round - start_round, end_round - start_round  # 0 <= done < span
-    if schedule == "step":
-        return target * ((done * num_steps) // span) / num_steps
-    p = done / span
-    if schedule == "linear":
-        return target * p
-    return target * (1.0 - (1.0 - p) ** float(power))
+
+    target: float
+    start_round: int
+    end_round: int
+    schedule: str = "cubic"
+    power: float = 3.0
+    num_steps: int = 4
+
+    def __post_init__(self) -> None:
+        check_choice(self.schedule, "schedule", SCHEDULES)
+        check_float(self.target, "target", min=0, max=1, max_open=True)
+        start_round = check_int(self.start_round, "start_round", min=0)
+        if check_int(self.end_round, "end_round", min=0) < start_round:
+            fail("end_round", f"an integer >= `start_round` ({start_round})", self.end_round)
+        check_float(self.power, "power", min=0, min_open=True)
+        check_int(self.num_steps, "num_steps", min=1)
+
+    def at(self, round: int) -> float:  # noqa: A002 - the natural name in a federated setting
+        """Target sparsity at federated ``round`` (an integer >= 0; see the module docstring for the formulas).
+
+        Example:
+            >>> from lightning_fedprune.pruning.schedules import Schedule
+            >>> ramp = Schedule(target=0.5, start_round=0, end_round=100, schedule="linear")
+            >>> [ramp.at(r) for r in (0, 50, 100, 200)]
+            [0.0, 0.25, 0.5, 0.5]
+            >>> step = Schedule(target=0.5, start_round=0, end_round=100, schedule="step", num_steps=2)
+            >>> [step.at(r) for r in (49, 50, 99, 100)]
+            [0.0, 0.25, 0.25, 0.5]
+        """
+        check_int(round, "round", min=0)
+        target = float(self.target)
+        if round < self.start_round:
+            return 0.0
+        if self.schedule == "one_shot" or round >= self.end_round:
+            return target
+        done, span = round - self.start_round, self.end_round - self.start_round  # 0 <= done < span
+        if self.schedule == "step":
+            return target * ((done * self.num_steps) // span) / self.num_steps
+        p = done / span
+        if self.schedule == "linear":
+            return target * p
+        return target * (1.0 - (1.0 - p) ** float(self.power))
+
+
+def validate_schedule(**schedule: Any) -> None:
+    """Raise ``ValueError`` (naming the argument) for an invalid schedule: the keyword arguments of
+    :class:`Schedule`; call it at construction.
+
+    Example:
+        >>> from lightning_fedprune.pruning import validate_schedule
+        >>> validate_schedule(target=0.5, start_round=10, end_round=100, schedule="cubic")
+    """
+    Schedule(**schedule)
+
+
+def sparsity_at(round: int, **schedule: Any) -> float:  # noqa: A002
+    """Target sparsity at federated ``round`` of the schedule given by :class:`Schedule`'s keyword arguments.
+
+    Example:
+        >>> from lightning_fedprune.pruning import sparsity_at
+        >>> sparsity_at(50, target=0.5, start_round=0, end_round=100, schedule="cubic")
+        0.4375
+    """
+    return Schedule(**schedule).at(round)

@@ -10,6 +10,7 @@ held-out data, used on the global model.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_fedprune.protocol import derive_seed
+from lightning_fedprune.federated.protocol import derive_seed
 from lightning_fedprune.validation import check_bool, check_callable, check_choice, check_float, check_int, fail
 
 PARTITIONS = ("iid", "dirichlet", "by_key")
@@ -228,23 +229,17 @@ class FederatedDataModule(pl.LightningDataModule):
         for name, ds in (("val_dataset", val_dataset), ("test_dataset", test_dataset)):
             if ds is not None and not _is_dataset(ds):
                 fail(name, "a dataset or None", ds)
-        self.train_dataset = train_dataset
-        self.val_dataset = val_dataset
-        self.test_dataset = test_dataset
-        self.predict_dataset = predict_dataset
-        self.partition = partition
-        self._num_clients_arg = num_clients
-        self.alpha = alpha
-        self.partition_key = partition_key
-        self.label_key = label_key
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.min_client_samples = min_client_samples
+        # the examples
+        self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        self.test_dataset, self.predict_dataset = test_dataset, predict_dataset
+        # how they are split into clients
+        self.partition, self._num_clients_arg, self.alpha = partition, num_clients, alpha
+        self.partition_key, self.label_key = partition_key, label_key
+        self.min_client_samples, self.seed = min_client_samples, seed
+        # how clients and evaluation read them
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.collate_fn, self.shuffle, self.drop_last = collate_fn, shuffle, drop_last
         self.rounds_per_epoch = rounds_per_epoch
-        self.collate_fn = collate_fn
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.seed = seed
         self._partitions: list[np.ndarray] | None = None
         self.client_keys: list[Hashable] | None = None
 
@@ -390,17 +385,16 @@ class FederatedDataModule(pl.LightningDataModule):
         return self._eval_loader(self.predict_dataset)
 
 
+@dataclass(frozen=True)
 class ClientDataSource:
-    """Picklable client-data view: what a worker process needs to build client loaders."""
+    """Picklable client-data view: what a client (in this process or a worker) needs to build its loader."""
 
-    def __init__(self, dataset: Dataset, partitions: list[np.ndarray], batch_size: int, collate_fn: Callable | None,
-                 shuffle: bool, drop_last: bool) -> None:
-        self.dataset = dataset
-        self.partitions = partitions
-        self.batch_size = batch_size
-        self.collate_fn = collate_fn
-        self.shuffle = shuffle
-        self.drop_last = drop_last
+    dataset: Dataset
+    partitions: list[np.ndarray]
+    batch_size: int
+    collate_fn: Callable | None
+    shuffle: bool
+    drop_last: bool
 
     def client_size(self, client_id: int) -> int:
         return len(self.partitions[client_id])

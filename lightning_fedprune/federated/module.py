@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from typing_extensions import Self
 
-from lightning_fedprune.checkpoint import (
+from lightning_fedprune.federated.checkpoint import (
     RESUME_CONFIG_CHANGES,
     install_checkpoint_validation,
     instantiate_task,
@@ -37,23 +37,23 @@ from lightning_fedprune.checkpoint import (
     task_spec,
     validate_checkpoint_file,
 )
-from lightning_fedprune.client import (
+from lightning_fedprune.federated.client import (
     CLIENT_PRECISIONS,
     ClientTrainerView,
     client_precision_plugin,
     configure_task_optimizers,
     load_optim_state,
     optim_state_of,
-    state_names,
 )
-from lightning_fedprune.executors import EXECUTORS, Executor, ExecutorTeardown, make_executor
-from lightning_fedprune.hooks import RoundSummary
-from lightning_fedprune.protocol import ClientConfig, ClientPlan, ClientResult, OptimState, RoundPayload, derive_seed
+from lightning_fedprune.federated.executors import EXECUTORS, Executor, ExecutorTeardown, make_executor
+from lightning_fedprune.federated.hooks import RoundSummary
+from lightning_fedprune.federated.replica import state_names
+from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, ClientResult, OptimState, RoundPayload, derive_seed
 from lightning_fedprune.pruning.plan import PruningPlan
 from lightning_fedprune.pruning.state import PruningState
-from lightning_fedprune.strategy import Aggregate, FedAvg, Strategy, make_strategy
+from lightning_fedprune.federated.strategy import Aggregate, FedAvg, Strategy, make_strategy
 from lightning_fedprune.validation import check_choice, check_int, fail
-from lightning_fedprune.wire import decode_state, encode_state
+from lightning_fedprune.federated.wire import decode_state, encode_state
 
 WEIGHTINGS = ("num_samples", "num_examples", "uniform")
 
@@ -86,13 +86,13 @@ class FederatedLightningModule(pl.LightningModule):
         local_epochs: passes over the client's data per round (default 1 if neither is given).
         server_optimizer: ``"sgd"`` (``server_lr=1`` is FedAvg), ``"sgdm"`` (FedAvgM) or ``"adam"`` (FedAdam).
         server_lr, server_momentum, server_betas, server_eps: server optimiser settings.
-        strategy: a :class:`~lightning_fedprune.strategy.Strategy` instance (e.g. ``FedAdam(server_lr=0.01)``
+        strategy: a :class:`~lightning_fedprune.federated.strategy.Strategy` instance (e.g. ``FedAdam(server_lr=0.01)``
             or your own subclass; in YAML a ``class_path``), used instead of ``server_optimizer`` and its
             settings: how the server aggregates a round and steps.
         weighting: aggregation weight of a client: ``"num_samples"`` (its dataset size, FedAvg),
             ``"num_examples"`` (examples processed this round) or ``"uniform"``.
         executor: ``"sequential"`` (default), ``"process"`` (persistent worker processes) or an
-            :class:`~lightning_fedprune.executors.Executor` instance.
+            :class:`~lightning_fedprune.federated.executors.Executor` instance.
         num_workers: worker processes for ``executor="process"``.
         start_method: multiprocessing start method for ``executor="process"``.
         client_gradient_clip_val / client_gradient_clip_algorithm: gradient clipping inside client
@@ -149,7 +149,7 @@ class FederatedLightningModule(pl.LightningModule):
         if isinstance(strategy, dict):  # as recorded in the hyperparameters (Strategy.spec)
             strategy = Strategy.from_spec(strategy)
         if strategy is not None and not isinstance(strategy, Strategy):
-            fail("strategy", "a lightning_fedprune.strategy.Strategy instance or None", strategy)
+            fail("strategy", "a lightning_fedprune.federated.strategy.Strategy instance or None", strategy)
         default_strategy = make_strategy(server_optimizer, server_lr, server_momentum, server_betas, server_eps)
         check_choice(weighting, "weighting", WEIGHTINGS)
         if not isinstance(executor, Executor) and not (isinstance(executor, str) and executor in EXECUTORS):
@@ -373,7 +373,7 @@ class FederatedLightningModule(pl.LightningModule):
 
         The template is what ``LearningRateMonitor`` reports (the task's names; the server's is
         ``lr-Server<Optimizer>``), what checkpoints carry and what every client's fresh optimiser
-        starts from (see :class:`~lightning_fedprune.protocol.OptimState`). It is never stepped with
+        starts from (see :class:`~lightning_fedprune.federated.protocol.OptimState`). It is never stepped with
         gradients on the server.
         """
         server = self.make_server_optimizer()
@@ -602,36 +602,6 @@ class FederatedLightningModule(pl.LightningModule):
                 for name, value in stash.items():
                     params[name].copy_(value)
 
-    def on_validation_epoch_start(self) -> None:
-        self._mask_for_eval()
-        self._delegate("on_validation_epoch_start")
-
-    def on_validation_epoch_end(self) -> None:
-        try:
-            self._delegate("on_validation_epoch_end")
-        finally:
-            self._unmask_after_eval()  # before ModelCheckpoint's on_validation_end saves the server state
-
-    def on_test_epoch_start(self) -> None:
-        self._mask_for_eval()
-        self._delegate("on_test_epoch_start")
-
-    def on_test_epoch_end(self) -> None:
-        try:
-            self._delegate("on_test_epoch_end")
-        finally:
-            self._unmask_after_eval()
-
-    def on_predict_epoch_start(self) -> None:
-        self._mask_for_eval()
-        self._delegate("on_predict_epoch_start")
-
-    def on_predict_epoch_end(self) -> None:
-        try:
-            self._delegate("on_predict_epoch_end")
-        finally:
-            self._unmask_after_eval()
-
     # batches: the training "batches" are cohorts (client ids), only evaluation batches are the task's
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return batch if self.trainer.training else self._delegate("on_before_batch_transfer", batch, dataloader_idx)
@@ -647,7 +617,7 @@ class FederatedLightningModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """``state_dict`` holds the pruned model; the server's pruned values, masks and configuration go
-        into ``checkpoint["fedprune"]`` (see :mod:`lightning_fedprune.checkpoint`)."""
+        into ``checkpoint["fedprune"]`` (see :mod:`lightning_fedprune.federated.checkpoint`)."""
         save_federated_state(self, checkpoint)
         checkpoint["fedprune"]["client_clock"] = {"global_step": self._clock.global_step, "epoch": self._clock.epoch}
         self.task.on_save_checkpoint(checkpoint)
@@ -696,5 +666,30 @@ def _forward_to_task(hook: str) -> Any:
     return forward
 
 
+def _masked_epoch(stage: str, start: bool) -> Any:
+    """``on_<stage>_epoch_start``/``_end``: evaluate the pruned model clients get — pruned entries zeroed
+    from the epoch's start, the server's values back at its end (before ModelCheckpoint's
+    ``on_validation_end`` saves), around the task's own hook."""
+    hook = f"on_{stage}_epoch_{'start' if start else 'end'}"
+
+    def epoch_hook(self: FederatedLightningModule) -> None:
+        if start:
+            self._mask_for_eval()
+            self._delegate(hook)
+            return
+        try:
+            self._delegate(hook)
+        finally:
+            self._unmask_after_eval()
+
+    epoch_hook.__name__ = epoch_hook.__qualname__ = hook
+    epoch_hook.__doc__ = f"Runs the task's ``{hook}`` on the pruned global model."
+    return epoch_hook
+
+
 for _hook in EVALUATION_HOOKS:
     setattr(FederatedLightningModule, _hook, _forward_to_task(_hook))
+for _stage in ("validation", "test", "predict"):
+    for _start in (True, False):
+        _method = _masked_epoch(_stage, _start)
+        setattr(FederatedLightningModule, _method.__name__, _method)

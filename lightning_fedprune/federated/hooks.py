@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lightning_fedprune.protocol import ClientResult
+    from lightning_fedprune.federated.protocol import ClientResult
 
 
 @dataclass

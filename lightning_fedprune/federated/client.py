@@ -17,7 +17,7 @@ small, explicit stand-in for what Lightning provides during training:
 Every client gets **fresh optimiser state** (FedAvg: no momentum carried between clients or rounds)
 bound to the parameters it really trains (compact sub-layers included), whatever the task's
 ``configure_optimizers`` returns (objects created in ``__init__`` included). Hyper-parameters and
-learning-rate schedules continue in federated time: see :class:`~lightning_fedprune.protocol.OptimState`.
+learning-rate schedules continue in federated time: see :class:`~lightning_fedprune.federated.protocol.OptimState`.
 """
 
 from __future__ import annotations
@@ -48,10 +48,11 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_fedprune.protocol import ClientConfig, ClientPlan, ClientResult, LoggedValue, OptimState, RoundPayload
+from lightning_fedprune.federated.replica import make_replica, state_names
+from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, ClientResult, LoggedValue, OptimState, RoundPayload
 from lightning_fedprune.pruning.compact import CompactedModule, MaskedDense, compact_module
 from lightning_fedprune.pruning.patterns import COMPACT_PATTERNS
-from lightning_fedprune.wire import encode_state
+from lightning_fedprune.federated.wire import encode_state
 
 #: Precisions a client can train in (``Trainer(precision=...)`` after Lightning's normalisation).
 CLIENT_PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
@@ -71,28 +72,6 @@ class ClientData(Protocol):
     def client_size(self, client_id: int) -> int: ...
 
     def client_loader(self, client_id: int, seed: int) -> Iterable[Any]: ...
-
-
-def state_names(module: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """Names of the parameters (shared ones once) and persistent buffers of ``module``."""
-    params = [name for name, _ in module.named_parameters()]
-    sd_keys = set(module.state_dict(keep_vars=True).keys())
-    buffers = [name for name, _ in module.named_buffers() if name in sd_keys]
-    return params, buffers
-
-
-def make_replica(task: pl.LightningModule) -> pl.LightningModule:
-    """A detached deep copy of ``task`` (no Trainer reference) for client-side training."""
-    trainer = task._trainer
-    task._trainer = None
-    try:
-        replica = copy.deepcopy(task)
-    finally:
-        task._trainer = trainer
-    for module in replica.modules():
-        if isinstance(module, pl.LightningModule):
-            module._trainer = None
-    return replica
 
 
 def client_precision_plugin(precision: str, device_type: str = "cpu") -> Precision:

@@ -1,6 +1,6 @@
 """Plot a run's quality and sparsity over rounds from its TensorBoard event files.
 
-    python -m lightning_fedprune.plot runs/fedprune/version_0 --out docs/img/main_job.png
+    python -m lightning_fedprune.observers.plot runs/fedprune/version_0 --out docs/img/main_job.png
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ from typing import Any, NoReturn
 import lightning.pytorch as pl
 import torch
 
-from lightning_fedprune.client import ClientData, ClientRunner
-from lightning_fedprune.protocol import ClientConfig, ClientPlan, ClientResult, RoundPayload
+from lightning_fedprune.federated.client import ClientData, ClientRunner
+from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, ClientResult, RoundPayload
 
 EXECUTORS = ("sequential", "process")
 ResultCallback = Callable[[ClientResult], None]

@@ -56,8 +56,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .pruning.compact import CompactLinear
-from .pruning.patterns import (
+from lightning_fedprune.pruning.compact import CompactLinear
+from lightning_fedprune.pruning.patterns import (
     COMPACT_PATTERNS,
     STRUCTURED_PATTERNS,
     Pattern,

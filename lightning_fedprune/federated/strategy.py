@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_fedprune.protocol import ClientResult, LoggedValue
+from lightning_fedprune.federated.protocol import ClientResult, LoggedValue
 from lightning_fedprune.validation import check_choice, check_each, check_float
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam")

@@ -1,7 +1,7 @@
 """The data model shared by the server, the executors and the clients.
 
 Everything that crosses the server/client boundary is one of the typed dataclasses below: the
-model travels only in wire form (:class:`~lightning_fedprune.wire.Payload`: arrays plus a small
+model travels only in wire form (:class:`~lightning_fedprune.federated.wire.Payload`: arrays plus a small
 spec), everything else is numbers and strings — no module references and no decoded tensors — so
 messages pickle to worker processes and map to Flower messages as they are. See ``docs/design.md``.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from lightning_fedprune.validation import check_bool, check_choice, check_float, check_int
-from lightning_fedprune.wire import Payload
+from lightning_fedprune.federated.wire import Payload
 
 
 def derive_seed(*parts: int) -> int:
@@ -114,7 +114,7 @@ class RoundPayload:
 
     ``encoded`` is the global model in wire form — pruned tensors as their kept values plus the kept
     indices, so a client reads the masks and patterns from it (:meth:`Payload.read
-    <lightning_fedprune.wire.Payload.read>`) and never sees a pruned value; ``optim`` is where the
+    <lightning_fedprune.federated.wire.Payload.read>`) and never sees a pruned value; ``optim`` is where the
     clients' optimisers start (see :class:`OptimState`).
     """
 
