@@ -289,6 +289,13 @@ class ClipAccumulate(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
+class LBFGSTask(ClipAccumulate):
+    """LBFGS evaluates the closure several times per step: Lightning hands the optimiser its closure."""
+
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
+
+
 class OfflineTransformer(LightningTransformer):
     """Lightning's LightningTransformer demo; its ``prepare_data`` downloads WikiText-2, which tests may not."""
 
@@ -296,5 +303,5 @@ class OfflineTransformer(LightningTransformer):
         pass
 
 
-__all__ = ["OfflineTransformer", "AutoEncoder", "Blobs", "CALLS", "CallbacksStyle", "ClipAccumulate", "HookRecorder", "HydraStyle",
+__all__ = ["LBFGSTask", "OfflineTransformer", "AutoEncoder", "Blobs", "CALLS", "CallbacksStyle", "ClipAccumulate", "HookRecorder", "HydraStyle",
            "RecordedBoring", "StepLogRecorder", "TorchaudioStyle", "WarmupFactor"]

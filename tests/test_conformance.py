@@ -27,6 +27,7 @@ from conformance_tasks import (
     CallbacksStyle,
     ClipAccumulate,
     HydraStyle,
+    LBFGSTask,
     OfflineTransformer,
     RecordedBoring,
     StepLogRecorder,
@@ -340,6 +341,19 @@ def test_clip_given_twice_with_different_values_is_refused():
     with pytest.raises(MisconfigurationException, match="disagree"):
         pl.Trainer(gradient_clip_val=1.0, max_epochs=1, logger=False).fit(
             fed, datamodule=FederatedDataModule(Blobs(24), num_clients=1, batch_size=12))
+
+
+def test_an_optimiser_that_reevaluates_the_closure_gets_it(tmp_path):
+    calls = {"plain": 0, "fed": 0}
+
+    class Counted(LBFGSTask):
+        def training_step(self, batch, batch_idx):
+            calls["fed" if isinstance(self.trainer, ClientTrainerView) else "plain"] += 1
+            return super().training_step(batch, batch_idx)
+
+    pair = run_pair(tmp_path, Counted, Blobs(48), None, epochs=2)
+    assert_same_weights(pair)
+    assert calls["plain"] == calls["fed"] > 2 * 4  # LBFGS called the closure more than once per batch
 
 
 # ------------------------------------------------------------------ precision

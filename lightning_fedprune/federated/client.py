@@ -22,6 +22,7 @@ learning-rate schedules continue in federated time: see :class:`~lightning_fedpr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -90,9 +91,25 @@ def client_precision_plugin(precision: str, device_type: str = "cpu") -> Precisi
     )
 
 
+def _copied(value: Any) -> Any:
+    """``value`` sharing nothing mutable with the original: what ``copy.deepcopy`` does for the plain
+    containers of optimiser and scheduler states, without its memo bookkeeping (this runs twice per client)."""
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_copied(v) for v in value)
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    return copy.deepcopy(value)
+
+
 def optim_state_copy(state: OptimState) -> OptimState:
     """A copy that shares nothing mutable with ``state`` (tensors cloned, lists and dicts copied)."""
-    return copy.deepcopy(state)
+    return OptimState(_copied(state.param_groups), _copied(state.schedulers), state.global_step, state.epoch)
 
 
 def optim_state_of(optimizers: list[torch.optim.Optimizer], configs: list[LRSchedulerConfig], global_step: int,
@@ -364,16 +381,27 @@ class ClientOptimizer:
             if not runner.automatic or result is not None:
                 out = scaler.step(self._optimizer, **kwargs)
                 scaler.update()
-        else:
+        elif not _evaluates_closure_once(self._optimizer):  # e.g. LBFGS, SAM: hand the closure over, as Lightning does
             def wrapped() -> Any:
                 result = closure() if closure is not None else None
                 runner.after_closure(self)
                 return result
 
             out = self._optimizer.step(closure=wrapped, **kwargs)
+        else:  # torch's first-order optimisers evaluate it once: the same, without grad-mode switches per step
+            out = closure() if closure is not None else None
+            runner.after_closure(self)
+            self._optimizer.step(**kwargs)
         self.reapply_masks()
         runner.view.local_steps += 1
         return out
+
+
+def _evaluates_closure_once(optimizer: torch.optim.Optimizer) -> bool:
+    """True for torch's own optimisers other than LBFGS: ``step(closure)`` calls the closure exactly once,
+    before the update, so calling it first and then ``step()`` is the same computation."""
+    cls = type(optimizer)
+    return cls.__module__.startswith("torch.optim") and not issubclass(cls, torch.optim.LBFGS)
 
 
 def _extract_loss(output: Any) -> Tensor | None:
@@ -423,6 +451,8 @@ class ClientRunner:
             raise ValueError("Gradient accumulation (`accumulate_grad_batches`) is not supported with manual "
                              "optimisation (as in Lightning): accumulate in the task's `training_step`.")
         self.plugin = client_precision_plugin(config.precision, replica.device.type)
+        # full precision needs no context around training_step (and its generator costs a few us a step)
+        self.step_context = contextlib.nullcontext if type(self.plugin) is Precision else self.plugin.train_step_context
         self.scaler = getattr(self.plugin, "scaler", None)
         self.view = ClientTrainerView(config, self.plugin, replica)
         self.log = ClientLog(self.view)
@@ -688,7 +718,7 @@ class ClientRunner:
                                 c.scheduler.step()
                 else:
                     log.fx = "training_step"
-                    with self.plugin.train_step_context():
+                    with self.step_context():
                         out = task.training_step(batch, batch_idx)
                     loss = _extract_loss(out)
                 if "on_train_batch_end" in hooks:
@@ -715,7 +745,7 @@ class ClientRunner:
 
         def closure() -> Tensor | None:
             log.fx = "training_step"
-            with self.plugin.train_step_context():
+            with self.step_context():
                 out = task.training_step(batch, batch_idx)
             loss = _extract_loss(out)
             holder[0], holder[1] = out, loss

@@ -420,16 +420,16 @@ class MaskedDense:
     def __len__(self) -> int:
         return len(self._pairs)
 
-    @torch.no_grad()
     def apply_(self) -> None:
-        for t, pm in self._pairs:
-            t.masked_fill_(pm, 0)
+        if self._pairs:  # (no grad-mode switch when there is nothing to mask: this runs every step)
+            with torch.no_grad():
+                for t, pm in self._pairs:
+                    t.masked_fill_(pm, 0)
 
-    @torch.no_grad()
     def mask_grads_(self) -> None:
         for t, pm in self._pairs:
             if t.grad is not None:
-                t.grad.masked_fill_(pm, 0)
+                t.grad.masked_fill_(pm, 0)  # a gradient has no autograd history to record
 
     def attach(self, optimizer: torch.optim.Optimizer | None = None, *, grad_hooks: bool = True) -> MaskedDense:
         """Apply the masks now, mask every gradient as backward produces it (a post-accumulate-grad hook)
