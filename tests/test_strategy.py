@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import GaussianMixtureDataset, MLPClassifier, params_of, quiet_trainer
 
-from lightning_fedprune import FederatedDataModule, FederatedLightningModule
+from lightning_fedprune import FederatedDataModule, FederatedLightningModule, SequentialExecutor
 from lightning_fedprune.federated.protocol import ClientResult, LoggedValue
 from lightning_fedprune.federated.strategy import Aggregate, FedAdam, FedAvg, FedAvgM, ServerAdam, ServerSGD, Strategy
 
@@ -145,3 +145,71 @@ def test_strategy_argument_checks():
                                    "init_args": {"server_lr": 0.1, "server_betas": [0.9, 0.99], "server_eps": 1e-3}}
     assert isinstance(Strategy.from_spec(FedAvgM(0.5).spec()), FedAvgM)
     assert copy.deepcopy(FedAvg()).server_lr == 1.0
+
+
+class OddClientsDropColumns(FedAvg):
+    """Odd clients train a sub-model without the first half of head.weight's columns (Federated-Dropout-like)."""
+
+    def client_masks(self, round, client_id, seed, masks, patterns, params):
+        if client_id % 2 == 0:
+            return None
+        w = params["head.weight"]
+        mask = torch.ones_like(w, dtype=torch.bool)
+        mask[:, : w.shape[1] // 2] = False
+        return {**masks, "head.weight": mask}, {**patterns, "head.weight": "column"}
+
+
+def test_a_strategy_can_give_clients_their_own_sub_model():
+    seen = []
+
+    class Spy(SequentialExecutor):
+        def run(self, payload, plans, on_result=None):
+            results = super().run(payload, plans, on_result)
+            seen.append([(p.client_id, (p.payload or payload), r) for p, r in zip(plans, results)])
+            return results
+
+    torch.manual_seed(0)
+    task = MLPClassifier(in_dim=8, hidden=16, num_classes=3, lr=0.2)
+    init = params_of(task)
+    dm = FederatedDataModule(GaussianMixtureDataset(120, dim=8, num_classes=3), num_clients=2, batch_size=60,
+                             shuffle=False)
+    fed = FederatedLightningModule(task, clients_per_round=2, local_steps=1, strategy=OddClientsDropColumns(),
+                                   executor=Spy())
+    quiet_trainer(max_steps=1).fit(fed, datamodule=dm)
+    (c0, p0, r0), (c1, p1, r1) = seen[0]
+    assert (c0, c1) == (0, 1) and p0 is not p1
+    _, masks1, _ = p1.encoded.read()
+    assert not masks1["head.weight"][:, :8].any() and masks1["head.weight"][:, 8:].all()
+    assert r1.payload["head.weight"].nbytes == 3 * 8 * 4  # only its sub-model travels up
+    assert fed.last_summary.bytes_down == p0.encoded.nbytes + p1.encoded.nbytes < 2 * p0.encoded.nbytes
+    # the plain average of the two uploads (client 1's missing columns count as zeros: the base aggregate)
+    outs = []
+    for c, drop in ((0, False), (1, True)):
+        t = MLPClassifier(in_dim=8, hidden=16, num_classes=3, lr=0.2)
+        t.load_state_dict(init)
+        if drop:
+            with torch.no_grad():
+                t.head.weight[:, :8] = 0
+        idx = dm.partitions[c]
+        torch.nn.functional.cross_entropy(t(dm.train_dataset.x[idx]), dm.train_dataset.targets[idx]).backward()
+        if drop:
+            t.head.weight.grad[:, :8] = 0
+        torch.optim.SGD(t.parameters(), lr=0.2).step()
+        outs.append(params_of(t))
+    for name, value in fed.task.state_dict().items():
+        torch.testing.assert_close(value, (outs[0][name] + outs[1][name]) / 2, msg=name)
+
+
+def test_client_sub_models_agree_across_executors():
+    def fit(executor):
+        torch.manual_seed(0)
+        task = MLPClassifier(in_dim=8, hidden=16, num_classes=3, lr=0.2)
+        dm = FederatedDataModule(GaussianMixtureDataset(120, dim=8, num_classes=3), num_clients=4, batch_size=10)
+        fed = FederatedLightningModule(task, clients_per_round=4, local_steps=2, strategy=OddClientsDropColumns(),
+                                       executor=executor, num_workers=2)
+        quiet_trainer(max_steps=2).fit(fed, datamodule=dm)
+        return fed
+
+    seq, proc = fit("sequential"), fit("process")
+    for name, value in seq.task.state_dict().items():
+        assert torch.equal(proc.task.state_dict()[name], value), name

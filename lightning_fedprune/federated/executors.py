@@ -74,7 +74,7 @@ class SequentialExecutor(Executor):
             raise RuntimeError("SequentialExecutor.run called before setup")
         results = []
         for plan in plans:
-            result = self.runner.run(payload, plan)
+            result = self.runner.run(plan.payload or payload, plan)
             if on_result is not None:
                 on_result(result)
             results.append(result)
@@ -169,7 +169,7 @@ def _worker_main(sock: socket.socket, num_threads: int, server_end: socket.socke
             if kind == "payload":
                 payload = obj
             elif kind == "plan":
-                _send_frame(sock, _dumps(("result", runner.run(payload, obj))))
+                _send_frame(sock, _dumps(("result", runner.run(obj.payload or payload, obj))))
             else:  # "stop"
                 break
     except (EOFError, OSError):  # the server closed its end or died

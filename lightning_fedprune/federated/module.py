@@ -400,16 +400,15 @@ class FederatedLightningModule(pl.LightningModule):
         self._call_fed_hook("on_fed_round_start", rnd, cohort)
         # 2. the broadcast: global weights with pruned entries zeroed, in wire form, and the clients' schedule
         payload = self.build_payload(rnd)
-        plans = [ClientPlan(cid, rnd, derive_seed(self.seed, rnd, cid)) for cid in cohort]
+        plans, plan_masks = self._plans(rnd, cohort)
         # 3. the clients train (the executor decides where)
         results = self.executor.run(payload, plans, on_result=lambda r: self._call_fed_hook("on_fed_client_result", r))
         # 4. aggregation (the strategy): failed and non-finite results left out, weighted average, metrics
-        masks = self.pruning.masks  # what this round's payload was built with
-        states = [decode_state(r.payload, masks) if r.ok else None for r in results]
+        states = [decode_state(r.payload, masks) if r.ok else None for r, masks in zip(results, plan_masks)]
         agg = self.strategy.aggregate(results, states, self._param_names + self._buffer_names)
         self._check_failures(rnd, results, agg)
         # 5. the server step (the strategy), the pruning statistics, the clients' schedule position
-        summary = self._summary(rnd, cohort, payload, results, agg)
+        summary = self._summary(rnd, cohort, [p.payload or payload for p in plans], results, agg)
         optimizer = self.optimizers()[0]
         if agg.ok:
             summary.pseudo_gradient = self.strategy.step(optimizer.optimizer, self.global_params(), self.global_buffers(),
@@ -455,21 +454,40 @@ class FederatedLightningModule(pl.LightningModule):
         raise RuntimeError(f"Federated training stopped: {why}. The first client's error:\n{detail}")
 
     @staticmethod
-    def _summary(rnd: int, cohort: list[int], payload: RoundPayload, results: list[ClientResult],
+    def _summary(rnd: int, cohort: list[int], sent: list[RoundPayload], results: list[ClientResult],
                  agg: Aggregate) -> RoundSummary:
         summary = RoundSummary(round=rnd, cohort=cohort, clients_ok=len(agg.ok), clients_failed=len(agg.failed),
                                train_loss=agg.train_loss, total_weight=agg.weight)
-        summary.bytes_down = payload.encoded.nbytes * len(results)
+        summary.bytes_down = sum(p.encoded.nbytes for p in sent)
         summary.bytes_up = sum(r.bytes_up for r in results)
-        summary.dense_bytes = 2 * payload.encoded.dense_nbytes * len(results)
+        summary.dense_bytes = 2 * sum(p.encoded.dense_nbytes for p in sent)
         return summary
 
-    def build_payload(self, rnd: int) -> RoundPayload:
-        """The broadcast of round ``rnd``: global weights with pruned entries zeroed, in wire form (kept
-        values and indices), and the clients' schedule position."""
+    def _plans(self, rnd: int, cohort: list[int]) -> tuple[list[ClientPlan], list[dict[str, Tensor]]]:
+        """Every client's plan, and the masks its upload is decoded with: the round's, or the sub-model the
+        strategy gives it (:meth:`Strategy.client_masks`), with a broadcast of its own."""
+        plans, plan_masks = [], []
+        params = self.global_params()
+        for cid in cohort:
+            seed = derive_seed(self.seed, rnd, cid)
+            custom = self.strategy.client_masks(rnd, cid, seed, self.pruning.masks, self.pruning.patterns, params)
+            if custom is None:
+                plans.append(ClientPlan(cid, rnd, seed))
+                plan_masks.append(self.pruning.masks)
+            else:
+                plans.append(ClientPlan(cid, rnd, seed, self.build_payload(rnd, *custom)))
+                plan_masks.append(custom[0])
+        return plans, plan_masks
+
+    def build_payload(self, rnd: int, masks: dict[str, Tensor] | None = None,
+                      patterns: dict[str, str] | None = None) -> RoundPayload:
+        """The broadcast of round ``rnd``: the global weights in wire form (the kept values of ``masks``,
+        default the pruning state's, and their indices) and the clients' schedule position."""
         state = {name: p.detach() for name, p in self.global_params().items()}
         state.update((name, b.detach()) for name, b in self.global_buffers().items())
-        encoded = encode_state(state, self.pruning.masks, self.pruning.patterns, send_index=True)  # kept values only
+        masks = self.pruning.masks if masks is None else masks
+        patterns = self.pruning.patterns if patterns is None else patterns
+        encoded = encode_state(state, masks, patterns, send_index=True)  # kept values only
         optimizers, configs = self._template
         return RoundPayload(rnd, encoded, optim_state_of(optimizers, configs, self._clock.global_step, self._clock.epoch))
 

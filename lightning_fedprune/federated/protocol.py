@@ -125,11 +125,14 @@ class RoundPayload:
 
 @dataclass
 class ClientPlan:
-    """One client's job in a round."""
+    """One client's job in a round. ``payload`` is a broadcast of its own when the strategy gives this
+    client a different sub-model (e.g. Federated Dropout, :meth:`Strategy.client_masks
+    <lightning_fedprune.federated.strategy.Strategy.client_masks>`); None means the round's broadcast."""
 
     client_id: int
     round: int
     seed: int
+    payload: RoundPayload | None = None
 
 
 @dataclass

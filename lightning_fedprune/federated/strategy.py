@@ -155,6 +155,16 @@ class Strategy:
             raise ValueError(f"`strategy`: {spec['class_path']!r} is not a Strategy class.")
         return cls(**(spec.get("init_args") or {}))
 
+    # ------------------------------------------------------------------ configure: which sub-model a client gets
+    def client_masks(self, round: int, client_id: int, seed: int, masks: dict[str, Tensor], patterns: dict[str, str],
+                     params: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]] | None:
+        """The masks and patterns of the sub-model ``client_id`` trains this round, or None for the round's
+        (the pruning state's ``masks``; the default). A strategy that gives clients different sub-models
+        (Federated Dropout) returns them here — a pure function of its arguments (``seed`` is the client's
+        derived seed), so :meth:`aggregate` can recompute them; each such client gets a broadcast of its own
+        and its upload is decoded with its masks."""
+        return None
+
     # ------------------------------------------------------------------ aggregate: pure
     def aggregate(self, results: Sequence[ClientResult], states: Sequence[dict[str, Tensor] | None],
                   names: Sequence[str]) -> Aggregate:
