@@ -45,11 +45,11 @@ class BytesRecorder(pl.Callback):
         self.summaries.append(summary)
 
 
-def one_round(pattern: str, sparsity: float, clients: int = 2) -> dict[str, float]:
+def one_round(pattern: str, sparsity: float, clients: int = 2, bits: int | None = None) -> dict[str, float]:
     task = MLPClassifier(in_dim=IN_DIM, hidden=HIDDEN, depth=DEPTH, num_classes=CLASSES, lr=0.01)
     ds = GaussianMixtureDataset(num_samples=64 * clients, dim=IN_DIM, num_classes=CLASSES, seed=0)
     dm = FederatedDataModule(ds, num_clients=clients, batch_size=32, seed=0)
-    fed = FederatedLightningModule(task, clients_per_round=clients, local_steps=1, seed=0)
+    fed = FederatedLightningModule(task, clients_per_round=clients, local_steps=1, seed=0, payload_bits=bits)
     rec = BytesRecorder()
     ramp = SparsityRampCallback(target_sparsity=sparsity, start_round=0, schedule="one_shot", pattern=pattern,
                                 importance="weight_l2")
@@ -95,6 +95,18 @@ def main() -> None:
                        "pruned share of all params", "goal"]))
     for pattern, goal in GOALS.items():
         verdict(f"P3 bytes {pattern} S=0.5 (down+up)/dense", at_half[pattern], goal)
+
+    print("\n-- quantised payloads (payload_bits), S = 0.5, side by side with float32 values --")
+    rows = []
+    quantised = {}
+    for pattern in ["column", "row"] if args.quick else ["column", "row", "unstructured", "half_column"]:
+        for bits in (None, 8, 4):
+            r = one_round(pattern, 0.5, bits=bits)
+            quantised[(pattern, bits)] = r["ratio"]
+            rows.append([pattern, "float32" if bits is None else f"int{bits}", f"{r['down']:,.0f}", f"{r['up']:,.0f}",
+                         r["ratio"], r["ratio"] / quantised[(pattern, None)]])
+    print(table(rows, ["pattern", "values", "down", "up", "(down+up)/(2 dense)", "vs float32 values"]))
+    verdict("P3 bytes column S=0.5 int8 (down+up)/dense", quantised[("column", 8)], 0.15)
 
     levels = [0.0, 0.5, 0.9] if args.quick else [0.0, 0.1, 0.3, 0.5, 0.7, 0.9]
     curve_patterns = ["column", "row", "unstructured"]

@@ -105,3 +105,15 @@ def test_torch_threads_is_checked_naming_the_option(tmp_path, monkeypatch):
         build_cli(["--config", str(ROOT / "examples/quickstart.yaml"), "--torch_threads=0", "--trainer.logger=false"],
                   run=False)
     assert torch.get_num_threads() == threads  # nothing was set
+
+
+def test_quantised_payloads_from_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ratios = {}
+    for bits in (None, 8):
+        extra = [f"--model.payload_bits={bits}"] if bits else []
+        cli = build_cli(["fit", "--config", str(ROOT / "examples/quickstart.yaml"), "--quiet=true",
+                         "--trainer.logger=false", "--trainer.max_steps=12", "--trainer.val_check_interval=12", *extra])
+        ratios[bits] = cli.trainer.callback_metrics["comm/ratio"].item()
+        assert cli.model.client_config.payload_bits == bits
+    assert ratios[8] < 0.35 * ratios[None]  # int8 codes instead of float32 values, both ways

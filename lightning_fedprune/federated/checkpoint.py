@@ -237,6 +237,8 @@ def federation_config(fed: pl.LightningModule) -> dict[str, Any]:
     }
     if cc.gradient_clip_val is not None:
         config["client_gradient_clip_algorithm"] = cc.gradient_clip_algorithm
+    if cc.payload_bits is not None:
+        config["payload_bits"] = cc.payload_bits
     return config
 
 

@@ -50,10 +50,21 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_fedprune.federated.replica import make_replica, state_names
-from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, ClientResult, LoggedValue, OptimState, RoundPayload
+from lightning_fedprune.federated.protocol import (
+    ClientConfig,
+    ClientPlan,
+    ClientResult,
+    LoggedValue,
+    OptimState,
+    RoundPayload,
+    derive_seed,
+)
 from lightning_fedprune.pruning.compact import CompactedModule, MaskedDense, compact_module
 from lightning_fedprune.pruning.patterns import COMPACT_PATTERNS
-from lightning_fedprune.federated.wire import encode_state
+from lightning_fedprune.federated.wire import Payload, encode_state
+
+#: Mixed into the client's seed for the stochastic rounding of its quantised upload (a stream of its own).
+QUANT_STREAM = 0x5155414E
 
 #: Precisions a client can train in (``Trainer(precision=...)`` after Lightning's normalisation).
 CLIENT_PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
@@ -608,7 +619,7 @@ class ClientRunner:
         # what travels up: the kept entries only (the server knows the masks, so no index is sent), so
         # pruned entries never leave the client whatever their value here; encoding copies the
         # replica's live tensors, which the next client overwrites
-        upload = encode_state({name: t.detach() for name, t in self._targets}, round_masks, patterns, send_index=False)
+        upload = self._upload(state, round_masks, patterns, plan)
         size = self.data.client_size(plan.client_id)
         weight = float(size if self.weighting == "num_samples" else num_examples if self.weighting == "num_examples" else 1.0)
         return ClientResult(
@@ -621,6 +632,22 @@ class ClientRunner:
             logged=logged,
             optim=optim,
         )
+
+    def _upload(self, start: dict[str, Tensor], masks: dict[str, Tensor], patterns: dict[str, str],
+                plan: ClientPlan) -> Payload:
+        """What travels up: the kept entries only (the server knows the masks, so no index is sent), so
+        pruned entries never leave the client whatever their value here. With ``payload_bits`` the
+        floating-point parameters go as their change since the broadcast (``start``), quantised with
+        unbiased stochastic rounding seeded by the client's seed. Encoding copies the replica's live
+        tensors, which the next client overwrites."""
+        bits = self.config.payload_bits
+        if bits is None:
+            return encode_state({name: t.detach() for name, t in self._targets}, masks, patterns, send_index=False)
+        floats = [n for n in self.param_names if self._params[n].is_floating_point()]
+        values = {name: t.detach() - start[name] if name in floats else t.detach() for name, t in self._targets}
+        generator = torch.Generator().manual_seed(derive_seed(plan.seed, QUANT_STREAM))
+        return encode_state(values, masks, patterns, send_index=False, bits=bits, quantized=floats,
+                            generator=generator, relative=True)
 
     def _batches(self, loader: Iterable[Any], budget: int | None, client_id: int) -> Iterator[tuple[int, Any, bool]]:
         """``(batch_idx, batch, is_last_batch)`` of one local epoch: one pass over the loader, or, with a

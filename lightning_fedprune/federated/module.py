@@ -53,7 +53,7 @@ from lightning_fedprune.pruning.plan import PruningPlan
 from lightning_fedprune.pruning.state import PruningState
 from lightning_fedprune.federated.strategy import Aggregate, FedAvg, Strategy, make_strategy
 from lightning_fedprune.validation import check_choice, check_int, fail
-from lightning_fedprune.federated.wire import decode_state, encode_state
+from lightning_fedprune.federated.wire import Payload, decode_state, decode_tensor, encode_state
 
 WEIGHTINGS = ("num_samples", "num_examples", "uniform")
 
@@ -101,6 +101,12 @@ class FederatedLightningModule(pl.LightningModule):
             every client, and ``Trainer(precision=...)`` is the clients' precision too.
         compact_clients: let clients train physically smaller sub-models where the pruning
             pattern allows it (row/column patterns on ``nn.Linear``).
+        payload_bits: ``None`` (default: values travel as they are), ``8`` or ``4``: the kept values of the
+            floating-point parameters travel as ``payload_bits``-bit codes with a scale per row, both
+            ways. Down: rounded to nearest, with the rounding error fed back into the next round's
+            broadcast (a server-side residual), so the global model does not drift. Up: each client
+            sends its change since the broadcast, rounded stochastically (unbiased). Masks and
+            indices are exact; pruned entries stay exact zeros; buffers travel as they are.
         max_failed_rounds: fit raises (with the first client's traceback) when every client of the
             first round fails, or every client of this many consecutive rounds.
         seed: seeds cohorts and every client's local randomness (data order, dropout) as pure
@@ -132,6 +138,7 @@ class FederatedLightningModule(pl.LightningModule):
         client_gradient_clip_algorithm: str = "norm",
         compact_clients: bool = True,
         strategy: Strategy | None = None,
+        payload_bits: int | None = None,
         max_failed_rounds: int = 3,
         seed: int = 0,
         resume_config_change: str = "error",
@@ -166,6 +173,7 @@ class FederatedLightningModule(pl.LightningModule):
             gradient_clip_val=client_gradient_clip_val,
             gradient_clip_algorithm=client_gradient_clip_algorithm,
             compact=compact_clients,
+            payload_bits=payload_bits,
         )
         self.executor = make_executor(executor, num_workers=num_workers, start_method=start_method)
         # the task is recorded as its class path and its own hyperparameters (checkpoint, loggers' hparams.yaml);
@@ -193,6 +201,7 @@ class FederatedLightningModule(pl.LightningModule):
         self._failed_streak = 0
         self._rounds_this_fit = 0
         self._reapply_plan = False
+        self._residual: dict[str, Tensor] = {}  # quantised broadcasts: what rounding left out, sent next round
 
     # ------------------------------------------------------------------ convenience
     @property
@@ -404,7 +413,7 @@ class FederatedLightningModule(pl.LightningModule):
         # 3. the clients train (the executor decides where)
         results = self.executor.run(payload, plans, on_result=lambda r: self._call_fed_hook("on_fed_client_result", r))
         # 4. aggregation (the strategy): failed and non-finite results left out, weighted average, metrics
-        states = [decode_state(r.payload, masks) if r.ok else None for r, masks in zip(results, plan_masks)]
+        states = [self._upload_state(r.payload, masks) if r.ok else None for r, masks in zip(results, plan_masks)]
         agg = self.strategy.aggregate(results, states, self._param_names + self._buffer_names)
         self._check_failures(rnd, results, agg)
         # 5. the server step (the strategy), the pruning statistics, the clients' schedule position
@@ -485,11 +494,42 @@ class FederatedLightningModule(pl.LightningModule):
         default the pruning state's, and their indices) and the clients' schedule position."""
         state = {name: p.detach() for name, p in self.global_params().items()}
         state.update((name, b.detach()) for name, b in self.global_buffers().items())
+        round_broadcast = masks is None
         masks = self.pruning.masks if masks is None else masks
         patterns = self.pruning.patterns if patterns is None else patterns
-        encoded = encode_state(state, masks, patterns, send_index=True)  # kept values only
+        bits = self.client_config.payload_bits
+        if bits is None:
+            encoded = encode_state(state, masks, patterns, send_index=True)  # kept values only
+        else:
+            floats = self._float_params()
+            if round_broadcast:  # error feedback: what rounding left out last round goes out with this one
+                for name in floats:
+                    if name in self._residual:
+                        state[name] = state[name] + self._residual[name]
+            encoded = encode_state(state, masks, patterns, send_index=True, bits=bits, quantized=floats)
+            if round_broadcast:
+                for name in floats:
+                    residual = state[name] - decode_tensor(encoded[name])
+                    self._residual[name] = residual.masked_fill(~masks[name], 0) if name in masks else residual
         optimizers, configs = self._template
         return RoundPayload(rnd, encoded, optim_state_of(optimizers, configs, self._clock.global_step, self._clock.epoch))
+
+    def _float_params(self) -> list[str]:
+        """The parameters that travel quantised with ``payload_bits`` (floating point ones)."""
+        params = self.global_params()
+        return [n for n in self._param_names if params[n].is_floating_point()]
+
+    def _upload_state(self, upload: Payload, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A client's parameters and buffers from its upload; a relative (quantised) tensor is the client's
+        change since the broadcast, added to the server's own weights (so the rounding of the broadcast does
+        not stay in the global model). Pruned entries are exact zeros either way."""
+        state = decode_state(upload, masks)
+        params = self.global_params()
+        for name, enc in upload.items():
+            if enc.relative:
+                value = params[name].detach() + state[name]
+                state[name] = value.masked_fill(~masks[name], 0) if name in masks else value
+        return state
 
     def _advance_client_clock(self, ok: list[ClientResult]) -> None:
         """Adopt the schedule position of the client that took the most optimiser steps (the first on ties)."""
@@ -638,6 +678,7 @@ class FederatedLightningModule(pl.LightningModule):
         into ``checkpoint["fedprune"]`` (see :mod:`lightning_fedprune.federated.checkpoint`)."""
         save_federated_state(self, checkpoint)
         checkpoint["fedprune"]["client_clock"] = {"global_step": self._clock.global_step, "epoch": self._clock.epoch}
+        checkpoint["fedprune"]["downlink_residual"] = {n: t.clone() for n, t in self._residual.items()}
         self.task.on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -646,6 +687,7 @@ class FederatedLightningModule(pl.LightningModule):
         restore_federated_state(self, checkpoint)
         clock = checkpoint.get("fedprune", {}).get("client_clock", {})
         self._clock = OptimState(global_step=int(clock.get("global_step", 0)), epoch=int(clock.get("epoch", 0)))
+        self._residual = {n: t.clone() for n, t in checkpoint.get("fedprune", {}).get("downlink_residual", {}).items()}
         self.task.on_load_checkpoint(checkpoint)
 
     @_restricted_classmethod

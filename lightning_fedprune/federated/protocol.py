@@ -39,7 +39,8 @@ class ClientConfig:
     ``max_rounds`` and ``steps_per_round`` (an upper bound of one client's optimiser steps in a
     round) give the client's ``self.trainer.estimated_stepping_batches``; ``max_steps`` and
     ``max_epochs`` are the client's ``self.trainer.max_steps`` / ``max_epochs`` in federated time.
-    The server sets these when fit starts.
+    The server sets these when fit starts. ``payload_bits`` (8 or 4) makes the client send its update
+    quantised (see ``FederatedLightningModule(payload_bits=...)``).
     """
 
     local_steps: int | None = None
@@ -53,6 +54,7 @@ class ClientConfig:
     steps_per_round: int = 0
     max_steps: int = -1
     max_epochs: int = -1
+    payload_bits: int | None = None
 
     def __post_init__(self) -> None:
         if (self.local_steps is None) == (self.local_epochs is None):
@@ -63,6 +65,7 @@ class ClientConfig:
                                              optional=True)
         check_choice(self.gradient_clip_algorithm, "client_gradient_clip_algorithm", ("norm", "value"))
         check_bool(self.compact, "compact_clients")
+        check_choice(self.payload_bits, "payload_bits", (None, 8, 4))
 
 
 @dataclass

@@ -39,6 +39,14 @@ sends ``mask_bits`` (one bit per entry). ``EncodedTensor.index`` records the cho
 **send_index=False** (the upward direction: the server already knows the mask) sends the
 values only; :func:`decode_tensor` / :meth:`EncodedTensor.kept_groups` then need the mask.
 
+**Quantised values** (``bits=8`` or ``4``, :func:`encode_tensor`): every values array ``k`` is sent as
+``k.q`` (int8 codes, or two 4-bit codes per uint8) and ``k.scale`` (float32, one per row of the
+array's 2-D view; a 1-D array is cut into rows of :data:`QUANT_ROW` entries): value = code * scale,
+``scale = max|row| / (2**(bits-1) - 1)``. Rounding is to nearest, or stochastic (unbiased, with a
+``generator``). Indices and masks never change; pruned entries stay exact zeros. ``relative``
+marks values sent as the difference to the receiver's copy (a client's upload against its
+broadcast). The spec then carries ``quant``, ``qshapes`` and ``relative``.
+
 **dtypes** are preserved bit-exactly: numpy-native dtypes (float16/32/64, int*, uint8, bool,
 complex) go as they are; ``bfloat16`` travels as a ``uint16`` view and float8 types as a
 ``uint8`` view, ``EncodedTensor.dtype`` holds the torch dtype name used to view them back.
@@ -70,6 +78,8 @@ from lightning_fedprune.pruning.patterns import (
 )
 
 __all__ = [
+    "QUANT_BITS",
+    "QUANT_ROW",
     "STRUCTURED_PATTERNS",  # re-exported from pruning.patterns
     "EncodedTensor",
     "Payload",
@@ -79,6 +89,8 @@ __all__ = [
     "encode_state",
     "decode_state",
     "dense_nbytes",
+    "dequantize",
+    "quantize",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -127,6 +139,72 @@ def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
+# Quantised values
+# --------------------------------------------------------------------------------------
+
+#: Entries per scale when a 1-D values array is quantised (a 2-D view's row otherwise).
+QUANT_ROW = 256
+#: Supported code widths.
+QUANT_BITS = (4, 8)
+
+
+def _row_view(v: torch.Tensor) -> torch.Tensor:
+    """``v`` as rows sharing one scale: its 2-D view, or a 1-D one cut into rows of ``QUANT_ROW`` (padded)."""
+    if v.dim() >= 2:
+        return v.reshape(v.shape[0], -1)
+    flat = v.reshape(-1)
+    rows = max(1, math.ceil(flat.numel() / QUANT_ROW))
+    return torch.nn.functional.pad(flat, (0, rows * QUANT_ROW - flat.numel())).reshape(rows, QUANT_ROW)
+
+
+def quantize(v: torch.Tensor, bits: int, generator: torch.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, scales)`` of a float tensor: symmetric per-row scales, codes in ``[-qmax, qmax]``.
+
+    Without a ``generator`` the codes are rounded to nearest (error <= scale / 2); with one, stochastically:
+    ``floor(x + u)``, ``u ~ U[0, 1)``, whose expectation is ``x`` exactly (unbiased). 4-bit codes are packed
+    two per byte (the first in the low nibble).
+
+    >>> codes, scales = quantize(torch.tensor([[1.0, -0.5, 0.25]]), 8)
+    >>> codes.tolist(), scales.tolist()
+    ([[127, -64, 32]], [0.007874015718698502])
+    """
+    qmax = 2 ** (bits - 1) - 1
+    rows = _row_view(v.detach().to(torch.float32))
+    scale = rows.abs().amax(dim=1) / qmax
+    x = rows / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    if generator is None:
+        q = torch.round(x)
+    else:
+        q = torch.floor(x + torch.rand(x.shape, generator=generator, dtype=x.dtype))
+    q = q.clamp_(-qmax, qmax).to(torch.int8).reshape(-1)[: v.numel()]
+    codes = q.reshape(v.shape).numpy()
+    if bits == 4:
+        flat = (q.to(torch.int16) & 0xF).to(torch.uint8)
+        if flat.numel() % 2:
+            flat = torch.cat([flat, flat.new_zeros(1)])
+        codes = (flat[0::2] | (flat[1::2] << 4)).numpy()
+    return np.ascontiguousarray(codes), scale.numpy().astype(np.float32)
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, bits: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """The tensor of ``shape`` and ``dtype`` that :func:`quantize` codes describe."""
+    n = math.prod(shape)
+    if bits == 4:
+        packed = torch.from_numpy(np.asarray(codes, dtype=np.uint8).copy())
+        nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:n].to(torch.int16)
+        q = torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.float32)
+    else:
+        q = torch.from_numpy(np.asarray(codes, dtype=np.int8).copy()).reshape(-1).to(torch.float32)
+    scale = torch.from_numpy(np.asarray(scales, dtype=np.float32).copy())
+    if len(shape) >= 2:
+        out = q.reshape(shape[0], -1) * scale[:, None]
+    else:
+        padded = torch.nn.functional.pad(q, (0, scale.numel() * QUANT_ROW - n)).reshape(-1, QUANT_ROW)
+        out = (padded * scale[:, None]).reshape(-1)[:n]
+    return out.reshape(tuple(shape)).to(dtype)
+
+
+# --------------------------------------------------------------------------------------
 # Array keys of a pattern's kept part
 # --------------------------------------------------------------------------------------
 
@@ -158,6 +236,16 @@ class EncodedTensor:
     pattern: str | None = None
     index: str | None = None  # "int32" | "bits" (unstructured: always "bits") | None (not sent)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    quant: int | None = None  # bits of the values' codes (None: raw values)
+    qshapes: dict[str, list[int]] = field(default_factory=dict)  # shape of every quantised values array
+    relative: bool = False  # values are differences to the receiver's copy
+
+    def values_array(self, key: str) -> torch.Tensor:
+        """The values array ``key`` (``"values"``, ``"values0"``, ...) as a tensor, dequantised if need be."""
+        if self.quant is None:
+            return _from_numpy(self.arrays[key], self.torch_dtype)
+        return dequantize(self.arrays[f"{key}.q"], self.arrays[f"{key}.scale"], self.quant, self.qshapes[key],
+                          self.torch_dtype)
 
     @property
     def nbytes(self) -> int:
@@ -227,13 +315,13 @@ class EncodedTensor:
         * ``dense``: one block, ``arange(R)`` and the 2-D view (a 0-d tensor is ``(1, 1)``).
         """
         if self.kind == "dense":
-            W = to_2d(torch.atleast_1d(_from_numpy(self.arrays["values"], self.torch_dtype).reshape(self.shape)))
+            W = to_2d(torch.atleast_1d(self.values_array("values").reshape(self.shape)))
             return [(torch.arange(W.shape[0]), W)]
         return self._blocks(self.group_flags(mask))
 
     def _blocks(self, flags: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        pattern, dtype = self._pattern, self.torch_dtype
-        values = [_from_numpy(self.arrays[key], dtype) for key in _value_keys(pattern)]
+        pattern = self._pattern
+        values = [self.values_array(key) for key in _value_keys(pattern)]
         return list(zip(pattern.kept(flags), values))
 
     def _check_mask_shape(self, mask: torch.Tensor) -> None:
@@ -243,7 +331,7 @@ class EncodedTensor:
     # -- spec -------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
         """JSON-able metadata: everything but the array contents."""
-        return {
+        spec = {
             "kind": self.kind,
             "shape": list(self.shape),
             "dtype": self.dtype,
@@ -251,6 +339,11 @@ class EncodedTensor:
             "index": self.index,
             "keys": list(self.arrays),
         }
+        if self.quant is not None:
+            spec.update(quant=self.quant, qshapes=dict(self.qshapes))
+        if self.relative:
+            spec["relative"] = True
+        return spec
 
 
 def encode_tensor(
@@ -260,27 +353,48 @@ def encode_tensor(
     *,
     send_index: bool = True,
     name: str = "tensor",
+    bits: int | None = None,
+    generator: torch.Generator | None = None,
+    relative: bool = False,
 ) -> EncodedTensor:
     """Encode ``t``; with a ``mask`` only the kept entries travel (see module docstring).
 
     ``pattern`` defaults to ``"unstructured"`` when a mask is given (valid for any mask of a
     tensor with at least one dimension and one entry); without a mask the tensor is sent
-    ``dense`` whatever the pattern.
+    ``dense`` whatever the pattern. ``bits`` (8 or 4) quantises the values of a floating-point
+    tensor (rounded to nearest, or stochastically with ``generator``); ``relative`` only marks them
+    as differences to the receiver's copy.
     """
     p = get_pattern("unstructured" if pattern is None else pattern)  # checked even when the tensor goes dense
     shape = tuple(int(s) for s in t.shape)
     dtype = _dtype_name(t.dtype)
     t = t.detach()
+    if bits is not None and bits not in QUANT_BITS:
+        raise ValueError(f"`bits` must be one of {QUANT_BITS} or None, got {bits!r}")
     if mask is None:
-        return EncodedTensor("dense", shape, dtype, None, None, {"values": _to_numpy(t)})
+        return _with_values(EncodedTensor("dense", shape, dtype, None, None, relative=relative), {"values": t},
+                            bits, generator)
     if tuple(mask.shape) != shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match shape {shape} of {name}")
     if mask.dtype != torch.bool:
         raise ValueError(f"mask of {name} must be a bool tensor (True = kept), got {mask.dtype}")
     flags = groups_from_mask(mask.detach().to(t.device), p.name, name)  # validates the shape and the groups
     index, arrays = _encode_index(p, flags) if send_index else (None, {})
-    arrays.update(zip(_value_keys(p), map(_to_numpy, p.values(to_2d(t), flags))))
-    return EncodedTensor(p.name, shape, dtype, p.name, index, arrays)
+    enc = EncodedTensor(p.name, shape, dtype, p.name, index, arrays, relative=relative)
+    return _with_values(enc, dict(zip(_value_keys(p), p.values(to_2d(t), flags))), bits, generator)
+
+
+def _with_values(enc: EncodedTensor, values: dict[str, torch.Tensor], bits: int | None,
+                 generator: torch.Generator | None) -> EncodedTensor:
+    """Add the values arrays to ``enc``: raw, or quantised when ``bits`` is given and they are floating point."""
+    if bits is None or not all(v.is_floating_point() for v in values.values()):
+        enc.arrays.update((key, _to_numpy(v)) for key, v in values.items())
+        return enc
+    enc.quant = bits
+    for key, v in values.items():
+        enc.arrays[f"{key}.q"], enc.arrays[f"{key}.scale"] = quantize(v, bits, generator)
+        enc.qshapes[key] = list(v.shape)
+    return enc
 
 
 def _encode_index(pattern: Pattern, flags: torch.Tensor) -> tuple[str, dict[str, np.ndarray]]:
@@ -299,7 +413,7 @@ def decode_tensor(enc: EncodedTensor, mask: torch.Tensor | None = None) -> torch
     dtype = enc.torch_dtype
     shape = tuple(enc.shape)
     if enc.kind == "dense":
-        return _from_numpy(enc.arrays["values"], dtype).reshape(shape)
+        return enc.values_array("values").reshape(shape)
     blocks = enc._blocks(enc.group_flags(mask))
     return enc._pattern.scatter_(torch.zeros(enc.shape2d, dtype=dtype), blocks).reshape(shape)
 
@@ -411,6 +525,9 @@ class Payload:
                 pattern=s.get("pattern"),
                 index=s.get("index"),
                 arrays={k: np.asarray(next(it)) for k in s["keys"]},
+                quant=s.get("quant"),
+                qshapes={k: list(v) for k, v in (s.get("qshapes") or {}).items()},
+                relative=bool(s.get("relative", False)),
             )
         return cls(tensors)
 
@@ -457,15 +574,24 @@ def encode_state(
     patterns: Mapping[str, str] | None = None,
     *,
     send_index: bool = True,
+    bits: int | None = None,
+    quantized: Iterable[str] = (),
+    generator: torch.Generator | None = None,
+    relative: bool = False,
 ) -> Payload:
     """Encode every tensor of ``state`` (in its order). Tensors with a mask in ``masks`` send
     their kept entries only, with ``patterns[name]`` (default ``"unstructured"``); the
-    others go dense. Masks for names absent from ``state`` are ignored."""
+    others go dense. Masks for names absent from ``state`` are ignored. The tensors named in
+    ``quantized`` are sent with ``bits``-bit codes (and marked ``relative``); ``generator`` rounds
+    them stochastically."""
     masks = masks or {}
     patterns = patterns or {}
+    quantized = set(quantized) if bits is not None else set()
     return Payload(
         {
-            name: encode_tensor(t, masks.get(name), patterns.get(name), send_index=send_index, name=name)
+            name: encode_tensor(t, masks.get(name), patterns.get(name), send_index=send_index, name=name,
+                                bits=bits if name in quantized else None, generator=generator,
+                                relative=relative and name in quantized)
             for name, t in state.items()
         }
     )
