@@ -17,6 +17,17 @@ Task: MLPClassifier(32 -> 2 x 64 -> 10), 5 local steps of batch 16, SparsityRamp
 
     python benchmarks/bench_scaling.py            # 10, 100, 1000, 5000 clients x 30 rounds
     python benchmarks/bench_scaling.py --quick    # 10, 1000 clients x 5 rounds
+
+Population scale (``--population``): 10 / 1,000 / 100,000 / 1,000,000 clients of 5 samples each,
+partitioned by Dirichlet label skew (alpha 0.5) over an in-memory ``GaussianMixtureDataset`` (5
+samples per client: 5M samples x 32 floats at 1M clients -- most of the memory), 100 clients per
+round (all of them at 10), 20 rounds, the same task; each population in a fresh subprocess:
+
+* setup s: from before the dataset is built to ``on_train_start`` (data, Dirichlet partition of
+  every client, module, Trainer, executor);
+* RSS after setup / peak; round ms (median of rounds 2..20); whole run s.
+
+    python benchmarks/bench_scaling.py --population
 """
 
 from __future__ import annotations
@@ -101,15 +112,83 @@ def child(num_clients: int, rounds: int) -> None:
     }))
 
 
+def population_child(num_clients: int, rounds: int) -> None:
+    """One population-scale run (see the module docstring); prints one JSON line."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    import lightning.pytorch as pl
+
+    from _common import quiet_lightning, quiet_trainer
+    from lightning_fedprune import FederatedDataModule, FederatedLightningModule
+    from lightning_fedprune.demos import GaussianMixtureDataset, MLPClassifier
+
+    quiet_lightning()
+    rounds_s: list[float] = []
+    marks: dict[str, float] = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            marks["setup"] = time.perf_counter()
+            marks["rss_setup"] = rss_bytes()
+
+        def on_fed_round_start(self, trainer, pl_module, round, cohort) -> None:
+            marks["t"] = time.perf_counter()
+
+        def on_fed_round_end(self, trainer, pl_module, summary) -> None:
+            rounds_s.append(time.perf_counter() - marks["t"])
+
+    t0 = time.perf_counter()
+    ds = GaussianMixtureDataset(num_clients * 5, dim=32, num_classes=10, seed=0)
+    dm = FederatedDataModule(ds, partition="dirichlet", num_clients=num_clients, alpha=0.5, batch_size=5, seed=0)
+    torch.manual_seed(0)
+    k = min(100, len(dm.population))  # a Dirichlet draw can leave a client of a small population empty
+    fed = FederatedLightningModule(MLPClassifier(in_dim=32, hidden=64, depth=2), clients_per_round=k, local_steps=1)
+    trainer = quiet_trainer(max_steps=rounds, callbacks=[Probe()])
+    trainer.fit(fed, datamodule=dm)
+    total = time.perf_counter() - t0
+    print(json.dumps({"clients": num_clients, "setup_s": marks["setup"] - t0, "rss_setup": marks["rss_setup"],
+                      "peak": peak_rss_bytes(), "round_s": median(rounds_s[1:]), "fit_s": total,
+                      "population": len(dm.population)}))
+
+
+def population(args) -> None:
+    header("Population scale: Dirichlet clients of 5 samples, 100 per round, 20 rounds", args)
+    rows = []
+    for n in (10, 1000, 100_000, 1_000_000):
+        out = subprocess.run([sys.executable, __file__, "--population-child", str(n), "20"], capture_output=True,
+                             text=True)
+        if out.returncode != 0:
+            print(out.stderr[-3000:])
+            raise SystemExit(out.returncode)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"   clients={n:,}: setup {r['setup_s']:.1f} s, RSS {mib(r['rss_setup']):.0f} MiB, "
+              f"round {r['round_s'] * 1e3:.1f} ms   [{load()}]")
+        rows.append([f"{n:,}", f"{r['population']:,}", r["setup_s"], mib(r["rss_setup"]), mib(r["peak"]),
+                     r["round_s"] * 1e3, r["fit_s"]])
+    print()
+    print(table(rows, ["clients", "sampled population (>= 1 sample)", "setup s", "RSS after setup MiB", "peak RSS MiB",
+                       "round ms (median)", "whole run s"]))
+    print(f"   [{load()}]")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(int(sys.argv[2]), int(sys.argv[3]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--population-child":
+        population_child(int(sys.argv[2]), int(sys.argv[3]))
         return
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--big", action="store_true", help="also 10,000 clients")
+    p.add_argument("--population", action="store_true", help="10 / 1,000 / 100,000 / 1,000,000 Dirichlet clients")
     args = p.parse_args()
+    if args.population:
+        population(args)
+        return
     rounds = args.rounds or (5 if args.quick else 30)
     reps = args.reps or (1 if args.quick else 3)
     apply_threads(args)  # the children always use 1 thread
