@@ -4,7 +4,7 @@ Compute-bound clients: 8 clients x 20 local steps of MLPClassifier(in_dim=128, h
 depth=3), batch 64, SGD; every round trains all 8 clients. The same federated fit
 (FederatedLightningModule + Trainer(max_steps=R)) is run with
 
-* ``pool``: ``ProcessPoolExecutor(num_workers=2, start_method="spawn", threads_per_worker=1)``
+* ``pool``: ``ProcessPoolExecutor(num_workers=2, threads_per_worker=1)`` (the default start method)
   (what ``executor="process"`` gives on 2 cores: cores // workers = 1 thread each);
 * ``seq-1t``: ``executor="sequential"`` with ``torch.set_num_threads(1)`` in the server process;
 * ``seq-2t`` (with ``--seq2``): ``executor="sequential"`` with 2 intra-op threads (torch's
@@ -23,6 +23,21 @@ faster than two for the sequential executor, see docs/benchmarks.md).
     python benchmarks/bench_process_pool.py
     python benchmarks/bench_process_pool.py --seq2 --reps 3 --rounds 3
     python benchmarks/bench_process_pool.py --quick
+
+Start-up (``--startup``): the pool's start-up per fit, ``start_method="spawn"`` vs ``"forkserver"``
+(the default: workers forked from a server that imported torch, Lightning and the client loop once;
+the server is started when the executor is made, so its imports overlap with the Trainer's own
+setup). Fresh processes of 3 fits each (the forkserver lives once per process: its first fit
+pays its imports), the two methods alternating, 3 processes each:
+
+* setup s: on_fit_start -> the first round's start (a callback): the executor's ``setup`` (pickling
+  the task and data, starting the 2 workers, waiting until both report ready) and the few
+  Lightning hooks between -- for a process's first fit (the forkserver starts and imports) and for
+  its later fits (the forkserver is there: workers are forked ready);
+* made -> ready s: from making the executor to both workers ready (includes the Trainer's setup);
+* results: the fit's final weights, checked equal across the methods and to the sequential executor.
+
+    python benchmarks/bench_process_pool.py --startup
 """
 
 from __future__ import annotations
@@ -102,7 +117,7 @@ def fit(variant: str, clients: int, steps: int, batch: int, rounds: int, dataset
     torch.manual_seed(0)
     task = MLPClassifier(in_dim=128, hidden=512, depth=3, num_classes=10, lr=0.05)
     dm = FederatedDataModule(dataset, num_clients=clients, batch_size=batch, seed=0)
-    executor = ProcessPoolExecutor(num_workers=2, start_method="spawn", threads_per_worker=1) if variant == "pool" \
+    executor = ProcessPoolExecutor(num_workers=2, threads_per_worker=1) if variant == "pool" \
         else "sequential"
     fed = FederatedLightningModule(task, clients_per_round=clients, local_steps=steps, executor=executor, seed=0)
     clock = Clock()
@@ -111,7 +126,77 @@ def fit(variant: str, clients: int, steps: int, batch: int, rounds: int, dataset
     return clock
 
 
+def startup_child(method: str, fits: int = 3) -> None:
+    """``fits`` fits in this fresh process; prints a JSON line (start-up times, a digest of the weights)."""
+    import hashlib
+    import json
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    quiet_lightning()
+    torch.set_num_threads(1)
+    out: dict = {"setup_s": [], "made_to_ready_s": [], "digest": None}
+    for _ in range(fits):
+        made = time.perf_counter()
+        executor = "sequential" if method == "sequential" else ProcessPoolExecutor(num_workers=2, start_method=method,
+                                                                                 threads_per_worker=1)
+        dm = FederatedDataModule(GaussianMixtureDataset(512, dim=32, num_classes=10, seed=0), num_clients=8,
+                                 batch_size=32)
+        torch.manual_seed(0)
+        fed = FederatedLightningModule(MLPClassifier(in_dim=32, hidden=64, num_classes=10), clients_per_round=8,
+                                       local_steps=5, executor=executor, seed=0)
+        marks = {}
+
+        class Marks(pl.Callback):
+            def on_fit_start(self, trainer, pl_module):
+                marks["fit_start"] = time.perf_counter()
+
+            def on_fed_round_start(self, trainer, pl_module, round, cohort):
+                marks.setdefault("ready", time.perf_counter())  # the first round: after the module's on_train_start
+
+        quiet_trainer(max_steps=3, callbacks=[Marks()]).fit(fed, datamodule=dm)
+        out["setup_s"].append(marks["ready"] - marks["fit_start"])
+        out["made_to_ready_s"].append(marks["ready"] - made)
+        out["digest"] = hashlib.sha256(b"".join(t.numpy().tobytes() for t in fed.task.state_dict().values())).hexdigest()[:16]
+    print(json.dumps(out))
+
+
+def startup(args) -> None:
+    import json
+    import subprocess
+    import sys
+
+    header("P6 process pool start-up per fit: spawn vs forkserver (3 fits in each fresh process)", args)
+    methods = ["spawn", "forkserver"]
+    runs: dict[str, list[dict]] = {m: [] for m in [*methods, "sequential"]}
+    for rep in range(args.reps or 3):
+        for method in (methods if rep % 2 == 0 else methods[::-1]) + (["sequential"] if rep == 0 else []):
+            out = subprocess.run([sys.executable, __file__, "--startup-child", method], capture_output=True, text=True,
+                                 timeout=900)
+            if out.returncode != 0:
+                print(out.stderr[-3000:])
+                raise SystemExit(out.returncode)
+            runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = runs[method][-1]
+            print(f"   {method}: setup per fit {', '.join(f'{x:.3f}' for x in r['setup_s'])} s   [{load()}]")
+    digests = {r["digest"] for rs in runs.values() for r in rs}
+    rows = [[m, median([r["setup_s"][0] for r in runs[m]]), median([x for r in runs[m] for x in r["setup_s"][1:]]),
+             median([r["made_to_ready_s"][0] for r in runs[m]])] for m in methods]
+    print()
+    print(table(rows, ["start method", "setup s, first fit of a process", "setup s, later fits",
+                       "made -> ready s, first fit"]))
+    print(f"   final weights: {'identical' if len(digests) == 1 else 'DIFFERENT'} across spawn, forkserver and the "
+          f"sequential executor ({len(digests)} digest)   [{load()}]")
+    verdict("P6 pool start-up per fit after the first (forkserver setup s)", rows[1][2], 1.5)
+    verdict("P6 pool start-up of a process's first fit (forkserver setup s)", rows[1][1], 1.5)
+
+
 def main() -> None:
+    import sys
+
+    if len(sys.argv) > 2 and sys.argv[1] == "--startup-child":
+        startup_child(sys.argv[2])
+        return
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
@@ -120,7 +205,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq2", action="store_true",
                    help="also run the sequential executor with 2 intra-op threads (very slow on a loaded machine)")
+    p.add_argument("--startup", action="store_true", help="measure the start-up per fit, spawn vs forkserver")
     args = p.parse_args()
+    if args.startup:
+        startup(args)
+        return
     quiet_lightning()
     reps = args.reps or (2 if args.quick else 5)
     rounds = args.rounds or (3 if args.quick else 6)
@@ -161,7 +250,7 @@ def main() -> None:
     print(table(rows, ["executor", "round s (median)", "min", "max", "/ seq-1t", "/ seq-2t",
                        "cores obtained (cpu s / wall s)", "cpu s per round (all)", "server-process cpu s per round",
                        "one client's run() ms (where it ran)"]))
-    print(f"pool start-up: executor.setup (pickle task+data, start 2 spawn workers) {median(startup_setup):.3f} s; "
+    print(f"pool start-up: executor.setup (pickle task+data, start 2 workers) {median(startup_setup):.3f} s; "
           f"round 0 took {median(startup_extra):.3f} s longer than a steady round (workers importing torch/lightning "
           f"and unpickling) -> start-up ~{median(startup_setup) + median(startup_extra):.2f} s once per fit   [{load()}]")
     verdict("P6 round time pool / sequential (1 thread)", med["pool"] / med["seq-1t"], GOAL)

@@ -130,11 +130,15 @@ class RaiseInRound(FederatedCallback):
 
 
 def _exited(pid: int) -> bool:
-    """The child process has exited, all its threads included; it is not reaped (the pool reaps its workers)."""
+    """The worker process has exited, all its threads included; it is not reaped (the pool reaps its workers)."""
     try:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:  # already reaped
-        return True
+    except ChildProcessError:  # reaped, or not our child (a forkserver's): ask /proc
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        return state in ("Z", "X")
 
 
 def _gone(pid: int) -> bool:

@@ -92,12 +92,17 @@ class SequentialExecutor(Executor):
 # blocking a send or a receive forever.
 _HEADER = struct.Struct("!Q")  # frame header: the frame's length in bytes
 _EXIT_UNGUARDED_MAIN = 86  # exit code of a worker whose start-up re-ran the user's training script
+#: The default start method: a forkserver where the platform has one (fast, thread-safe starts), else spawn.
+DEFAULT_START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+#: What the forkserver imports once before it forks workers.
+PRELOAD = ("torch", "lightning.pytorch", "lightning_fedprune.federated.client")
+
 _STOP_GRACE = 2.0  # seconds idle workers get at teardown to exit on their own (they take ~0.1 s) before they are killed
 _JOIN_TIMEOUT = 5.0  # seconds to reap a killed worker process
 
 UNGUARDED_MAIN_MESSAGE = (
     "A worker process re-ran the training script while starting: the code that calls `trainer.fit` is not under "
-    '`if __name__ == "__main__":`. With start_method "spawn" (the default) or "forkserver" every worker process '
+    '`if __name__ == "__main__":`. With start_method "forkserver" (the default) or "spawn" every worker process '
     "imports the main script again, so its unguarded top-level code starts training inside the worker. Put the "
     'training code under `if __name__ == "__main__":`, or use executor="sequential", or start_method="fork".'
 )
@@ -223,6 +228,18 @@ class _Worker:
     def sending(self) -> bool:
         return bool(self._out)
 
+    def alive(self) -> bool:
+        """Whether an idle worker is still there: its process runs and its socket is not at end-of-file
+        (a forkserver child's exit status reaches us later than its socket closes)."""
+        if not self.proc.is_alive():
+            return False
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) != b""  # an idle worker sends nothing: data would be a bug
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
     def queue(self, frame: bytes) -> None:
         self._out.append(memoryview(_HEADER.pack(len(frame))))
         self._out.append(memoryview(frame))
@@ -329,10 +346,15 @@ class ProcessPoolExecutor(Executor):
 
     Args:
         num_workers: worker processes (>= 1).
-        start_method: ``"spawn"`` (default, safe with threads and loggers), ``"forkserver"`` or
-            ``"fork"`` (fastest start; only safe before threads start).
-            With ``"spawn"``/``"forkserver"`` the training script needs an
-            ``if __name__ == "__main__":`` guard (a worker without it fails with a clear error).
+        start_method: ``"forkserver"`` (default where available; safe with threads and loggers: workers
+            are forked from a clean server process that has imported ``preload`` once, so a worker starts
+            in a fraction of a second), ``"spawn"`` (every worker imports torch anew: seconds) or
+            ``"fork"`` (only safe before threads start). With ``"forkserver"``/``"spawn"`` the training
+            script needs an ``if __name__ == "__main__":`` guard (a worker without it fails with a clear
+            error).
+        preload: modules the forkserver imports once, before it forks workers (``"forkserver"`` only;
+            default: torch, Lightning and the client loop). The forkserver starts when the executor is
+            made, so its imports overlap with the rest of the run's setup.
         threads_per_worker: torch intra-op threads per worker (default: cores // workers, >= 1).
         startup_timeout: seconds a worker may take from its start to ready (importing torch and the
             task's modules, unpickling the task and client data); a slower start counts as a failed one.
@@ -343,12 +365,15 @@ class ProcessPoolExecutor(Executor):
             :class:`WorkerStartupError` is raised.
     """
 
-    def __init__(self, num_workers: int = 2, start_method: str = "spawn", threads_per_worker: int | None = None,
-                 startup_timeout: float = 180.0, client_timeout: float | None = None, startup_attempts: int = 3) -> None:
+    def __init__(self, num_workers: int = 2, start_method: str = DEFAULT_START_METHOD, threads_per_worker: int | None = None,
+                 startup_timeout: float = 180.0, client_timeout: float | None = None, startup_attempts: int = 3,
+                 preload: Sequence[str] = PRELOAD) -> None:
         if not _is_int(num_workers) or num_workers < 1:
             raise ValueError(f"`num_workers` must be a positive integer, got {num_workers!r}.")
         if start_method not in mp.get_all_start_methods():
             raise ValueError(f"`start_method` must be one of {mp.get_all_start_methods()}, got {start_method!r}.")
+        if isinstance(preload, str) or not all(isinstance(m, str) for m in preload):
+            raise ValueError(f"`preload` must be a list of module names, got {preload!r}.")
         if threads_per_worker is not None and (not _is_int(threads_per_worker) or threads_per_worker < 1):
             raise ValueError(f"`threads_per_worker` must be a positive integer, got {threads_per_worker!r}.")
         if not _is_positive_seconds(startup_timeout):
@@ -369,6 +394,8 @@ class ProcessPoolExecutor(Executor):
         self._requeued: set[int] = set()  # clients given back once because their worker died before receiving them
         self._workers: list[_Worker] = []
         weakref.finalize(self, _shutdown, self._workers)  # last resort: garbage collection, interpreter exit
+        if start_method == "forkserver" and not getattr(mp.current_process(), "_inheriting", False):
+            _start_forkserver(preload)  # (not from a worker still importing an unguarded script: setup says why)
 
     @property
     def worker_pids(self) -> list[int]:
@@ -380,7 +407,8 @@ class ProcessPoolExecutor(Executor):
         if getattr(mp.current_process(), "_inheriting", False):
             # this process is a worker still importing the main script, which started training again
             sys.stderr.write(f"lightning_fedprune: {UNGUARDED_MAIN_MESSAGE}\n")
-            raise SystemExit(_EXIT_UNGUARDED_MAIN)
+            sys.stderr.flush()
+            os._exit(_EXIT_UNGUARDED_MAIN)  # not SystemExit: a forkserver child would turn it into exit code 1
         trainer = task._trainer
         task._trainer = None
         try:
@@ -424,7 +452,7 @@ class ProcessPoolExecutor(Executor):
         # the round's broadcast goes to each worker once, in wire form (kept entries + indices / bitmasks)
         self._payload = _dumps(("payload", payload))
         for slot, w in enumerate(self._workers):
-            if w.proc.is_alive():
+            if w.alive():
                 w.queue(self._payload)
             else:  # died while idle since the last round: replaced before it gets a client
                 self._lost(slot, [])
@@ -562,7 +590,18 @@ def _is_positive_seconds(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def make_executor(executor: str | Executor, num_workers: int = 2, start_method: str = "spawn") -> Executor:
+def _start_forkserver(preload: Sequence[str]) -> None:
+    """Start the process's forkserver now (if it is not running) with ``preload`` imported in it, so that
+    the imports happen while the caller goes on, and every worker forked later starts with them done.
+    (``__main__`` is never preloaded: the server would run an unguarded training script.)"""
+    from multiprocessing import forkserver
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([m for m in preload if m != "__main__"])
+    forkserver.ensure_running()
+
+
+def make_executor(executor: str | Executor, num_workers: int = 2, start_method: str = DEFAULT_START_METHOD) -> Executor:
     if isinstance(executor, Executor):
         return executor
     if executor == "sequential":

@@ -45,7 +45,13 @@ from lightning_fedprune.federated.client import (
     load_optim_state,
     optim_state_of,
 )
-from lightning_fedprune.federated.executors import EXECUTORS, Executor, ExecutorTeardown, make_executor
+from lightning_fedprune.federated.executors import (
+    DEFAULT_START_METHOD,
+    EXECUTORS,
+    Executor,
+    ExecutorTeardown,
+    make_executor,
+)
 from lightning_fedprune.federated.hooks import RoundSummary
 from lightning_fedprune.federated.replica import state_names
 from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, ClientResult, OptimState, RoundPayload, derive_seed
@@ -94,7 +100,9 @@ class FederatedLightningModule(pl.LightningModule):
         executor: ``"sequential"`` (default), ``"process"`` (persistent worker processes) or an
             :class:`~lightning_fedprune.federated.executors.Executor` instance.
         num_workers: worker processes for ``executor="process"``.
-        start_method: multiprocessing start method for ``executor="process"``.
+        start_method: multiprocessing start method for ``executor="process"`` (default ``"forkserver"``
+            where the platform has it: workers forked from a server that imported torch once; see
+            :class:`~lightning_fedprune.federated.executors.ProcessPoolExecutor`).
         client_gradient_clip_val / client_gradient_clip_algorithm: gradient clipping inside client
             training (``"norm"`` or ``"value"``). ``Trainer(gradient_clip_val=...)`` means the same
             (give one of the two); ``Trainer(accumulate_grad_batches=...)`` accumulates inside
@@ -133,7 +141,7 @@ class FederatedLightningModule(pl.LightningModule):
         weighting: str = "num_samples",
         executor: str | Executor = "sequential",
         num_workers: int = 2,
-        start_method: str = "spawn",
+        start_method: str = DEFAULT_START_METHOD,
         client_gradient_clip_val: float | None = None,
         client_gradient_clip_algorithm: str = "norm",
         compact_clients: bool = True,
