@@ -111,6 +111,7 @@ address = "127.0.0.1:$LINK_PORT"
 insecure = true
 EOF
 
+grep -q "RunSummary" "$CONFIG" || OVERRIDES="$OVERRIDES --trainer.callbacks+=lightning_fedprune.callbacks.RunSummary"
 RUN_CONFIG="config=\"$CONFIG\" overrides=\"$OVERRIDES --trainer.logger.init_args.save_dir=$OUT/runs\" node-timeout=120.0"
 echo "[deploy] flwr run examples/flower loopback --run-config '$RUN_CONFIG'"
 left=$(( deadline - $(date +%s) ))
