@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import pytest
 flwr = pytest.importorskip("flwr")
 
 import torch  # noqa: E402
-from flower_helpers import LoopbackGrid, partitioned, small_quickstart  # noqa: E402
+from flower_helpers import ROOT, LoopbackGrid, partitioned, small_quickstart  # noqa: E402
 from flwr.app import Array, Error  # noqa: E402
 from flwr.app.message.message import make_message  # noqa: E402
 
@@ -108,7 +109,7 @@ def _tampered(change):
 
 
 def _first_masked(reply):
-    spec = json.loads(reply.content[messages.CONFIG]["spec"])
+    spec = json.loads(zlib.decompress(reply.content[messages.CONFIG]["spec"]))
     return next(s for s in spec if s["kind"] != "dense"), spec
 
 
@@ -120,7 +121,7 @@ def _send_dense_with_ones(job, reply):
         del arrays[f"{entry['name']}/{key}"]
     arrays[f"{entry['name']}/values"] = Array(np.ones(shape, np.float32))
     entry.update(kind="dense", pattern=None, index=None, keys=["values"])
-    reply.content[messages.CONFIG]["spec"] = json.dumps(spec)
+    reply.content[messages.CONFIG]["spec"] = zlib.compress(json.dumps(spec).encode())
     return reply
 
 
@@ -168,7 +169,8 @@ BAD_REPLIES = {
     "another round in the record": (_set_config("round", 7), "is for round 7 client"),
     "another client": (_set_config("client-id", CLIENT + 1), f"client {CLIENT + 1}, not round 2 client {CLIENT}"),
     "no example count": (_drop_metric("num-examples"), "no example count"),
-    "unreadable spec": (_set_config("spec", "{not json"), "the payload spec is not readable"),
+    "unreadable spec": (_set_config("spec", zlib.compress(b"{not json")), "the payload spec is not readable"),
+    "spec not compressed": (_set_config("spec", b"[]"), "the payload spec is not readable"),
     "wrong key": (lambda job, reply: _rename_first_array(reply), "do not match its spec"),
     "wrong shape": (lambda job, reply: _values_array(reply, lambda a: a[..., :-1]), "cannot be decoded"),
     "wrong dtype": (lambda job, reply: _values_array(reply, lambda a: a.astype(np.float64)), "cannot be decoded"),
@@ -317,3 +319,16 @@ def test_optimiser_state_travels_exactly_and_cannot_run_code():
 
     with pytest.raises(messages.RejectedReply, match="optimiser state is not readable"):
         messages.load_optim(messages.dump_state({"param_groups": [[{"x": Evil()}]]}))
+
+
+def test_asr_smoke_on_flower_equals_in_process(tmp_path, monkeypatch):
+    """examples/asr/smoke.yaml (a Conformer-Transducer, one client per speaker, compact column-pruned clients)."""
+    for module in ("soundfile", "torchaudio", "espeakng_loader"):
+        pytest.importorskip(module)
+    monkeypatch.setenv("FEDPRUNE_CACHE", str(tmp_path / "cache"))
+    smoke = ROOT / "examples" / "asr" / "smoke.yaml"
+    ref = build_cli(["--config", str(smoke), "--quiet=true", "--trainer.logger=false"], run=False)
+    ref.trainer.fit(ref.model, datamodule=ref.datamodule)
+    flower, _ = fit_on_flower(smoke, nodes=2, overrides="--trainer.logger=false")
+    assert flower.trainer.global_step == 3 and flower.model.pruning.permanent
+    assert_same_model(ref, flower)

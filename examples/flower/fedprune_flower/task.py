@@ -36,6 +36,15 @@ def config_path(value: Any) -> Path:
 
 def fit(grid: Any, run_config: Mapping[str, Any]) -> FedPruneCLI:
     """``fedprune fit --config <config> <overrides>`` with the clients on the Grid's nodes; returns the CLI."""
+    cli = server_cli(grid, run_config)
+    ckpt_path = str(run_config.get("ckpt-path", "")) or None
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    return cli
+
+
+def server_cli(grid: Any, run_config: Mapping[str, Any]) -> FedPruneCLI:
+    """The Trainer, module and data module of the run config's YAML, the module's executor a FlowerExecutor
+    attached to ``grid`` (the YAML's own FlowerExecutor settings are kept; any other executor is replaced)."""
     path = config_path(run_config["config"])
     overrides = shlex.split(str(run_config.get("overrides", "")))
     quiet = ["--quiet=true"] if run_config.get("quiet", True) else []
@@ -48,8 +57,6 @@ def fit(grid: Any, run_config: Mapping[str, Any]) -> FedPruneCLI:
                                   node_timeout=float(run_config.get("node-timeout", 120.0)))
     executor.attach(grid, {"config": path.read_text(), "overrides": overrides})
     fed.executor = executor
-    ckpt_path = str(run_config.get("ckpt-path", "")) or None
-    cli.trainer.fit(fed, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
 
 

@@ -5,7 +5,8 @@ A client's job is a ``train`` message (``group_id`` = the round) whose :class:`~
     "fedprune.arrays"  ArrayRecord   the plan's wire payload (wire.Payload.to_arrays()), one Array per array,
                                      keyed "<tensor name>/<array key>" (e.g. "body.0.weight/values")
     "fedprune.config"  ConfigRecord  round, client-id, seed, payload-id (which broadcast this is),
-                                     spec (the payload's JSON spec), optim (OptimState, torch.save bytes),
+                                     spec (the payload's JSON spec, zlib-compressed), optim (OptimState,
+                                     torch.save bytes),
                                      client-config (ClientConfig as JSON: local steps/epochs, precision,
                                      clipping, ...), weighting, and "app.*": how the node builds the task
                                      and its data (the fedprune YAML and its overrides)
@@ -28,6 +29,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,6 +47,7 @@ METRICS = "fedprune.metrics"
 TRAIN = "train"  # Flower's message type of a client's job
 CLIENTS_QUERY = "query.fedprune_clients"  # the discovery query: which clients does a node hold
 APP_PREFIX = "app."
+MAX_SPEC_BYTES = 64 << 20  # a spec that inflates beyond this is refused (a zlib bomb)
 
 
 class RejectedReply(ValueError):
@@ -57,23 +60,28 @@ def array_keys(spec: Sequence[Mapping[str, Any]]) -> list[str]:
     return [f"{s['name']}/{key}" for s in spec for key in s["keys"]]
 
 
-def payload_record(payload: Payload) -> tuple[ArrayRecord, str]:
-    """A payload as an ArrayRecord (one Array per wire array) and its JSON spec."""
+def payload_record(payload: Payload) -> tuple[ArrayRecord, bytes]:
+    """A payload as an ArrayRecord (one Array per wire array) and its spec (JSON, zlib-compressed: a model of many
+    small tensors has a spec of several kB)."""
     spec = payload.spec()
     arrays = {key: Array.from_numpy_ndarray(a) for key, a in zip(array_keys(spec), payload.to_arrays())}
-    return ArrayRecord(arrays), json.dumps(spec, separators=(",", ":"))
+    return ArrayRecord(arrays), zlib.compress(json.dumps(spec, separators=(",", ":")).encode())
 
 
-def payload_from_record(record: Any, spec_json: Any) -> Payload:
-    """The payload of an ArrayRecord and its JSON spec; :class:`RejectedReply` names what does not fit."""
+def payload_from_record(record: Any, packed_spec: Any) -> Payload:
+    """The payload of an ArrayRecord and its packed spec; :class:`RejectedReply` names what does not fit."""
     if not isinstance(record, ArrayRecord):
         raise RejectedReply(f"no ArrayRecord {ARRAYS!r}")
-    if not isinstance(spec_json, str):
+    if not isinstance(packed_spec, bytes):
         raise RejectedReply("no payload spec")
     try:
-        spec = json.loads(spec_json)
+        unpack = zlib.decompressobj()
+        text = unpack.decompress(packed_spec, MAX_SPEC_BYTES)
+        if unpack.unconsumed_tail:
+            raise ValueError(f"longer than {MAX_SPEC_BYTES} bytes")
+        spec = json.loads(text)
         keys = array_keys(spec)
-    except (ValueError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError, zlib.error) as err:
         raise RejectedReply(f"the payload spec is not readable ({type(err).__name__}: {err})") from None
     missing = [k for k in keys if k not in record]
     extra = [k for k in record if k not in set(keys)]
@@ -89,7 +97,9 @@ def payload_from_record(record: Any, spec_json: Any) -> Payload:
 def dump_state(state: Any) -> bytes:
     """``torch.save`` bytes of a dataclass (as a dict) or of plain containers."""
     buf = io.BytesIO()
-    torch.save(asdict(state) if hasattr(state, "__dataclass_fields__") else state, buf)
+    # the legacy (non-zip) format: a third of the bytes for these small dicts, read the same way
+    torch.save(asdict(state) if hasattr(state, "__dataclass_fields__") else state, buf,
+               _use_new_zipfile_serialization=False)
     return buf.getvalue()
 
 
@@ -127,12 +137,12 @@ class Job:
     payload_id: str
 
 
-def instruction(arrays: ArrayRecord, spec_json: str, optim: bytes, plan: ClientPlan, payload_id: str,
+def instruction(arrays: ArrayRecord, spec: bytes, optim: bytes, plan: ClientPlan, payload_id: str,
                 setup: Mapping[str, Any]) -> RecordDict:
-    """The content of a client's ``train`` message. ``arrays``/``spec_json``/``optim`` are its payload's (shared
+    """The content of a client's ``train`` message. ``arrays``/``spec``/``optim`` are its payload's (shared
     by every client of a broadcast); ``setup`` holds client-config, weighting and the ``app.*`` fields."""
     config = ConfigRecord({"round": int(plan.round), "client-id": int(plan.client_id), "seed": int(plan.seed),
-                           "payload-id": payload_id, "spec": spec_json, "optim": optim, **setup})
+                           "payload-id": payload_id, "spec": spec, "optim": optim, **setup})
     return RecordDict({ARRAYS: arrays, CONFIG: config})
 
 
@@ -165,8 +175,8 @@ def reply_content(result: ClientResult) -> RecordDict:
     if result.error is not None:
         return RecordDict({CONFIG: ConfigRecord({**config, "error": result.error}), METRICS: MetricRecord(metrics)})
     assert result.payload is not None and result.optim is not None
-    arrays, spec_json = payload_record(result.payload)
-    config.update(spec=spec_json, optim=dump_state(result.optim),
+    arrays, spec = payload_record(result.payload)
+    config.update(spec=spec, optim=dump_state(result.optim),
                   logged=json.dumps({name: asdict(v) for name, v in result.logged.items()}))
     return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config), METRICS: MetricRecord(metrics)})
 
