@@ -226,14 +226,19 @@ def main() -> None:
         times = alternate({"in-process": lambda: run_in_process(config),
                            "FlowerExecutor": lambda: run_flower_executor(config),
                            "Flower FedAvg": lambda: run_flower_fedavg(args.rounds)}, args.reps)
-    ours, flower, fedavg = (median(times[k]) for k in ("in-process", "FlowerExecutor", "Flower FedAvg"))
-    print(table([["in-process (sequential)", ours, 1.0],
-                 ["FlowerExecutor, Flower simulation", flower, flower / ours],
-                 ["Flower FedAvg + NumPyClient, Flower simulation", fedavg, fedavg / ours]],
-                ["engine", "s / round (median)", "x in-process"]))
-    print(f"RATIO FlowerExecutor / in-process: {flower / ours:.3f}")
-    print(f"RATIO Flower FedAvg + NumPyClient / in-process: {fedavg / ours:.3f}")
-    print(f"RATIO FlowerExecutor / Flower FedAvg + NumPyClient: {flower / fedavg:.3f}")
+    ours, flower, fedavg = (times[k] for k in ("in-process", "FlowerExecutor", "Flower FedAvg"))
+    print(table([["in-process (sequential)", median(ours), min(ours), max(ours)],
+                 ["FlowerExecutor, Flower simulation", median(flower), min(flower), max(flower)],
+                 ["Flower FedAvg + NumPyClient, Flower simulation", median(fedavg), min(fedavg), max(fedavg)]],
+                ["engine", "s / round (median)", "min", "max"]))
+    # ratios within a repetition (its three runs ran minutes apart at most), then their median: a load that
+    # changes between repetitions moves both sides of a pair alike
+    for name, a, b in [("FlowerExecutor / in-process", flower, ours),
+                       ("Flower FedAvg + NumPyClient / in-process", fedavg, ours),
+                       ("FlowerExecutor / Flower FedAvg + NumPyClient", flower, fedavg)]:
+        pairs = [x / y for x, y in zip(a, b)]
+        print(f"RATIO {name}: {median(pairs):.3f} (median of the repetitions' ratios "
+              f"{', '.join(f'{r:.2f}' for r in pairs)}; ratio of the medians {median(a) / median(b):.3f})")
 
 
 if __name__ == "__main__":

@@ -255,6 +255,19 @@ def test_deployment_node_with_its_own_data_numbering(tmp_path):
             NodeClients(bad)
 
 
+def test_the_app_keeps_a_yaml_flower_executor_and_replaces_any_other(tmp_path):
+    from fedprune_flower.task import server_cli
+
+    grid = LoopbackGrid(client_app, partitioned(2))
+    own = small_quickstart(tmp_path, rounds=4, executor={
+        "class_path": "lightning_fedprune.federated.flower.FlowerExecutor", "init_args": {"round_timeout": 7.0}})
+    cli = server_cli(grid, {"config": str(own), "round-timeout": 99.0})
+    assert isinstance(cli.model.executor, FlowerExecutor) and cli.model.executor.round_timeout == 7.0
+    pool = small_quickstart(tmp_path, rounds=4, name="pool.yaml", executor="process")
+    cli = server_cli(grid, {"config": str(pool), "round-timeout": 99.0})
+    assert isinstance(cli.model.executor, FlowerExecutor) and cli.model.executor.round_timeout == 99.0
+
+
 # ------------------------------------------------------------------ the executor outside its ServerApp, arguments
 def test_flower_executor_outside_a_server_app_says_how_to_run_it():
     data = FederatedDataModule(GaussianMixtureDataset(num_samples=64, seed=0), num_clients=2, batch_size=16)

@@ -6,10 +6,9 @@ A client's job is a ``train`` message (``group_id`` = the round) whose :class:`~
                                      keyed "<tensor name>/<array key>" (e.g. "body.0.weight/values")
     "fedprune.config"  ConfigRecord  round, client-id, seed, payload-id (which broadcast this is),
                                      spec (the payload's JSON spec, zlib-compressed), optim (OptimState,
-                                     torch.save bytes),
-                                     client-config (ClientConfig as JSON: local steps/epochs, precision,
-                                     clipping, ...), weighting, and "app.*": how the node builds the task
-                                     and its data (the fedprune YAML and its overrides)
+                                     torch.save bytes), client-config (ClientConfig as JSON: local
+                                     steps/epochs, precision, clipping, ...), weighting, and "app.*": how
+                                     the node builds the task and its data (the fedprune YAML, overrides)
 
 The reply holds the same three records: the upload's arrays (kept entries only, as in-process),
 ``"fedprune.metrics"`` (MetricRecord: num-examples, weight, loss, seconds) and ``"fedprune.config"``
