@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
@@ -22,6 +23,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.task_identity import TaskIdentity
 
 from lightning_fedprune.demos import MLPClassifier
+from lightning_fedprune.federated.strategy import FedAvg
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "flower"
@@ -105,6 +107,17 @@ class FlakyMLP(MLPClassifier):
         if [self.trainer.fed_round, self.trainer.client_id] == self.fail_at:
             raise RuntimeError("client fault")
         return super().training_step(batch, batch_idx)
+
+
+class OddClientsDropHeadColumns(FedAvg):
+    """Odd clients train a sub-model without the first half of head.weight's columns (a broadcast of their own)."""
+
+    def client_masks(self, round, client_id, seed, masks, patterns, params):
+        if client_id % 2 == 0:
+            return None
+        mask = torch.ones_like(params["head.weight"], dtype=torch.bool)
+        mask[:, : mask.shape[1] // 2] = False
+        return {**masks, "head.weight": mask}, {**patterns, "head.weight": "column"}
 
 
 def partitioned(num_nodes: int) -> list[dict[str, Any]]:

@@ -91,6 +91,21 @@ def test_resumed_flower_run_continues_the_same_sequence(tmp_path):
     assert_same_model(ref, resumed)
 
 
+def test_clients_with_a_sub_model_of_their_own_get_it_on_flower(tmp_path):
+    """Strategy.client_masks: odd clients get a broadcast of their own; their replies are checked against it."""
+    strategy = {"class_path": "flower_helpers.OddClientsDropHeadColumns"}
+    config = small_quickstart(tmp_path, rounds=4, strategy=strategy)
+    ref = fit_in_process(config)
+    flower, grid = fit_on_flower(config)
+    assert_same_model(ref, flower)
+    jobs = {(int(cfg["client-id"]) % 2, cfg["payload-id"]): messages.read_job(j.content).payload.encoded
+            for j in grid.jobs if j.metadata.group_id == "3" for cfg in [j.content[messages.CONFIG]]}
+    own = [p for (odd, _), p in jobs.items() if odd]
+    shared = {pid for (odd, pid) in jobs if not odd}
+    assert own and len(shared) == 1 and not {pid for (odd, pid) in jobs if odd} & shared
+    assert all(p["head.weight"].kind == "column" and p.nbytes < jobs[(0, next(iter(shared)))].nbytes for p in own)
+
+
 # ------------------------------------------------------------------ bad replies fail their client, nothing else
 ROUND = 2  # pruning is on: the masks say what is pruned
 CLIENT = int(sample_cohort(np.arange(20), 5, 0, ROUND)[0])  # the first job of that round
