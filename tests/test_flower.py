@@ -360,3 +360,29 @@ def test_asr_smoke_on_flower_equals_in_process(tmp_path, monkeypatch):
     flower, _ = fit_on_flower(smoke, nodes=2, overrides="--trainer.logger=false")
     assert flower.trainer.global_step == 3 and flower.model.pruning.permanent
     assert_same_model(ref, flower)
+
+
+def test_asr_nodes_that_hold_only_their_own_speakers(tmp_path, monkeypatch):
+    """A deployment's nodes: each has a corpus directory with only its speakers (node config ``overrides`` points
+    its data module there) and maps the server's client ids onto its own (``clients`` / ``local-clients``)."""
+    for module in ("soundfile", "torchaudio", "espeakng_loader"):
+        pytest.importorskip(module)
+    monkeypatch.setenv("FEDPRUNE_CACHE", str(tmp_path / "cache"))
+    smoke = ROOT / "examples" / "asr" / "smoke.yaml"
+    ref = build_cli(["--config", str(smoke), "--quiet=true", "--trainer.logger=false"], run=False)
+    ref.trainer.fit(ref.model, datamodule=ref.datamodule)
+    corpus, speakers = ref.datamodule.corpus_root, ref.datamodule.speakers  # the server's client order
+    nodes = []
+    for i, own in enumerate([speakers[1::2], speakers[0::2]]):
+        root = tmp_path / f"node{i}"
+        (root / "train").mkdir(parents=True)
+        for speaker in own:
+            (root / "train" / speaker).symlink_to(corpus / "train" / speaker)
+        nodes.append({"clients": ",".join(str(speakers.index(s)) for s in own),
+                      "local-clients": ",".join(map(str, range(len(own)))),
+                      "overrides": f"--data.init_args.root={root} --data.init_args.val_splits=[] "
+                                   "--data.init_args.test_splits=[]"})
+    flower, grid = fit_on_flower(smoke, nodes=nodes, overrides="--trainer.logger=false")
+    assert_same_model(ref, flower)
+    assert {messages.read_job(j.content).plan.client_id % 2 for j in grid.jobs
+            if j.metadata.message_type == messages.TRAIN and j.metadata.dst_node_id == 1000} == {1}
