@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -39,11 +41,20 @@ def free_port() -> int:
 
 
 def flower_env(home: Path) -> dict[str, str]:
+    """This checkout first on PYTHONPATH, this interpreter's scripts (flwr, flower-superlink, ...) first on PATH."""
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
     return env
+
+
+def tool(name: str, env: dict[str, str]) -> str:
+    path = shutil.which(name, path=env["PATH"])
+    if path is None:
+        pytest.fail(f"`{name}` is not installed next to {sys.executable} (the flower extra installs it)")
+    return path
 
 
 def alive(pid: int) -> bool:
@@ -81,13 +92,13 @@ def test_flwr_run_simulation_equals_in_process(tmp_path):
     (tmp_path / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     log = open(tmp_path / "superlink.log", "w")
-    superlink = subprocess.Popen(["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
+    superlink = subprocess.Popen([tool("flower-superlink", env), "--insecure", "--simulation", "--host", "127.0.0.1",
                                   "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True, cwd=tmp_path)
     try:
         wait_for_port(port, superlink)
         run_config = f'config="{config}" overrides="--trainer.logger.init_args.save_dir={tmp_path / "flower-runs"}"'
-        run = subprocess.run(["flwr", "run", str(APP), "sim", "--stream", "--federation-config", "num-supernodes=4",
+        run = subprocess.run([tool("flwr", env), "run", str(APP), "sim", "--stream", "--federation-config", "num-supernodes=4",
                               "--run-config", run_config], env=env, cwd=tmp_path, capture_output=True, text=True,
                              timeout=RUN_TIMEOUT_S)
     finally:
