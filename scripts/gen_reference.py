@@ -23,6 +23,7 @@ CLASSES = [
     "lightning_fedprune.callbacks.PruningImages",
     "lightning_fedprune.callbacks.FederatedProgressBar",
     "lightning_fedprune.ProcessPoolExecutor",
+    "lightning_fedprune.federated.flower.FlowerExecutor",
     "lightning_fedprune.asr.datamodule.ASRDataModule",
     "lightning_fedprune.asr.synthetic.CorpusConfig",
     "lightning_fedprune.asr.conformer_transducer.ConformerTransducer",

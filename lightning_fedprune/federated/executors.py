@@ -9,11 +9,14 @@
   worker that dies is replaced and only the client it was training fails; no wait on a worker is
   unbounded (see :class:`ProcessPoolExecutor`).
 
-A later Flower executor plugs in here by turning the same plans/results into Flower messages.
+* ``FlowerExecutor`` (:mod:`lightning_fedprune.federated.flower`, the optional ``flower`` extra) turns the
+  same plans and results into Flower messages inside a Flower ServerApp: Flower's simulation engine
+  or real SuperNodes train the clients.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import multiprocessing as mp
 import os
@@ -39,7 +42,9 @@ import torch
 from lightning_fedprune.federated.client import ClientData, ClientRunner
 from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, ClientResult, RoundPayload
 
-EXECUTORS = ("sequential", "process")
+EXECUTORS = ("sequential", "process", "flower")
+#: Executors of optional extras, loaded by name when asked for (their module needs the extra's packages).
+OPTIONAL_EXECUTORS = {"flower": "lightning_fedprune.federated.flower.executor.FlowerExecutor"}
 ResultCallback = Callable[[ClientResult], None]
 
 
@@ -58,6 +63,11 @@ class Executor:
 
     def teardown(self) -> None:
         pass
+
+    def traffic(self) -> tuple[int, int] | None:
+        """Bytes ``(down, up)`` the last ``run`` really sent and received, for an executor that measures them
+        on its transport (Flower: serialized message sizes); None: ``comm/*`` counts the payloads' arrays."""
+        return None
 
 
 class SequentialExecutor(Executor):
@@ -608,4 +618,7 @@ def make_executor(executor: str | Executor, num_workers: int = 2, start_method: 
         return SequentialExecutor()
     if executor == "process":
         return ProcessPoolExecutor(num_workers=num_workers, start_method=start_method)
+    if executor in OPTIONAL_EXECUTORS:
+        module, _, name = OPTIONAL_EXECUTORS[executor].rpartition(".")
+        return getattr(importlib.import_module(module), name)()
     raise ValueError(f"`executor` must be one of {EXECUTORS} or an Executor instance, got {executor!r}.")

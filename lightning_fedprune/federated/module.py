@@ -97,7 +97,8 @@ class FederatedLightningModule(pl.LightningModule):
             settings: how the server aggregates a round and steps.
         weighting: aggregation weight of a client: ``"num_samples"`` (its dataset size, FedAvg),
             ``"num_examples"`` (examples processed this round) or ``"uniform"``.
-        executor: ``"sequential"`` (default), ``"process"`` (persistent worker processes) or an
+        executor: ``"sequential"`` (default), ``"process"`` (persistent worker processes), ``"flower"``
+            (Flower nodes, inside a Flower ServerApp: see docs/flower.md; needs the ``flower`` extra) or an
             :class:`~lightning_fedprune.federated.executors.Executor` instance.
         num_workers: worker processes for ``executor="process"``.
         start_method: multiprocessing start method for ``executor="process"`` (default ``"forkserver"``
@@ -426,6 +427,9 @@ class FederatedLightningModule(pl.LightningModule):
         self._check_failures(rnd, results, agg)
         # 5. the server step (the strategy), the pruning statistics, the clients' schedule position
         summary = self._summary(rnd, cohort, [p.payload or payload for p in plans], results, agg)
+        measured = self.executor.traffic()  # an executor that measures its transport (Flower) counts real bytes
+        if measured is not None:
+            summary.bytes_down, summary.bytes_up = measured
         optimizer = self.optimizers()[0]
         if agg.ok:
             summary.pseudo_gradient = self.strategy.step(optimizer.optimizer, self.global_params(), self.global_buffers(),
