@@ -1,0 +1,349 @@
+"""The results page (Markdown) and its figure, generated from :func:`~lightning_fedprune.ablation.analysis.analyse`.
+
+Everything on the page comes from the grid, the cells' files and the runner's record of its runs;
+cells that have not finished are listed and left out of the statistics, so a partial run renders.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from lightning_fedprune.ablation.grid import Grid
+
+VERDICT_MARK = {"confirmed": "**confirmed**", "refuted": "**refuted**", "inconclusive": "**inconclusive**",
+                "not run": "*not run yet*"}
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine the cells ran on: CPU model, cores, memory, OS, Python and torch versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = round(int(line.split()[1]) / 1024 ** 2, 1)
+                break
+    except (OSError, ValueError):
+        pass
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory, "os": platform.platform(terse=True),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+def _num(value: Any, fmt: str = ".3f") -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+
+
+def _wer(conf: dict[str, Any]) -> str:
+    if conf["n"] == 0:
+        return f"– (0/{conf['seeds']})"
+    text = f"{conf['mean']:.3f}" + (f" ± {conf['std']:.3f}" if conf["n"] >= 2 else "")
+    text += f" ({conf['n']}/{conf['seeds']}" + (f", {conf['failed']} failed" if conf["failed"] else "") + ")"
+    return text
+
+
+def _bytes(value: Any) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "–"
+    return f"{value / 1e6:.2f} MB" if value >= 1e5 else f"{value / 1e3:.1f} kB"
+
+
+def _params(value: Any) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "–"
+    return f"{value / 1e6:.2f} M" if value >= 1e6 else f"{value / 1e3:.0f} k"
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.0f} s" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+
+
+def config_table(results: dict[str, Any], names: list[str]) -> list[str]:
+    """A Markdown table of configurations: WER, traffic, client size, time."""
+    confs = results["configurations"]
+    metric = results["metric"]
+    lines = [f"| configuration | {metric} mean ± std (seeds) | sparsity | MB/client/round (run mean) | "
+             "client parameters (final) | wall time/cell |", "|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(names):
+        c = confs[name]
+        compact = "" if c["compact"] in (True, None) else " (masked-dense)"
+        lines.append(f"| `{name}`: {c['label']} | {_wer(c)} | {_num(c['sparsity'], '.2f')} | "
+                     f"{_bytes(c['bytes_per_client_round'])} | {_params(c['client_params'])}{compact} | "
+                     f"{_seconds(c['seconds'])} |")
+    return lines
+
+
+def comparison_lines(comparisons: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for c in comparisons:
+        diff = c["difference"]
+        if c["outcome"] == "insufficient data":
+            out.append(f"- `{c['a']}` vs `{c['b']}`: insufficient data (fewer than 2 seeds)")
+            continue
+        out.append(f"- `{c['a']}` − `{c['b']}` = {diff:+.4f} (threshold {c['threshold']:.4f}): "
+                   f"{c['a']} is **{c['outcome']}**" if c["outcome"] != "no clear difference" else
+                   f"- `{c['a']}` − `{c['b']}` = {diff:+.4f} (threshold {c['threshold']:.4f}): no clear difference")
+    return out
+
+
+def _finding_names(finding: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k not in ("threshold",):
+                    walk(v)
+        elif isinstance(node, str):
+            names.append(node)
+
+    walk(spec)
+    return names
+
+
+def _verdict_numbers(finding: dict[str, Any], confs: dict[str, Any]) -> str:
+    """One line of the key numbers behind a verdict, for the summary table."""
+    parts = []
+    for c in finding["comparisons"]:
+        if c["outcome"] == "insufficient data":
+            continue
+        parts.append(f"{c['a']} {confs[c['a']]['mean']:.3f} vs {c['b']} {confs[c['b']]['mean']:.3f}")
+    return "; ".join(parts[:4]) + (" …" if len(parts) > 4 else "")
+
+
+# ---------------------------------------------------------------------------------------------- page
+def write_page(grid: Grid, results: dict[str, Any], runs: list[dict[str, Any]], command: str, page: Path,
+               figure: Path | None) -> Path:
+    """Write the results page for ``results`` (see :func:`~lightning_fedprune.ablation.analysis.analyse`)."""
+    confs = results["configurations"]
+    metric = results["metric"]
+    done = sum(1 for c in results["cells"] if c["status"] == "done")
+    total = len(results["cells"])
+    machine = runs[-1]["machine"] if runs and "machine" in runs[-1] else machine_info()
+    lines = [f"# Results: the article's five findings, reproduced on the embedded speech corpus ({grid.name} grid)", "",
+             "<!-- GENERATED by `fedprune ablate`; do not edit by hand: rerun the command. -->", "",
+             f"Generated by `{command}` on {results['generated']}, from {done} of {total} cells "
+             f"({len(grid.configurations)} configurations × {len(grid.seeds)} seeds"
+             f"{'; the missing cells are listed at the end' if done < total else ''}).", ""]
+    # verdicts
+    lines += ["## The five findings at a glance", "", "| # | the article says | verdict here | numbers (mean " + metric + ") |",
+              "|---|---|---|---|"]
+    for f in results["findings"]:
+        lines.append(f"| {f['number']} | {f['claim']} | {VERDICT_MARK[f['verdict']]} | {_verdict_numbers(f, confs)} |")
+    lines += ["", "The verdicts are mechanical (see *How the verdicts are made*); the numbers behind each are in "
+              "its section below.", ""]
+    # setting
+    lines += ["## The setting", ""]
+    if grid.description:
+        lines += [grid.description.strip(), ""]
+    lines += setting_lines(grid, results) + [""]
+    lines += ["## How the verdicts are made", "",
+              f"Every configuration runs with the seeds {grid.seeds} (model initialisation, cohorts and client data "
+              f"order; the corpus is the same). Its `{metric}` is the word error rate on the held-out speakers at the "
+              "end of training (greedy decoding). Two configurations **differ clearly** when the difference of "
+              "their means is larger than twice its standard error, "
+              "`|m_a − m_b| > 2·sqrt(se_a² + se_b²)` with `se = std/sqrt(n)` over the seeds, and at least "
+              f"{results['min_difference']} (a floor for configurations whose seeds agree exactly); fewer than 2 "
+              "seeds on either side is *insufficient data*. With 3 seeds this is a rough screen at about the 90 % "
+              "level, not a formal test: read *inconclusive* as \"this grid cannot tell\".", ""]
+    # findings
+    for f in results["findings"]:
+        spec = grid.findings[f["key"]]
+        lines += [f"## Finding {f['number']}: {f['claim']}", "", f"Verdict: {VERDICT_MARK[f['verdict']]}. "
+                  f"Rule: {f['rule']}", ""]
+        lines += config_table(results, _finding_names(f, spec)) + [""]
+        lines += comparison_lines(f["comparisons"]) + [""]
+        if f["key"] == "adaptive" and f.get("verdict") != "not run":
+            winners = f.get("beats_uniform") or []
+            lines += [f"Allocations that beat uniform: {', '.join(f'`{w}`' for w in winners) if winners else 'none'}.", ""]
+        if f.get("missing"):
+            lines += [f"Not enough seeds yet for: {', '.join(f'`{m}`' for m in f['missing'])}.", ""]
+    # baselines
+    if results.get("baselines"):
+        b = results["baselines"]
+        lines += ["## Baselines in the same harness", "",
+                  "Every baseline runs on the same pruning state, wire format and compact clients as Federated "
+                  "Pruning, so bytes (counted from the encoded payloads, down + up) and client size (the parameter "
+                  "entries a client receives and trains) are measured the same way.", ""]
+        lines += config_table(results, [b["reference"], *b["others"].values()]) + [""]
+        lines += comparison_lines(b["comparisons"]) + [""]
+    if figure is not None and figure.is_file():
+        rel = os.path.relpath(figure, page.parent)
+        lines += ["## Figure", "", f"![{metric} vs sparsity per pattern; uniform vs adaptive; quality vs traffic]({rel})", "",
+                  "Left: mean ± std over the seeds at each sparsity, per pattern (dense FedAvg as the dashed line). "
+                  "Middle: uniform vs adaptive allocations at the same sparsity. Right: quality vs traffic of the "
+                  "baselines and Federated Pruning.", ""]
+    lines += differences_lines(grid, results) + [""]
+    lines += runs_lines(runs, machine, results) + [""]
+    missing = results["missing"]
+    if missing:
+        lines += ["## Missing cells", "", f"{len(missing)} cell(s) have not finished: "
+                  + ", ".join(f"`{m}`" for m in missing[:60]) + (" …" if len(missing) > 60 else ""), ""]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines).rstrip() + "\n")
+    return page
+
+
+def _base_value(cfg: dict[str, Any], *path: str) -> Any:
+    node: Any = cfg
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def setting_lines(grid: Grid, results: dict[str, Any]) -> list[str]:
+    """The numbers of the setting, read from the base config and the cells."""
+    cfg = dict(grid.base)
+    from lightning_fedprune.ablation.grid import apply_overrides
+
+    apply_overrides(cfg, grid.overrides)
+    confs = [c for c in results["configurations"].values() if c["total_params"]]
+    total = confs[0]["total_params"] if confs else None
+    init = _base_value(cfg, "model", "task", "init_args") or {}
+    corpus = _base_value(cfg, "data", "init_args", "corpus") or {}
+    model = ", ".join(f"{k} {init[k]}" for k in ("d_model", "num_layers", "num_heads", "ffn_dim", "pred_dim", "joint_dim",
+                                                   "loss", "ctc_weight", "lr") if k in init)
+    rows = [
+        "| | |", "|---|---|",
+        f"| model | {_base_value(cfg, 'model', 'task', 'class_path') or '?'} ({model}); {_params(total)} parameters |",
+        f"| corpus | synthetic eSpeak NG speech: {corpus.get('vocabulary', 'digits')} vocabulary, "
+        f"{corpus.get('num_speakers', '?')} training speakers (= clients) × {corpus.get('utterances_per_speaker', '?')} "
+        f"utterances, {corpus.get('test_speakers', '?')} held-out speakers × "
+        f"{corpus.get('test_utterances_per_speaker', '?')}, noise SNR {corpus.get('noise_snr_db', 40)} dB |",
+        f"| federation | {_base_value(cfg, 'model', 'clients_per_round')} clients per round, "
+        f"{_base_value(cfg, 'model', 'local_steps')} local steps, {_base_value(cfg, 'trainer', 'max_steps')} rounds, "
+        f"server {_base_value(cfg, 'model', 'server_optimizer') or 'sgd'} |",
+        f"| base config | `{os.path.relpath(grid.base_path)}`, grid `{os.path.relpath(grid.path)}` |",
+    ]
+    return rows
+
+
+def differences_lines(grid: Grid, results: dict[str, Any]) -> list[str]:
+    """Where this setting differs from the article's (LibriSpeech, a ~120 M Conformer-Transducer, 30,000 rounds)."""
+    cfg = dict(grid.base)
+    from lightning_fedprune.ablation.grid import apply_overrides
+
+    apply_overrides(cfg, grid.overrides)
+    confs = [c for c in results["configurations"].values() if c["total_params"]]
+    total = confs[0]["total_params"] if confs else None
+    rounds = _base_value(cfg, "trainer", "max_steps")
+    return [
+        "## Where this setting differs from the article's", "",
+        "- **Speech.** The article trains on LibriSpeech (970 h of read speech by ~2,300 real speakers). Here the "
+        "speech is synthesised by eSpeak NG from a small closed vocabulary: every word always sounds the same for a "
+        "given voice, speakers differ by voice, rate and pitch only, and the held-out speakers are other synthetic "
+        "voices. The task is far easier and far less varied, so absolute WERs say nothing about LibriSpeech; only "
+        "the *comparisons* between configurations in the same setting are evidence.",
+        f"- **Model size.** The article's Conformer-Transducer has ~120 M parameters (17 layers of dimension 512); "
+        f"this one has {_params(total)}. The article's question is how much of a heavily over-parameterised "
+        "model can go; a small model has less to spare, which is why pruning shows here at all after so few rounds, "
+        "but it also means the cost of a given sparsity is larger than it would be at the article's size.",
+        f"- **Rounds.** The article runs 30,000 federated rounds; this grid runs {rounds}. The pruning, "
+        "refinement and fine-tuning phases are correspondingly short (a few masks updates instead of thousands), "
+        "so findings that depend on long training — refinement recovering wrongly pruned weights, adaptive "
+        "allocation settling — have much less room to show.",
+        "- **Statistics.** The article reports single runs; here every configuration has several seeds and a "
+        "stated rule, so a verdict can be *inconclusive* where the article states a difference.",
+        "- **Importance statistics.** Gradient and weight×gradient importance use the server-side pseudo-gradient "
+        "(the aggregated client update), not client gradients: one of the choices the article leaves open "
+        "(docs/design.md).",
+    ]
+
+
+def runs_lines(runs: list[dict[str, Any]], machine: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    lines = ["## Runs, machine and load", "",
+             f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('memory_gib')} GiB; "
+             f"{machine.get('os')}; Python {machine.get('python')}, torch {machine.get('torch')}.", ""]
+    if runs:
+        lines += ["| started | command | jobs | wall time | cells run / failed / already done | load (1 min) mean / max "
+                  "| CPU time of the cells |", "|---|---|---|---|---|---|---|"]
+        for r in runs:
+            load = [x for x in r.get("load", []) if isinstance(x, (int, float)) and math.isfinite(x)]
+            load_text = f"{sum(load) / len(load):.1f} / {max(load):.1f}" if load else "–"
+            lines.append(f"| {r['started']} | `{r['command']}` | {r['jobs']} | {r['wall_seconds'] / 60:.1f} min"
+                         f"{' (interrupted)' if r.get('interrupted') else ''} | {r['cells_run']} / {r['cells_failed']} / "
+                         f"{r['cells_skipped']} | {load_text} | {r.get('cpu_seconds', 0) / 60:.1f} min |")
+        wall = sum(r["wall_seconds"] for r in runs)
+        lines += ["", f"Total wall time of the runs: {wall / 60:.1f} min."]
+    times = [c["seconds"] for c in results["cells"] if c["status"] == "done" and isinstance(c.get("seconds"), (int, float))]
+    if times:
+        lines += [f"Per cell: {sum(times) / len(times):.0f} s on average (min {min(times):.0f} s, max {max(times):.0f} s) "
+                  f"over {len(times)} cells, each one `fedprune fit` process including start-up and evaluation."]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- figure
+def make_figure(grid: Grid, results: dict[str, Any], path: Path) -> Path | None:
+    """WER vs sparsity per pattern, uniform vs adaptive, and quality vs traffic (a PNG); None when the grid
+    names neither a sparsity curve, an adaptive comparison nor baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confs = results["configurations"]
+    metric = results["metric"]
+    sparsity = grid.findings.get("sparsity")
+    adaptive = grid.findings.get("adaptive")
+    baselines = grid.baselines
+    panels = [p for p in (sparsity, adaptive, baselines) if p]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    axes = list(axes[0])
+    if sparsity:
+        ax = axes.pop(0)
+        dense = confs.get(sparsity.get("dense") or "")
+        for pattern, curve in sparsity["curves"].items():
+            pts = sorted((float(s), confs[n]) for s, n in curve.items() if confs[n]["n"])
+            if pts:
+                ax.errorbar([s for s, _ in pts], [c["mean"] for _, c in pts],
+                            yerr=[c["std"] if c["n"] >= 2 else 0 for _, c in pts], marker="o", capsize=3, label=pattern)
+        if dense and dense["n"]:
+            ax.axhline(dense["mean"], color="k", ls="--", lw=1, label="dense FedAvg")
+            if dense["n"] >= 2:
+                ax.axhspan(dense["mean"] - dense["std"], dense["mean"] + dense["std"], color="k", alpha=0.08)
+        ax.axvline(float(sparsity.get("threshold", 0.3)), color="grey", ls=":", lw=1)
+        ax.set(xlabel="sparsity", ylabel=f"{metric} (held-out speakers)", title="WER vs sparsity per pattern")
+        ax.legend(fontsize=8)
+    for spec, title in ((adaptive, "uniform vs adaptive allocation"), (baselines, "quality vs traffic")):
+        if not spec:
+            continue
+        ax = axes.pop(0)
+        if spec is adaptive:
+            names = [spec["uniform"], *dict(spec["adaptive"]).values()]
+            shown = [n for n in names if confs[n]["n"]]
+            ax.bar(range(len(shown)), [confs[n]["mean"] for n in shown],
+                   yerr=[confs[n]["std"] if confs[n]["n"] >= 2 else 0 for n in shown], capsize=4,
+                   color=["tab:grey"] + ["tab:blue"] * (len(shown) - 1))
+            ax.set_xticks(range(len(shown)), shown, rotation=15, fontsize=8)
+            ax.set(ylabel=metric, title=title)
+        else:
+            names = [spec["reference"], *dict(spec.get("others") or {}).values()]
+            for n in names:
+                c = confs[n]
+                if c["n"] and c["bytes_per_client_round"]:
+                    ax.errorbar(c["bytes_per_client_round"] / 1e6, c["mean"], yerr=c["std"] if c["n"] >= 2 else 0,
+                                marker="o", capsize=3, label=n)
+            ax.set(xlabel="MB per client per round (down + up, run mean)", ylabel=metric, title=title)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
