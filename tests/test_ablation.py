@@ -315,3 +315,20 @@ def test_smoke_grid_runs_real_cells_end_to_end_and_resumes(tmp_path, monkeypatch
     assert ablate_main(args) == 0  # resumable: both cells are finished
     assert "2 finished before, 0 to run" in capsys.readouterr().out
     assert (tmp_path / "cells" / "fp" / "seed0" / "summary.json").stat().st_mtime_ns == before
+
+
+def test_the_shipped_grids_expand_and_their_baselines_act_on_the_pruned_weights():
+    """examples/ablation/grid.yaml: the default and --full grids load, every name the findings use exists, and
+    Federated Dropout and PruneFL act on the same weights as Federated Pruning (the base config's ramp)."""
+    path = REPO / "examples" / "ablation" / "grid.yaml"
+    default, full = load_grid(path), load_grid(path, full=True)
+    assert len(default.cells()) == 54 and len(full.cells()) == 140
+    assert set(default.configurations) < set(full.configurations)
+    for grid in (default, full):
+        cfg = {c.configuration: grid.cell_config(c) for c in grid.cells() if c.seed == 0}
+        ramp = next(c for c in cfg["fp"]["trainer"]["callbacks"] if c["class_path"].endswith("SparsityRampCallback"))
+        targets = ramp["init_args"]["parameters"]
+        assert cfg["federated_dropout"]["model"]["strategy"]["init_args"]["parameters"] == targets
+        prunefl = next(c for c in cfg["prunefl"]["trainer"]["callbacks"] if c["class_path"].endswith("PruneFL"))
+        assert prunefl["init_args"]["parameters"] == targets
+        assert cfg["fp"]["trainer"]["max_steps"] == (30 if grid is default else 60)

@@ -172,10 +172,15 @@ def _cmp(summary: dict[str, dict[str, Any]], a: str, b: str, min_difference: flo
     return {"a": a, "b": b, **compare(sa, sb, min_difference)}
 
 
+def _against(summary: dict, reference: str, others: list[str], min_difference: float) -> tuple[list[str], list[dict]]:
+    """The configurations with too few seeds, and every one of ``others`` compared with ``reference``."""
+    return (_too_few_seeds(summary, [reference, *others]),
+            [_cmp(summary, name, reference, min_difference) for name in others])
+
+
 def finding_importance(spec: dict[str, Any], summary: dict, min_difference: float) -> dict[str, Any]:
     ref, others = spec["reference"], dict(spec["alternatives"])
-    missing = _too_few_seeds(summary, [ref, *others.values()])
-    comps = [_cmp(summary, name, ref, min_difference) for name in others.values()]
+    missing, comps = _against(summary, ref, list(others.values()), min_difference)
     if missing:
         return {"verdict": NOT_RUN, "missing": missing, "comparisons": comps}
     better = [c["a"] for c in comps if c["outcome"] == LOWER]
@@ -187,9 +192,7 @@ def finding_importance(spec: dict[str, Any], summary: dict, min_difference: floa
 
 
 def finding_adaptive(spec: dict[str, Any], summary: dict, min_difference: float) -> dict[str, Any]:
-    uniform, adaptive = spec["uniform"], dict(spec["adaptive"])
-    missing = _too_few_seeds(summary, [uniform, *adaptive.values()])
-    comps = [_cmp(summary, name, uniform, min_difference) for name in adaptive.values()]
+    missing, comps = _against(summary, spec["uniform"], list(dict(spec["adaptive"]).values()), min_difference)
     if missing:
         return {"verdict": NOT_RUN, "missing": missing, "comparisons": comps}
     winners = [c["a"] for c in comps if c["outcome"] == LOWER]

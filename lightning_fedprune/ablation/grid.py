@@ -17,6 +17,7 @@ A grid file (see docs/ablation.md and ``examples/ablation/grid.yaml``)::
     findings: {...}                 # which configurations each finding compares (analysis.py)
     baselines: {...}
     full: {seeds: [0, 1, 2, 3, 4]}  # `--full`: merged over the grid (dicts merged, lists replaced)
+    anchors: {targets: &targets '...'}  # not read: a place for YAML anchors used below (*targets)
 
 An override key is a dotted path into the base config (``model.clients_per_round``,
 ``data.init_args.corpus.noise_snr_db``), or ``callbacks.<ClassName>[.<init arg>...]`` for the entry
@@ -45,7 +46,7 @@ CALLBACK_MODULES = ("lightning_fedprune.callbacks", "lightning_fedprune.baseline
 #: callbacks the harness adds to every cell itself (a base config's own are replaced)
 HARNESS_CALLBACKS = ("RunSummary", "CellRecord")
 GRID_KEYS = ("name", "base", "out", "page", "figure", "seeds", "set", "configurations", "findings", "baselines",
-             "description", "metric", "full", "jobs", "cell_timeout")
+             "description", "metric", "full", "jobs", "cell_timeout", "anchors")
 
 
 @dataclass(frozen=True)
@@ -289,26 +290,21 @@ def load_grid(path: str | Path, full: bool = False) -> Grid:
     return grid
 
 
-def _references(findings: dict[str, Any], baselines: dict[str, str]) -> list[str]:
-    names: list[str] = []
+def configuration_names(spec: Any) -> list[str]:
+    """The configuration names a findings or baselines spec refers to: its string leaves, in order.
 
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k not in ("title", "claim"):
-                    walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-        elif isinstance(node, str):
-            names.append(node)
-
-    walk(findings)
-    walk(baselines)
-    return names
+    >>> configuration_names({"uniform": "fp", "adaptive": {"power": "fp_p"}, "threshold": 0.3})
+    ['fp', 'fp_p']
+    """
+    if isinstance(spec, dict):
+        return [n for v in spec.values() for n in configuration_names(v)]
+    if isinstance(spec, list):
+        return [n for v in spec for n in configuration_names(v)]
+    return [spec] if isinstance(spec, str) else []
 
 
 def _check_references(grid: Grid) -> None:
-    missing = sorted({n for n in _references(grid.findings, grid.baselines) if n not in grid.configurations})
+    names = configuration_names(grid.findings) + configuration_names(grid.baselines)
+    missing = sorted({n for n in names if n not in grid.configurations})
     if missing:
         raise ValueError(f"grid {grid.path}: findings/baselines name configurations that are not defined: {missing}")

@@ -6,13 +6,14 @@ cells that have not finished are listed and left out of the statistics, so a par
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
-from lightning_fedprune.ablation.grid import Grid
+from lightning_fedprune.ablation.grid import Grid, apply_overrides, configuration_names
 
 VERDICT_MARK = {"confirmed": "**confirmed**", "refuted": "**refuted**", "inconclusive": "**inconclusive**",
                 "not run": "*not run yet*"}
@@ -99,21 +100,6 @@ def comparison_lines(comparisons: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _finding_names(finding: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    names: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k not in ("threshold",):
-                    walk(v)
-        elif isinstance(node, str):
-            names.append(node)
-
-    walk(spec)
-    return names
-
-
 def _verdict_numbers(finding: dict[str, Any], confs: dict[str, Any]) -> str:
     """One line of the key numbers behind a verdict, for the summary table."""
     parts = []
@@ -164,7 +150,7 @@ def write_page(grid: Grid, results: dict[str, Any], runs: list[dict[str, Any]], 
         spec = grid.findings[f["key"]]
         lines += [f"## Finding {f['number']}: {f['claim']}", "", f"Verdict: {VERDICT_MARK[f['verdict']]}. "
                   f"Rule: {f['rule']}", ""]
-        lines += config_table(results, _finding_names(f, spec)) + [""]
+        lines += config_table(results, configuration_names(spec)) + [""]
         lines += comparison_lines(f["comparisons"]) + [""]
         if f["key"] == "adaptive" and f.get("verdict") != "not run":
             winners = f.get("beats_uniform") or []
@@ -206,14 +192,17 @@ def _base_value(cfg: dict[str, Any], *path: str) -> Any:
     return node
 
 
-def setting_lines(grid: Grid, results: dict[str, Any]) -> list[str]:
-    """The numbers of the setting, read from the base config and the cells."""
-    cfg = dict(grid.base)
-    from lightning_fedprune.ablation.grid import apply_overrides
-
+def _setting(grid: Grid, results: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
+    """The base config with the grid's overrides, and the model's parameter count (from a finished cell)."""
+    cfg = copy.deepcopy(grid.base)
     apply_overrides(cfg, grid.overrides)
     confs = [c for c in results["configurations"].values() if c["total_params"]]
-    total = confs[0]["total_params"] if confs else None
+    return cfg, confs[0]["total_params"] if confs else None
+
+
+def setting_lines(grid: Grid, results: dict[str, Any]) -> list[str]:
+    """The numbers of the setting, read from the base config and the cells."""
+    cfg, total = _setting(grid, results)
     init = _base_value(cfg, "model", "task", "init_args") or {}
     corpus = _base_value(cfg, "data", "init_args", "corpus") or {}
     model = ", ".join(f"{k} {init[k]}" for k in ("d_model", "num_layers", "num_heads", "ffn_dim", "pred_dim", "joint_dim",
@@ -235,12 +224,7 @@ def setting_lines(grid: Grid, results: dict[str, Any]) -> list[str]:
 
 def differences_lines(grid: Grid, results: dict[str, Any]) -> list[str]:
     """Where this setting differs from the article's (LibriSpeech, a ~120 M Conformer-Transducer, 30,000 rounds)."""
-    cfg = dict(grid.base)
-    from lightning_fedprune.ablation.grid import apply_overrides
-
-    apply_overrides(cfg, grid.overrides)
-    confs = [c for c in results["configurations"].values() if c["total_params"]]
-    total = confs[0]["total_params"] if confs else None
+    cfg, total = _setting(grid, results)
     rounds = _base_value(cfg, "trainer", "max_steps")
     return [
         "## Where this setting differs from the article's", "",

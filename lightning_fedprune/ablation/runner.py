@@ -64,13 +64,13 @@ class RunStats:
     started: str
     jobs: int
     command: str
+    load: list[float] = field(default_factory=list)  # 1-minute load averages sampled during the run
     finished: str = ""
     wall_seconds: float = 0.0
     cells_run: int = 0
     cells_failed: int = 0
     cells_skipped: int = 0
     interrupted: bool = False
-    load: list[float] = field(default_factory=list)  # 1-minute load averages sampled during the run
     cpu_seconds: float = 0.0  # CPU time of the cells (children)
 
     def to_dict(self) -> dict[str, Any]:

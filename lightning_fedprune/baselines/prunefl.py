@@ -68,21 +68,15 @@ class PruneFL(pl.Callback):
         check_choice(pattern, "pattern", PATTERNS)
         check_regex(parameters, "parameters")
         check_regex(exclude, "exclude")
-        self.target_sparsity = target_sparsity
-        self.start_round = start_round
-        self.every_n_rounds = every_n_rounds
-        self.until_round = until_round
-        self.pattern = pattern
-        self.parameters = parameters
-        self.exclude = exclude
+        self._parts = {
+            "ramp": Ramp(target_sparsity, start_round, start_round, schedule="one_shot"),
+            "selection": Selection(pattern, PRUNEFL_IMPORTANCE, parameters, exclude),
+            "refinement": Refinement(every_n_rounds, start_round + every_n_rounds, until_round),
+        }
 
     def plan_parts(self) -> dict[str, Any]:
         """The one-shot ramp, the selection with PruneFL's importance, and the periodic re-adjustment."""
-        return {
-            "ramp": Ramp(self.target_sparsity, self.start_round, self.start_round, schedule="one_shot"),
-            "selection": Selection(self.pattern, PRUNEFL_IMPORTANCE, self.parameters, self.exclude),
-            "refinement": Refinement(self.every_n_rounds, self.start_round + self.every_n_rounds, self.until_round),
-        }
+        return dict(self._parts)
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         if stage == "fit":

@@ -110,14 +110,8 @@ def importance_source(
     return torch.mul(weight.detach(), grad).abs_()
 
 
-def group_scores(
-    name: str,
-    pattern: str,
-    weight: Tensor,
-    gradient: Tensor | None = None,
-    momentum: Tensor | None = None,
-    sq_gradient: Tensor | None = None,
-) -> Tensor:
+def group_scores(name: str, pattern: str, weight: Tensor, gradient: Tensor | None = None,
+                 momentum: Tensor | None = None, sq_gradient: Tensor | None = None) -> Tensor:
     """Per-group importance scores (1-D, group order of ``pattern``).
 
     ``group_reduce(importance_source(name, ...), pattern, norm)``.
