@@ -165,6 +165,20 @@ def test_refinement_rule(values, verdict):
     assert A.finding_refinement({"with": "a", "without": "b"}, _summary(**values), 0.005)["verdict"] == verdict
 
 
+def test_comparisons_are_paired_by_seed():
+    """A seed that trains fast helps every configuration alike: a steady per-seed difference is clear even
+    when the seeds spread far more than it (an unpaired comparison of means could not tell)."""
+    a = Stat((0.05, 0.15, 0.30), seeds=(0, 1, 2))
+    b = Stat((0.07, 0.18, 0.32), seeds=(0, 1, 2))
+    result = A.compare(a, b)
+    assert result["outcome"] == A.LOWER and result["seeds"] == [0, 1, 2]
+    assert result["difference"] == pytest.approx(-0.07 / 3)
+    # only the seeds both have count; values are matched by seed, not by position
+    c = Stat((0.32, 0.07), seeds=(2, 0))
+    assert A.compare(a, c)["seeds"] == [0, 2] and A.compare(a, c)["difference"] == pytest.approx(-0.02)
+    assert A.compare(a, Stat((0.2,), seeds=(1,)))["outcome"] == A.INSUFFICIENT
+
+
 def test_the_difference_floor_applies_when_seeds_agree_exactly():
     assert A.compare(Stat((0.100, 0.100)), Stat((0.103, 0.103)), 0.005)["outcome"] == A.SAME
     assert A.compare(Stat((0.100, 0.100)), Stat((0.106, 0.106)), 0.005)["outcome"] == A.LOWER
@@ -331,4 +345,4 @@ def test_the_shipped_grids_expand_and_their_baselines_act_on_the_pruned_weights(
         assert cfg["federated_dropout"]["model"]["strategy"]["init_args"]["parameters"] == targets
         prunefl = next(c for c in cfg["prunefl"]["trainer"]["callbacks"] if c["class_path"].endswith("PruneFL"))
         assert prunefl["init_args"]["parameters"] == targets
-        assert cfg["fp"]["trainer"]["max_steps"] == (30 if grid is default else 60)
+        assert cfg["fp"]["trainer"]["max_steps"] == (50 if grid is default else 100)

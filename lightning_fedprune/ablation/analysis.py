@@ -1,9 +1,12 @@
 """The analysis of a grid: statistics per configuration and a mechanical verdict per finding.
 
-The rule (stated on the page): the WER of two configurations *differs clearly* when the difference of
-their means is larger than twice its standard error, ``|m_a - m_b| > 2 * sqrt(se_a^2 + se_b^2)`` with
-``se = std / sqrt(n)`` over the seeds, and at least ``min_difference`` (a floor for configurations
-whose seeds agree exactly); each side needs 2 or more seeds, else the comparison is *insufficient*.
+The rule (stated on the page): the WER of two configurations *differs clearly* when the mean of their
+per-seed differences ``d_s = a_s - b_s`` is larger than twice its standard error,
+``|mean(d)| > 2 * std(d) / sqrt(n)``, and at least ``min_difference`` (a floor for seeds that agree
+exactly). The comparison is paired because a seed fixes the model's initialisation, the cohorts and the
+clients' data order for every configuration alike, so most of the seed-to-seed spread (here: when
+training breaks through its plateau) cancels in ``d_s``. Fewer than 2 seeds done on both sides:
+*insufficient*.
 Each finding's verdict (``confirmed``, ``refuted``, ``inconclusive``; ``not run`` while cells are
 missing) follows from its comparisons by the rule written next to it in :data:`RULES`.
 """
@@ -54,6 +57,7 @@ class Stat:
 
     values: tuple[float, ...]
     failed: int = 0  # seeds that ran but gave no finite metric (failed or diverged)
+    seeds: tuple[int, ...] = ()  # the seed of each value (for paired comparisons)
 
     @property
     def n(self) -> int:
@@ -76,26 +80,29 @@ class Stat:
 
 
 def compare(a: Stat, b: Stat, min_difference: float = 0.0) -> dict[str, Any]:
-    """``a`` versus ``b`` by the rule: ``outcome`` is ``lower``/``higher`` (a's mean is clearly lower/higher
-    than b's), ``no clear difference``, or ``insufficient data``; with the difference, its standard error
-    and the threshold ``2 * se``.
+    """``a`` versus ``b`` by the rule, paired by seed: ``outcome`` is ``lower``/``higher`` (a is clearly
+    lower/higher than b), ``no clear difference``, or ``insufficient data``; with the mean per-seed
+    difference, its standard error, the threshold ``max(2 * se, min_difference)`` and the seeds used.
+    Values without seeds are paired in order.
 
-    >>> compare(Stat((0.10, 0.11, 0.12)), Stat((0.20, 0.21, 0.22)))["outcome"]
+    >>> compare(Stat((0.10, 0.30, 0.20)), Stat((0.12, 0.33, 0.21)))["outcome"]  # lower in every seed
     'lower'
-    >>> compare(Stat((0.10, 0.20, 0.30)), Stat((0.15, 0.25, 0.35)))["outcome"]
+    >>> compare(Stat((0.10, 0.30, 0.20)), Stat((0.12, 0.27, 0.21)))["outcome"]
     'no clear difference'
     >>> compare(Stat((0.1,)), Stat((0.2, 0.3)))["outcome"]
     'insufficient data'
     """
-    out: dict[str, Any] = {"difference": a.mean - b.mean, "se": math.nan, "threshold": math.nan}
-    if a.n < 2 or b.n < 2:
+    va = dict(zip(a.seeds or range(a.n), a.values))
+    vb = dict(zip(b.seeds or range(b.n), b.values))
+    common = [s for s in va if s in vb]
+    d = Stat(tuple(va[s] - vb[s] for s in common))
+    out: dict[str, Any] = {"difference": d.mean, "se": d.se, "threshold": math.nan, "seeds": common}
+    if d.n < 2:
         out["outcome"] = INSUFFICIENT
         return out
-    se = math.sqrt(a.se ** 2 + b.se ** 2)
-    threshold = max(2.0 * se, min_difference)
-    out.update(se=se, threshold=threshold)
-    d = out["difference"]
-    out["outcome"] = LOWER if d < -threshold else HIGHER if d > threshold else SAME
+    threshold = max(2.0 * d.se, min_difference)
+    out["threshold"] = threshold
+    out["outcome"] = LOWER if d.mean < -threshold else HIGHER if d.mean > threshold else SAME
     return out
 
 
@@ -143,6 +150,7 @@ def summarise(grid: Grid, cells: list[dict[str, Any]]) -> dict[str, dict[str, An
         out[name] = {
             "label": conf.label, "seeds": len(grid.seeds), "done": len(done), "n": stat.n, "failed": stat.failed,
             "mean": stat.mean, "std": stat.std, "se": stat.se, "values": list(stat.values),
+            "value_seeds": list(stat.seeds),
             "seconds": _mean([c.get("seconds") for c in done]),
             "sparsity": _mean([c.get("sparsity") for c in done]),
             "client_params": _mean([c.get("client_params_final") for c in done]),
@@ -157,9 +165,9 @@ def summarise(grid: Grid, cells: list[dict[str, Any]]) -> dict[str, dict[str, An
 
 
 def _stat(rows: list[dict[str, Any]]) -> Stat:
-    values = tuple(float(c["metric"]) for c in rows if c["status"] == "done" and c.get("metric") is not None)
+    ok = [c for c in rows if c["status"] == "done" and c.get("metric") is not None]
     failed = sum(1 for c in rows if c["status"] == "failed" or (c["status"] == "done" and c.get("metric") is None))
-    return Stat(values, failed)
+    return Stat(tuple(float(c["metric"]) for c in ok), failed, tuple(int(c["seed"]) for c in ok))
 
 
 # ---------------------------------------------------------------------------------------------- findings
@@ -168,7 +176,8 @@ def _too_few_seeds(summary: dict[str, dict[str, Any]], names: list[str]) -> list
 
 
 def _cmp(summary: dict[str, dict[str, Any]], a: str, b: str, min_difference: float) -> dict[str, Any]:
-    sa, sb = (Stat(tuple(summary[x]["values"]), summary[x]["failed"]) for x in (a, b))
+    sa, sb = (Stat(tuple(summary[x]["values"]), summary[x]["failed"], tuple(summary[x].get("value_seeds") or ()))
+              for x in (a, b))
     return {"a": a, "b": b, **compare(sa, sb, min_difference)}
 
 

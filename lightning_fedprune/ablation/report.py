@@ -94,9 +94,10 @@ def comparison_lines(comparisons: list[dict[str, Any]]) -> list[str]:
         if c["outcome"] == "insufficient data":
             out.append(f"- `{c['a']}` vs `{c['b']}`: insufficient data (fewer than 2 seeds)")
             continue
-        out.append(f"- `{c['a']}` − `{c['b']}` = {diff:+.4f} (threshold {c['threshold']:.4f}): "
-                   f"{c['a']} is **{c['outcome']}**" if c["outcome"] != "no clear difference" else
-                   f"- `{c['a']}` − `{c['b']}` = {diff:+.4f} (threshold {c['threshold']:.4f}): no clear difference")
+        head = (f"- `{c['a']}` − `{c['b']}`: mean per-seed difference {diff:+.4f} (threshold ±{c['threshold']:.4f}, "
+                f"{len(c.get('seeds') or [])} seeds): ")
+        out.append(head + (f"{c['a']} is clearly **{c['outcome']}**" if c["outcome"] != "no clear difference"
+                           else "no clear difference"))
     return out
 
 
@@ -137,14 +138,17 @@ def write_page(grid: Grid, results: dict[str, Any], runs: list[dict[str, Any]], 
         lines += [grid.description.strip(), ""]
     lines += setting_lines(grid, results) + [""]
     lines += ["## How the verdicts are made", "",
-              f"Every configuration runs with the seeds {grid.seeds} (model initialisation, cohorts and client data "
-              f"order; the corpus is the same). Its `{metric}` is the word error rate on the held-out speakers at the "
-              "end of training (greedy decoding). Two configurations **differ clearly** when the difference of "
-              "their means is larger than twice its standard error, "
-              "`|m_a − m_b| > 2·sqrt(se_a² + se_b²)` with `se = std/sqrt(n)` over the seeds, and at least "
-              f"{results['min_difference']} (a floor for configurations whose seeds agree exactly); fewer than 2 "
-              "seeds on either side is *insufficient data*. With 3 seeds this is a rough screen at about the 90 % "
-              "level, not a formal test: read *inconclusive* as \"this grid cannot tell\".", ""]
+              f"Every configuration runs with the seeds {grid.seeds}; a seed fixes the model's initialisation, the "
+              "cohorts and the clients' data order, the same for every configuration (the corpus is always the "
+              f"same). Its `{metric}` is the word error rate on the held-out speakers at the end of training "
+              "(greedy decoding). Two configurations are compared **seed by seed**: with `d_s = a_s − b_s` the "
+              "difference at seed `s`, they **differ clearly** when `|mean(d)| > 2·std(d)/sqrt(n)` and "
+              f"`|mean(d)| ≥ {results['min_difference']}` (a floor for seeds that agree exactly); fewer than 2 "
+              "common seeds is *insufficient data*. Pairing matters here: how fast a run leaves its plateau varies "
+              "a lot from seed to seed, and that spread is shared by every configuration of a seed, so it cancels "
+              "in `d_s`. The tables show the plain mean ± std over the seeds; the comparisons below each table "
+              "show the paired difference and its threshold. With 3 seeds this is a rough screen, not a formal "
+              "test: read *inconclusive* as \"this grid cannot tell\".", ""]
     # findings
     for f in results["findings"]:
         spec = grid.findings[f["key"]]
