@@ -336,13 +336,13 @@ def test_the_shipped_grids_expand_and_their_baselines_act_on_the_pruned_weights(
     Federated Dropout and PruneFL act on the same weights as Federated Pruning (the base config's ramp)."""
     path = REPO / "examples" / "ablation" / "grid.yaml"
     default, full = load_grid(path), load_grid(path, full=True)
-    assert len(default.cells()) == 54 and len(full.cells()) == 140
+    assert len(default.cells()) == 54 and len(full.cells()) == 150
     assert set(default.configurations) < set(full.configurations)
     for grid in (default, full):
         cfg = {c.configuration: grid.cell_config(c) for c in grid.cells() if c.seed == 0}
-        ramp = next(c for c in cfg["fp"]["trainer"]["callbacks"] if c["class_path"].endswith("SparsityRampCallback"))
+        ramp = next(c for c in cfg["column_0.5"]["trainer"]["callbacks"] if c["class_path"].endswith("SparsityRampCallback"))
         targets = ramp["init_args"]["parameters"]
         assert cfg["federated_dropout"]["model"]["strategy"]["init_args"]["parameters"] == targets
         prunefl = next(c for c in cfg["prunefl"]["trainer"]["callbacks"] if c["class_path"].endswith("PruneFL"))
         assert prunefl["init_args"]["parameters"] == targets
-        assert cfg["fp"]["trainer"]["max_steps"] == (50 if grid is default else 100)
+        assert cfg["column_0.5"]["trainer"]["max_steps"] == (50 if grid is default else 100)
