@@ -4,11 +4,13 @@
     fedprune fit --config examples/asr/digits_fp.yaml --trainer.max_steps 20
     fedprune fit --print_config
     fedprune export --ckpt_path runs/fedprune/version_0/checkpoints/last.ckpt --output model.ckpt
+    fedprune ablate --config examples/ablation/grid.yaml --jobs 2
 
 The task is a nested ``class_path`` (``--model.task.class_path``), data modules are chosen with
 ``--data.class_path``, and every callback is a ``--trainer.callbacks+=...`` entry. ``export`` is not a
 LightningCLI subcommand: it writes the plain pruned task of a checkpoint for serving
-(:func:`lightning_fedprune.federated.checkpoint.export_task_checkpoint`).
+(:func:`lightning_fedprune.federated.checkpoint.export_task_checkpoint`). Nor is ``ablate``: it runs a grid
+of ``fedprune fit`` cells and writes the results page (:mod:`lightning_fedprune.ablation`, docs/ablation.md).
 """
 
 from __future__ import annotations
@@ -128,6 +130,13 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "export":
         export_main(argv[1:])
+        return
+    if argv and argv[0] == "ablate":
+        from lightning_fedprune.ablation import ablate_main
+
+        code = ablate_main(argv[1:])
+        if code:
+            sys.exit(code)
         return
     build_cli(args)
 

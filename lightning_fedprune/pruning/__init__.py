@@ -3,7 +3,7 @@
 No state and no Lightning here; everything is a function of tensors and numbers.
 """
 
-from .allocation import NORMALIZATIONS, adaptive_allocation, layer_importance, uniform_allocation
+from .allocation import ALLOCATIONS, NORMALIZATIONS, adaptive_allocation, global_allocation, layer_importance, uniform_allocation
 from .importance import IMPORTANCE, SOURCES, group_scores, importance_source, parse_importance
 from .patterns import (
     NORMS,
@@ -26,6 +26,7 @@ from .patterns import (
 from .schedules import SCHEDULES, sparsity_at, validate_schedule
 
 __all__ = [
+    "ALLOCATIONS",
     "IMPORTANCE",
     "NORMALIZATIONS",
     "NORMS",
@@ -39,6 +40,7 @@ __all__ = [
     "compute_mask",
     "expand_groups",
     "get_pattern",
+    "global_allocation",
     "group_reduce",
     "group_scores",
     "group_size",

@@ -15,6 +15,14 @@ The mapping (the method leaves it open; this is the choice of lightning-fedprune
 others through ``c``. ``temperature = 0`` (or equal importances) gives uniform sparsity, larger
 temperatures spread the layers further apart. The fractions are *before* rounding to whole
 pattern groups, so the realised sparsity can differ by up to one group per layer.
+
+A second mapping, :func:`global_allocation`, ranks the *groups* of all layers together ("less
+important layers get more sparsity" taken literally, as global magnitude pruning does): every group
+score is put on a per-entry scale (the mean for ``l1``, the root mean square for ``l2``, times
+``sqrt(fan_in)`` with ``normalize="fan_in"``), the lowest-scoring groups of the whole model are
+pruned until ``S`` of the parameters are, and a layer stops giving up groups at the cap. A layer's
+sparsity is then whatever share of its groups fell below the global threshold: it spreads layers
+as far as their scores differ.
 """
 
 from __future__ import annotations
@@ -27,11 +35,14 @@ from torch import Tensor
 
 from lightning_fedprune.validation import check_choice, check_float, check_int, fail
 
-from .patterns import shape_2d
+from .patterns import NORMS, shape_2d
 
-__all__ = ["NORMALIZATIONS", "adaptive_allocation", "layer_importance", "uniform_allocation"]
+__all__ = ["ALLOCATIONS", "NORMALIZATIONS", "adaptive_allocation", "global_allocation", "layer_importance",
+           "uniform_allocation"]
 
 NORMALIZATIONS: tuple[str, ...] = ("fan_in", "none")
+#: adaptive allocation methods: the power law of layer importance, or a global ranking of groups
+ALLOCATIONS: tuple[str, ...] = ("power", "global")
 
 # Non-positive importances are clamped to this fraction of the largest importance.
 _REL_EPS = 1e-12
@@ -205,3 +216,100 @@ def layer_importance(
     if normalize == "fan_in":
         mean *= math.sqrt(cols)
     return mean
+
+
+def global_allocation(
+    scores: Mapping[str, Tensor],
+    shapes: Mapping[str, Sequence[int]],
+    target: float,
+    max_layer_sparsity: float = 0.9,
+    norm: str = "l2",
+    normalize: str = "fan_in",
+) -> dict[str, float]:
+    """Per-layer sparsity from one ranking of the groups of every layer (see the module docstring).
+
+    Layer ``l`` has ``n_l = len(scores[l])`` groups of ``g_l = numel(shapes[l]) / n_l`` entries; a
+    group's score ``x`` (its ``norm`` over the group) is compared across layers as ``x / g_l`` (``l1``)
+    or ``x / sqrt(g_l)`` (``l2``), times ``sqrt(fan_in)`` with ``normalize="fan_in"``. Groups are
+    pruned in ascending order of that score (ties: earlier layer, then lower index) until the pruned
+    entries are closest to ``target`` times all entries; a layer at ``floor(max_layer_sparsity * n_l)``
+    pruned groups gives up no more, and the others make up the difference. Returns ``k_l / n_l`` for
+    ``k_l`` pruned groups of layer ``l``, so :func:`~lightning_fedprune.pruning.patterns.mask_from_scores`
+    at that sparsity prunes exactly those groups (the per-layer order is the same).
+
+    Args:
+        scores: layer name -> 1-D group scores (non-negative, no NaN), e.g. from ``group_scores``.
+        shapes: layer name -> the parameter's shape (same keys as ``scores``).
+        target: overall sparsity ``S`` in ``[0, 1)`` (fraction of the entries of all layers).
+        max_layer_sparsity: per-layer cap in ``[0, 1]``; must be ``>= target``.
+        norm: ``"l1"`` or ``"l2"``: the group norm the scores are.
+        normalize: ``"fan_in"`` or ``"none"``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_fedprune.pruning import global_allocation
+        >>> scores = {"a": torch.tensor([1., 2., 3., 4.]), "b": torch.tensor([10., 20., 30., 40.])}
+        >>> global_allocation(scores, {"a": (4, 4), "b": (4, 4)}, 0.5, max_layer_sparsity=1.0, normalize="none")
+        {'a': 1.0, 'b': 0.0}
+        >>> global_allocation(scores, {"a": (4, 4), "b": (4, 4)}, 0.5, normalize="none")  # cap 0.9: 3 of 4 groups
+        {'a': 0.75, 'b': 0.25}
+    """
+    target = _check_target(target)
+    cap = check_float(max_layer_sparsity, "max_layer_sparsity", min=0, max=1)
+    if target > cap:
+        raise ValueError(f"`target` ({target}) is larger than `max_layer_sparsity` ({cap}): no allocation can reach it "
+                         "without exceeding the per-layer cap")
+    check_choice(norm, "norm", NORMS)
+    check_choice(normalize, "normalize", NORMALIZATIONS)
+    if not isinstance(scores, Mapping) or not isinstance(shapes, Mapping) or set(scores) != set(shapes):
+        raise ValueError("`scores` and `shapes` must be mappings with the same keys (layer names)")
+    names = list(scores)
+    if not names:
+        return {}
+    comparable, group_entries, cap_groups = [], [], []
+    for name in names:
+        s = scores[name]
+        if not isinstance(s, Tensor) or s.dim() != 1 or s.numel() == 0:
+            fail(f"scores[{name!r}]", "a non-empty 1-D tensor", s)
+        rows, cols = shape_2d(shapes[name], f"shapes[{name!r}]")
+        if (rows * cols) % s.numel():
+            raise ValueError(f"`scores[{name!r}]` has {s.numel()} groups, which do not divide the {rows * cols} "
+                             f"entries of shape {tuple(shapes[name])}")
+        size = rows * cols // s.numel()
+        scale = (1.0 / size if norm == "l1" else 1.0 / math.sqrt(size)) * (math.sqrt(cols) if normalize == "fan_in" else 1.0)
+        comparable.append(s.detach().to(torch.float64) * scale)
+        group_entries.append(size)
+        cap_groups.append(math.floor(cap * s.numel() + 1e-9))
+    counts = _rank_globally(comparable, group_entries, cap_groups, target)
+    return {name: k / comparable[i].numel() for i, (name, k) in enumerate(zip(names, counts))}
+
+
+def _rank_globally(scores: list[Tensor], entries: list[int], caps: list[int], target: float) -> list[int]:
+    """Pruned groups per layer: the globally lowest scores until ``target`` of the entries are pruned
+    (nearest), a layer never past its cap. Layers that would pass it are fixed at the cap and the rest
+    re-ranked with the remaining budget, until none passes (at most one round per layer)."""
+    total = sum(e * s.numel() for e, s in zip(entries, scores))
+    fixed: dict[int, int] = {}
+    while True:
+        free = [i for i in range(len(scores)) if i not in fixed]
+        budget = target * total - sum(fixed[i] * entries[i] for i in fixed)
+        counts = dict(fixed)
+        if free and budget > 0:
+            layer = torch.cat([torch.full((scores[i].numel(),), pos, dtype=torch.int64) for pos, i in enumerate(free)])
+            values = torch.cat([scores[i] for i in free])
+            # ascending score; ties: earlier layer, then lower index (stable sort over the layer-ordered concat)
+            order = torch.sort(values, stable=True).indices
+            sizes = torch.tensor([entries[i] for i in free], dtype=torch.float64)[layer[order]]
+            cum = torch.cumsum(sizes, 0)
+            n = int(torch.searchsorted(cum, torch.tensor(budget, dtype=torch.float64)))  # first cum >= budget
+            before = float(cum[n - 1]) if n > 0 else 0.0
+            if n < cum.numel() and float(cum[n]) - budget <= budget - before:
+                n += 1  # including group n comes (at least as) close to the budget as stopping before it
+            per_layer = torch.bincount(layer[order[:n]], minlength=len(free)).tolist()
+            counts.update({i: per_layer[pos] for pos, i in enumerate(free)})
+        else:
+            counts.update({i: 0 for i in free})
+        over = [i for i in free if counts[i] > caps[i]]
+        if not over:
+            return [counts[i] for i in range(len(scores))]
+        fixed.update({i: caps[i] for i in over})

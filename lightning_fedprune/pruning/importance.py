@@ -3,7 +3,9 @@
 An importance name is ``<source>_<norm>``: the elementwise *source* (the weight, a gradient, a
 momentum buffer, or the product weight x gradient) and the group *norm* (``l1`` = ``sum |x|``,
 ``l2`` = ``sqrt(sum x^2)``). ``weight_x_gradient`` is the L1 norm of ``|w * g|`` (a first-order
-Taylor estimate of the loss change when the group is removed).
+Taylor estimate of the loss change when the group is removed). ``sq_gradient_l1`` is the sum over
+the group of the squared gradients accumulated since the masks last changed (PruneFL's score,
+Jiang et al., arXiv 1909.12326; see :class:`~lightning_fedprune.baselines.PruneFL`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ IMPORTANCE: tuple[str, ...] = (
     "momentum_l1",
     "momentum_l2",
     "weight_x_gradient",
+    "sq_gradient_l1",
 )
-SOURCES: tuple[str, ...] = ("weight", "gradient", "momentum", "weight_x_gradient")
+SOURCES: tuple[str, ...] = ("weight", "gradient", "momentum", "weight_x_gradient", "sq_gradient")
 
 
 def parse_importance(name: str) -> tuple[str, str]:
@@ -72,11 +75,13 @@ def importance_source(
     weight: Tensor,
     gradient: Tensor | None = None,
     momentum: Tensor | None = None,
+    sq_gradient: Tensor | None = None,
 ) -> Tensor:
     """The elementwise tensor scored by importance ``name`` (same shape as ``weight``).
 
     ``weight_*`` -> ``weight``; ``gradient_*`` -> ``gradient``; ``momentum_*`` -> ``momentum``;
-    ``weight_x_gradient`` -> ``|weight * gradient|``. The result is detached; it may share
+    ``weight_x_gradient`` -> ``|weight * gradient|``; ``sq_gradient_l1`` -> ``sq_gradient`` (the
+    accumulated squared gradients). The result is detached; it may share
     memory with the input (it is never written to).
 
     Raises:
@@ -99,17 +104,14 @@ def importance_source(
         return _check_stat(gradient, "gradient", name, weight)
     if source == "momentum":
         return _check_stat(momentum, "momentum", name, weight)
+    if source == "sq_gradient":
+        return _check_stat(sq_gradient, "sq_gradient", name, weight)
     grad = _check_stat(gradient, "gradient", name, weight)
     return torch.mul(weight.detach(), grad).abs_()
 
 
-def group_scores(
-    name: str,
-    pattern: str,
-    weight: Tensor,
-    gradient: Tensor | None = None,
-    momentum: Tensor | None = None,
-) -> Tensor:
+def group_scores(name: str, pattern: str, weight: Tensor, gradient: Tensor | None = None,
+                 momentum: Tensor | None = None, sq_gradient: Tensor | None = None) -> Tensor:
     """Per-group importance scores (1-D, group order of ``pattern``).
 
     ``group_reduce(importance_source(name, ...), pattern, norm)``.
@@ -122,4 +124,4 @@ def group_scores(
         tensor([5., 1.])
     """
     _, norm = parse_importance(name)
-    return group_reduce(importance_source(name, weight, gradient, momentum), pattern, norm)
+    return group_reduce(importance_source(name, weight, gradient, momentum, sq_gradient), pattern, norm)

@@ -113,11 +113,14 @@ class Freeze:
 
 @dataclass(frozen=True)
 class Allocation:
-    """Adaptive per-layer sparsity (see :func:`~lightning_fedprune.pruning.allocation.adaptive_allocation`)."""
+    """Adaptive per-layer sparsity: ``method="power"`` is
+    :func:`~lightning_fedprune.pruning.allocation.adaptive_allocation`, ``"global"`` is
+    :func:`~lightning_fedprune.pruning.allocation.global_allocation` (``temperature`` unused)."""
 
     max_layer_sparsity: float = 0.9
     temperature: float = 1.0
     normalize: str = "fan_in"
+    method: str = "power"
 
 
 #: The callback that contributes each part (named in messages and in the checkpoint's configuration).

@@ -40,9 +40,11 @@ class PruningState:
         self.phase: Phase = Phase.DENSE
         self.frozen: bool = False
         self.permanent: bool = False
-        # server-side importance statistics (no traffic): last pseudo-gradient and its EMA
+        # server-side importance statistics (no traffic): last pseudo-gradient and its EMA, and the squared
+        # pseudo-gradients accumulated since the masks last changed (``sq_gradient_l1``, PruneFL's score)
         self.gradient: dict[str, Tensor] = {}
         self.momentum: dict[str, Tensor] = {}
+        self.sq_gradient: dict[str, Tensor] = {}
         self.momentum_beta: float = 0.9
         self.last_update_round: int = -1
         self.last_change = MaskChange()  # what this round's recomputation did (zeros when none ran)
@@ -116,6 +118,11 @@ class PruningState:
         need = self.needs_statistics
         if need == "gradient" or (need == "momentum" and self.momentum_source == "ema"):
             self.observe_pseudo_gradient(pseudo_gradient, self.targets)
+        elif need == "sq_gradient":
+            for name in self.targets:  # pruned entries get a zero pseudo-gradient: their sum stays as it was
+                g = pseudo_gradient[name].detach()
+                prev = self.sq_gradient.get(name)
+                self.sq_gradient[name] = g * g if prev is None else prev + g * g
 
     def make_permanent(self, params: dict[str, Tensor]) -> None:
         """Drop the pruned values from the global model (exact zeros): the masks can no longer change."""
@@ -125,9 +132,12 @@ class PruningState:
 
     @property
     def needs_statistics(self) -> str | None:
-        """Which server-side statistic the importance needs: ``"gradient"``, ``"momentum"`` or None."""
+        """Which server-side statistic the importance needs: ``"gradient"``, ``"momentum"``, ``"sq_gradient"``
+        or None."""
         if self.importance.startswith("momentum"):
             return "momentum"
+        if self.importance.startswith("sq_gradient"):
+            return "sq_gradient"
         if self.importance.startswith("gradient") or self.importance == "weight_x_gradient":
             return "gradient"
         return None
@@ -139,18 +149,20 @@ class PruningState:
 
         Uniform allocation gives every layer ``sparsity``; adaptive allocation (when configured)
         distributes it by layer importance. Kept and pruned entries are ranked together, so a
-        pruned entry whose (stale) score now beats a kept one comes back.
+        pruned entry whose (stale) score now beats a kept one comes back. The accumulated squared
+        gradients (``sq_gradient_l1``) restart from zero for the entries kept by the new masks; pruned
+        entries keep the sum of the window in which they were last kept.
         """
-        from lightning_fedprune.pruning.allocation import adaptive_allocation, layer_importance, uniform_allocation
-        from lightning_fedprune.pruning.importance import group_scores, importance_source
+        from lightning_fedprune.pruning.importance import group_scores
         from lightning_fedprune.pruning.patterns import expand_groups, mask_from_scores
 
         momentum = server_momentum if self.momentum_source == "server_optimizer" else self.momentum
-        sources: dict[str, tuple[Tensor, Tensor | None, Tensor | None]] = {}
+        sources: dict[str, tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]] = {}
         for name in self.targets:
             w = params[name].detach()
             g = self.gradient.get(name)
             m = momentum.get(name) if momentum else None
+            sq = self.sq_gradient.get(name)
             if self.needs_statistics == "gradient" and g is None:
                 raise RuntimeError(
                     f"importance {self.importance!r} needs a server-side gradient for {name!r}, but no round has been "
@@ -158,26 +170,18 @@ class PruningState:
                 )
             if self.needs_statistics == "momentum" and m is None:
                 raise RuntimeError(f"importance {self.importance!r} has no momentum for {name!r} yet; start pruning at round >= 1.")
-            sources[name] = (w, g, m)
-        sizes = {n: params[n].numel() for n in self.targets}
-        if self.allocation is None or sparsity == 0.0:
-            per_layer = uniform_allocation(sizes, sparsity)
-        else:
-            imp = {
-                n: layer_importance(importance_source(self.importance, *sources[n]), params[n].shape,
-                                    normalize=self.allocation.get("normalize", "fan_in"))
-                for n in self.targets
-            }
-            per_layer = adaptive_allocation(imp, sizes, sparsity,
-                                            max_layer_sparsity=self.allocation["max_layer_sparsity"],
-                                            temperature=self.allocation.get("temperature", 1.0))
+            if self.needs_statistics == "sq_gradient" and sq is None:
+                raise RuntimeError(f"importance {self.importance!r} has no accumulated squared gradient for {name!r} yet; "
+                                   "start pruning at round >= 1.")
+            sources[name] = (w, g, m, sq)
+        scores = {n: group_scores(self.importance, self.patterns.get(n, self.pattern), *sources[n]) for n in self.targets}
+        per_layer = self._allocate(params, sources, scores, sparsity)
         change = MaskChange()
         new_masks: dict[str, Tensor] = {}
         new_kept: dict[str, int] = {}
         for name in self.targets:
             pattern = self.patterns.get(name, self.pattern)
-            scores = group_scores(self.importance, pattern, *sources[name])
-            keep = mask_from_scores(scores, per_layer[name])
+            keep = mask_from_scores(scores[name], per_layer[name])
             mask = expand_groups(keep, pattern, params[name].shape)
             kept_new = int(keep.sum()) * (mask.numel() // keep.numel())  # every group has the same size
             old = self.masks.get(name)
@@ -191,6 +195,7 @@ class PruningState:
             new_masks[name] = mask
             new_kept[name] = kept_new
         change.flips = change.restored + change.pruned
+        self.sq_gradient = {n: acc.masked_fill(new_masks[n], 0) if n in new_masks else acc for n, acc in self.sq_gradient.items()}
         self.masks = new_masks
         self._kept = new_kept
         self.patterns = {n: self.patterns.get(n, self.pattern) for n in self.targets}
@@ -199,6 +204,31 @@ class PruningState:
         self.last_update_round = int(round)
         change.sparsity = self.sparsity()
         return change
+
+    def _allocate(self, params: dict[str, Tensor], sources: dict[str, tuple[Tensor, ...]], scores: dict[str, Tensor],
+                  sparsity: float) -> dict[str, float]:
+        """Per-layer sparsity: uniform, or the plan's adaptive allocation (power law or global ranking)."""
+        from lightning_fedprune.pruning.allocation import (
+            adaptive_allocation,
+            global_allocation,
+            layer_importance,
+            uniform_allocation,
+        )
+        from lightning_fedprune.pruning.importance import importance_source, parse_importance
+
+        sizes = {n: params[n].numel() for n in self.targets}
+        alloc = self.allocation
+        if alloc is None or sparsity == 0.0:
+            return uniform_allocation(sizes, sparsity)
+        normalize = alloc.get("normalize", "fan_in")
+        if alloc.get("method", "power") == "global":
+            return global_allocation(scores, {n: params[n].shape for n in self.targets}, sparsity,
+                                     max_layer_sparsity=alloc["max_layer_sparsity"],
+                                     norm=parse_importance(self.importance)[1], normalize=normalize)
+        imp = {n: layer_importance(importance_source(self.importance, *sources[n]), params[n].shape, normalize=normalize)
+               for n in self.targets}
+        return adaptive_allocation(imp, sizes, sparsity, max_layer_sparsity=alloc["max_layer_sparsity"],
+                                   temperature=alloc.get("temperature", 1.0))
 
     # ------------------------------------------------------------------ queries
     def _kept_count(self, name: str) -> int:
@@ -257,6 +287,7 @@ class PruningState:
             "permanent": self.permanent,
             "gradient": {n: t.clone() for n, t in self.gradient.items()},
             "momentum": {n: t.clone() for n, t in self.momentum.items()},
+            "sq_gradient": {n: t.clone() for n, t in self.sq_gradient.items()},
             "momentum_beta": self.momentum_beta,
             "last_update_round": self.last_update_round,
         }
@@ -272,5 +303,6 @@ class PruningState:
         self.permanent = bool(state["permanent"])
         self.gradient = {n: t.clone() for n, t in state["gradient"].items()}
         self.momentum = {n: t.clone() for n, t in state["momentum"].items()}
+        self.sq_gradient = {n: t.clone() for n, t in state.get("sq_gradient", {}).items()}  # older checkpoints: none
         self.momentum_beta = float(state["momentum_beta"])
         self.last_update_round = int(state["last_update_round"])

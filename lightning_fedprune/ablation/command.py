@@ -1,0 +1,103 @@
+"""``fedprune ablate``: run a grid of ``fedprune fit`` cells, analyse them, write results.json, the page and the figure.
+
+    fedprune ablate --config examples/ablation/grid.yaml --jobs 2
+    fedprune ablate --config examples/ablation/grid.yaml --full --jobs 16
+    fedprune ablate --config examples/ablation/grid.yaml --report_only      # re-render from the finished cells
+    fedprune ablate --config examples/ablation/grid.yaml --dry_run          # list the cells, run nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lightning_fedprune.ablation.analysis import analyse
+from lightning_fedprune.ablation.grid import load_grid
+from lightning_fedprune.ablation.report import machine_info, make_figure, write_page
+from lightning_fedprune.ablation.runner import GridRunner, RunStats, cell_done, read_json
+from lightning_fedprune.validation import check_float, check_int
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedprune ablate",
+        description="Run a grid of `fedprune fit` cells (configurations x seeds on one base config), resumably; "
+                    "then write results.json, the results page and its figure from whatever cells have finished.")
+    parser.add_argument("--config", required=True, help="the grid YAML (e.g. examples/ablation/grid.yaml)")
+    parser.add_argument("--full", action="store_true", help="use the grid's `full` section (a bigger machine)")
+    parser.add_argument("--jobs", type=int, default=None, help="cells run in parallel (default: the grid's `jobs`, 1)")
+    parser.add_argument("--cell_timeout", type=float, default=None,
+                        help="seconds before a cell is stopped and counted as failed (default: the grid's, 3600)")
+    parser.add_argument("--out", default=None, help="folder of the cells (default: the grid's `out`)")
+    parser.add_argument("--page", default=None, help="the results page to write (default: the grid's `page`; "
+                                                     "results.json goes next to it)")
+    parser.add_argument("--figure", default=None, help="the figure to write (default: the grid's `figure`)")
+    parser.add_argument("--only", default=None, help="run only cells whose '<configuration>/seed<k>' contains this")
+    parser.add_argument("--min_difference", type=float, default=0.005,
+                        help="smallest metric difference that can count as clear (default 0.005)")
+    parser.add_argument("--report_only", action="store_true", help="run nothing; re-render from the finished cells")
+    parser.add_argument("--dry_run", action="store_true", help="list the cells and what is finished; run nothing")
+    return parser
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def clean(v: Any) -> Any:  # JSON has no NaN
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    path.write_text(json.dumps(clean(value), indent=2) + "\n")
+
+
+def ablate_main(args: list[str]) -> int:
+    """Run ``fedprune ablate`` with ``args``; returns the exit code (1 when a cell failed, 130 when interrupted)."""
+    ns = _parser().parse_args(args)
+    grid = load_grid(ns.config, full=ns.full)
+    for name in ("out", "page", "figure"):
+        if getattr(ns, name) is not None:
+            setattr(grid, name, Path(getattr(ns, name)))
+    jobs = check_int(ns.jobs if ns.jobs is not None else grid.jobs, "--jobs", min=1)
+    timeout = check_float(ns.cell_timeout if ns.cell_timeout is not None else grid.cell_timeout, "--cell_timeout",
+                          min=0, min_open=True)
+    min_difference = check_float(ns.min_difference, "--min_difference", min=0)
+    command = "fedprune ablate " + " ".join(args)
+    if ns.dry_run:
+        from lightning_fedprune.ablation.grid import config_hash
+
+        cells = grid.cells()
+        for cell in cells:
+            done = cell_done(cell, config_hash(grid.cell_config(cell)))
+            print(f"{'done ' if done else 'to do'}  {cell.key}")
+        print(f"{len(cells)} cells ({len(grid.configurations)} configurations x {len(grid.seeds)} seeds) in {grid.out}")
+        return 0
+    runs_path = grid.out / "runs.json"
+    runs = (read_json(runs_path) or {}).get("runs", [])
+    code = 0
+    if not ns.report_only:
+        stats = RunStats(started=dt.datetime.now().astimezone().isoformat(timespec="seconds"), jobs=jobs, command=command)
+        GridRunner(grid, jobs=jobs, cell_timeout=timeout, only=ns.only).run(stats)
+        stats.finished = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        runs.append({**stats.to_dict(), "machine": machine_info()})
+        _write_json(runs_path, {"runs": runs})
+        code = 130 if stats.interrupted else 1 if stats.cells_failed else 0
+    results = analyse(grid, min_difference=min_difference)
+    results.update(generated=dt.datetime.now().astimezone().isoformat(timespec="seconds"), command=command, runs=runs)
+    figure = make_figure(grid, results, grid.figure)
+    write_page(grid, results, runs, command, grid.page, figure)
+    results_path = grid.page.with_suffix(".json")
+    _write_json(results_path, results)
+    for f in results["findings"]:
+        print(f"finding {f['number']}: {f['verdict']:<12} {f['claim']}")
+    print(f"wrote {grid.page}, {results_path}" + (f" and {figure}" if figure else "")
+          + (f"; {len(results['missing'])} cell(s) missing" if results["missing"] else ""))
+    return code

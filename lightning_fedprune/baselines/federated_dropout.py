@@ -1,0 +1,129 @@
+"""Federated Dropout (Caldas et al. 2018, arXiv 1812.07210) as a server strategy.
+
+Every round each client trains its own random structured sub-model: of every selected weight a
+fraction ``rate`` of the pattern's groups (columns by default: input features of an ``nn.Linear``) is
+dropped, drawn afresh for every client and round. The server keeps the full model and merges the
+sub-models into it: an entry is the weighted mean over the clients that trained it, and keeps its
+server value when none did. The sub-models travel in the same wire format as pruned models (the kept
+blocks plus an index) and train as compact layers on the clients, so bytes and client size are
+measured exactly as for Federated Pruning.
+
+It is built on :meth:`Strategy.client_masks <lightning_fedprune.federated.strategy.Strategy.client_masks>`:
+the dropped groups are a pure function of the client's derived seed, and may be combined with the
+pruning state's masks (groups are then dropped among the kept ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_fedprune.federated.protocol import ClientResult
+from lightning_fedprune.federated.strategy import Aggregate, FedAvg
+from lightning_fedprune.pruning.patterns import (
+    PATTERNS,
+    check_pattern,
+    expand_groups,
+    groups_from_mask,
+    num_groups,
+    num_to_prune,
+)
+from lightning_fedprune.pruning.plan import Selection
+from lightning_fedprune.validation import check_choice, check_float, check_regex
+
+#: mixed into the client's seed so the dropout draw is independent of the client's data order
+_DROPOUT_STREAM = 0x5EED_D80
+
+
+class FederatedDropout(FedAvg):
+    """Federated Dropout: each client trains a random structured sub-model; the server merges them.
+
+    Args:
+        rate: fraction of each selected weight's groups a client drops, in ``[0, 1)`` (Caldas et al.
+            use 0.25-0.5); ``round(rate * groups)`` are dropped (Python rounding, as pruning counts groups), the same number for every client.
+        pattern: the group dropped together (``"column"``: an input feature of an ``nn.Linear``, as
+            Federated Pruning's column pattern; any registered pattern).
+        parameters: regular expression (``re.fullmatch``) of the weights that get sub-models; default
+            every parameter with 2 or more dimensions.
+        exclude: optional regular expression of names to leave whole.
+        server_lr: FedAvg's server learning rate (1 = the merged average itself).
+    """
+
+    def __init__(self, rate: float = 0.5, pattern: str = "column", parameters: str | None = None,
+                 exclude: str | None = None, server_lr: float = 1.0) -> None:
+        super().__init__(server_lr)
+        self.rate = check_float(rate, "rate", min=0, max=1, max_open=True)
+        self.pattern = check_choice(pattern, "pattern", PATTERNS)
+        check_regex(parameters, "parameters")
+        check_regex(exclude, "exclude")
+        self.parameters = parameters
+        self.exclude = exclude
+        self._targets: list[str] | None = None
+        # this round's sub-models, for the merge: client id -> masks, and the server's values
+        self._issued: dict[int, dict[str, Tensor]] = {}
+        self._round = -1
+        self._server: dict[str, Tensor] = {}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "strategy": "federated_dropout", "rate": self.rate, "pattern": self.pattern,
+                "parameters": self.parameters, "exclude": self.exclude}
+
+    def targets(self, params: dict[str, Tensor]) -> list[str]:
+        """The names that get sub-models (resolved once, as the pruning selection is)."""
+        if self._targets is None:
+            shapes = [(n, tuple(p.shape)) for n, p in params.items()]
+            self._targets = Selection(self.pattern, parameters=self.parameters, exclude=self.exclude).resolve(shapes)
+            for name in self._targets:
+                check_pattern(self.pattern, params[name].shape, name=name)
+        return self._targets
+
+    def client_masks(self, round: int, client_id: int, seed: int, masks: dict[str, Tensor], patterns: dict[str, str],
+                     params: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]] | None:
+        """The client's sub-model: ``round(rate * groups)`` groups of every target dropped at random (among
+        the groups the pruning state keeps, when it prunes the tensor with the same pattern)."""
+        if self.rate == 0.0:
+            return None
+        if round != self._round:
+            self._round, self._issued, self._server = round, {}, {}
+        generator = torch.Generator().manual_seed((seed ^ _DROPOUT_STREAM) & 0x7FFF_FFFF_FFFF_FFFF)
+        out_masks, out_patterns = dict(masks), dict(patterns)
+        for name in self.targets(params):
+            shape = params[name].shape
+            if name in masks and patterns.get(name) != self.pattern:
+                raise ValueError(f"FederatedDropout(pattern={self.pattern!r}) cannot drop groups of {name!r}, which is "
+                                 f"pruned with pattern {patterns.get(name)!r}: use the same pattern.")
+            kept = groups_from_mask(masks[name], self.pattern) if name in masks \
+                else torch.ones(num_groups(self.pattern, shape), dtype=torch.bool)
+            candidates = kept.nonzero().reshape(-1)
+            drop = num_to_prune(self.rate, candidates.numel())
+            flags = kept.clone()
+            flags[candidates[torch.randperm(candidates.numel(), generator=generator)[:drop]]] = False
+            out_masks[name] = expand_groups(flags, self.pattern, shape)
+            out_patterns[name] = self.pattern
+            self._server.setdefault(name, params[name].detach().clone())
+        self._issued[client_id] = out_masks
+        return out_masks, out_patterns
+
+    def aggregate(self, results: Sequence[ClientResult], states: Sequence[dict[str, Tensor] | None],
+                  names: Sequence[str]) -> Aggregate:
+        """FedAvg's aggregate, then every sub-modelled tensor merged entry by entry: the weighted mean over
+        the clients that trained the entry (their decoded states hold zeros where they did not), the
+        server's value where no client did."""
+        agg = super().aggregate(results, states, names)
+        if not agg.ok or not self._issued:
+            return agg
+        for name in self._server:
+            num = torch.zeros_like(self._server[name])
+            den = torch.zeros_like(self._server[name])
+            for i in agg.ok:
+                r = results[i]
+                if r.round != self._round or r.client_id not in self._issued:
+                    raise RuntimeError(f"FederatedDropout has no sub-model of client {r.client_id} in round {r.round}.")
+                mask = self._issued[r.client_id][name]
+                num.add_(states[i][name], alpha=r.weight)
+                den.add_(mask.to(den.dtype), alpha=r.weight)
+            agg.average[name] = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), self._server[name])
+        return agg
