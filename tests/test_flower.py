@@ -80,6 +80,22 @@ def test_flower_run_equals_in_process_and_counts_message_bytes(tmp_path):
     assert job.payload.encoded.nbytes == ref_summary.bytes_down / 5
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_payloads_on_flower_equal_in_process(bits, tmp_path):
+    """payload_bits: int codes + per-row scales travel as Arrays; the node's stochastic rounding is seeded by the
+    client's seed and the server's error feedback lives on the server, so Flower equals in-process bit for bit."""
+    config = small_quickstart(tmp_path, rounds=4, payload_bits=bits)
+    ref = fit_in_process(config)
+    flower, grid = fit_on_flower(config, nodes=2)
+    assert_same_model(ref, flower)
+    job = messages.read_job(grid.jobs[-1].content)
+    quantised = [enc for _, enc in job.payload.encoded.items() if enc.quant is not None]
+    assert quantised and all(enc.quant == bits for enc in quantised)
+    reply = messages.payload_from_record(grid.pulled[-1].content[messages.ARRAYS],
+                                         grid.pulled[-1].content[messages.CONFIG]["spec"])
+    assert any(enc.quant == bits for _, enc in reply.items())
+
+
 def test_resumed_flower_run_continues_the_same_sequence(tmp_path):
     config = small_quickstart(tmp_path, rounds=6)
     ref = fit_in_process(config)
