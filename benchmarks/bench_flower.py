@@ -19,6 +19,10 @@ medians over the repetitions, and the ratios are printed.
 
     python benchmarks/bench_flower.py
     python benchmarks/bench_flower.py --quick
+    python benchmarks/bench_flower.py --model small   # MLP 32-128-10: the per-client overhead goal (issue 14)
+
+A fourth run, the plain loop (the same steps, nothing else), is the compute floor: each engine's overhead
+per client outside the local steps is (its round - the plain round) / 10, paired by repetition.
 """
 
 from __future__ import annotations
@@ -46,8 +50,22 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 CLIENTS, STEPS, BATCH = 10, 20, 32
-TASK = {"in_dim": 64, "hidden": 256, "num_classes": 10, "depth": 3, "lr": 0.05}
-DATA = {"num_samples": CLIENTS * 320, "dim": 64, "num_classes": 10, "noise": 2.0, "seed": 0}
+#: --model: (in_dim, hidden, depth) of the MLP; "small" is the 32-128-10 MLP of the per-client overhead goal
+MODELS = {"main": (64, 256, 3), "small": (32, 128, 1)}
+TASK: dict = {}
+DATA: dict = {}
+
+
+def configure(model: str) -> None:
+    """Set the task and data of ``model``; Ray's workers import this module and read the same choice from the
+    environment (they inherit it from this process)."""
+    os.environ["BENCH_FLOWER_MODEL"] = model
+    in_dim, hidden, depth = MODELS[model]
+    TASK.update(in_dim=in_dim, hidden=hidden, num_classes=10, depth=depth, lr=0.05)
+    DATA.update(num_samples=CLIENTS * 320, dim=in_dim, num_classes=10, noise=2.0, seed=0)
+
+
+configure(os.environ.get("BENCH_FLOWER_MODEL", "main"))
 
 
 def write_config(folder: Path, rounds: int) -> Path:
@@ -179,6 +197,30 @@ def plain_client(cid: int):
     return PlainClient()
 
 
+def run_plain_loop(rounds: int) -> float:
+    """The compute alone: the same clients' 20 SGD steps in a plain torch loop, one model, nothing copied,
+    averaged or logged (the floor every engine's round time is compared with)."""
+    torch.set_num_threads(1)
+    model, data = make_mlp(), client_data()
+    model.train()
+    ends = []
+    for rnd in range(rounds):
+        for cid in range(CLIENTS):
+            opt = torch.optim.SGD(model.parameters(), lr=TASK["lr"])
+            steps = 0
+            while steps < STEPS:
+                for x, y in data.client_loader(cid, seed=rnd * CLIENTS + cid + steps):
+                    loss = F.cross_entropy(model(x), y)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    if steps == STEPS:
+                        break
+        ends.append(time.perf_counter())
+    return per_round(ends)
+
+
 def run_flower_fedavg(rounds: int) -> float:
     from flwr.clientapp import ClientApp
     from flwr.common import ndarrays_to_parameters
@@ -215,21 +257,27 @@ def main() -> None:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8, help="rounds per run (the first two are dropped)")
     parser.add_argument("--reps", type=int, default=3, help="runs of each engine (alternating)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="main",
+                        help="main: MLP 64-3x256-10; small: MLP 32-1x128-10 (the per-client overhead goal's)")
     args = parser.parse_args()
+    configure(args.model)
     if args.quick:
         args.rounds, args.reps = 4, 1
     torch.set_num_threads(1)
     quiet_lightning()
-    header("Flower: per-round time of 10 clients x 20 steps, in-process vs FlowerExecutor vs Flower FedAvg", args)
+    header(f"Flower: per-round time of 10 clients x 20 steps of MLP {TASK['in_dim']}-{TASK['depth']}x{TASK['hidden']}-10, "
+           "in-process vs FlowerExecutor vs Flower FedAvg (and the plain loop)", args)
     with tempfile.TemporaryDirectory() as tmp:
         config = write_config(Path(tmp), args.rounds)
         times = alternate({"in-process": lambda: run_in_process(config),
                            "FlowerExecutor": lambda: run_flower_executor(config),
-                           "Flower FedAvg": lambda: run_flower_fedavg(args.rounds)}, args.reps)
-    ours, flower, fedavg = (times[k] for k in ("in-process", "FlowerExecutor", "Flower FedAvg"))
+                           "Flower FedAvg": lambda: run_flower_fedavg(args.rounds),
+                           "plain loop": lambda: run_plain_loop(args.rounds)}, args.reps)
+    ours, flower, fedavg, plain = (times[k] for k in ("in-process", "FlowerExecutor", "Flower FedAvg", "plain loop"))
     print(table([["in-process (sequential)", median(ours), min(ours), max(ours)],
                  ["FlowerExecutor, Flower simulation", median(flower), min(flower), max(flower)],
-                 ["Flower FedAvg + NumPyClient, Flower simulation", median(fedavg), min(fedavg), max(fedavg)]],
+                 ["Flower FedAvg + NumPyClient, Flower simulation", median(fedavg), min(fedavg), max(fedavg)],
+                 ["plain torch loop, same steps (compute only)", median(plain), min(plain), max(plain)]],
                 ["engine", "s / round (median)", "min", "max"]))
     # ratios within a repetition (its three runs ran minutes apart at most), then their median: a load that
     # changes between repetitions moves both sides of a pair alike
@@ -239,6 +287,16 @@ def main() -> None:
         pairs = [x / y for x, y in zip(a, b)]
         print(f"RATIO {name}: {median(pairs):.3f} (median of the repetitions' ratios "
               f"{', '.join(f'{r:.2f}' for r in pairs)}; ratio of the medians {median(a) / median(b):.3f})")
+    # overhead per client outside the local steps: (engine round - plain round) / clients, paired by repetition
+    over = {name: [(x - y) / CLIENTS * 1e3 for x, y in zip(t, plain)]
+            for name, t in [("in-process", ours), ("FlowerExecutor", flower), ("Flower FedAvg + NumPyClient", fedavg)]}
+    for name, values in over.items():
+        print(f"OVERHEAD per client outside the local steps, {name}: {median(values):.3f} ms "
+              f"(repetitions {', '.join(f'{v:.3f}' for v in values)})")
+    ratio = [f / o for f, o in zip(over["Flower FedAvg + NumPyClient"], over["in-process"]) if o > 0]
+    if ratio:
+        print(f"RATIO Flower FedAvg's per-client overhead / in-process's: {median(ratio):.1f}x "
+              f"(goal >= 40x; repetitions {', '.join(f'{r:.1f}' for r in ratio)})")
 
 
 if __name__ == "__main__":

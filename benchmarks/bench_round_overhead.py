@@ -51,8 +51,10 @@ SIZES = {
     "mlp 64-3x256-10": (64, 256, 3),
     "mlp 32-2x64-10 (tiny)": (32, 64, 2),
     "mlp 64-3x1024-10 (larger)": (64, 1024, 3),
+    "mlp 32-1x128-10 (per-client goal)": (32, 128, 1),
 }
 GOAL = 1.05
+CLIENT_GOAL_MS = 0.5  # overhead per client outside the local steps, MLP 32-128-10 (issue 14; Flower's: ~25 ms)
 
 
 class RoundTimer(pl.Callback):
@@ -201,24 +203,29 @@ def breakdown(setup: Setup, reps: int) -> None:
     perf_counter accumulators (one instrumented fit per rep, median per piece, ms per round)."""
     import lightning_fedprune.federated.client as client_mod
     import lightning_fedprune.federated.module as module_mod
-    from lightning_fedprune.federated.client import ClientRunner
+    from lightning_fedprune.federated.client import ClientLog, ClientRunner
+    from lightning_fedprune.federated.data import ClientDataSource
     from lightning_fedprune.federated.executors import SequentialExecutor
-    from lightning_fedprune.federated.protocol import ClientResult
+    from lightning_fedprune.federated.strategy import FedAvg
 
     acc: dict[str, float] = {}
     targets = [
         (SequentialExecutor, "run", "executor.run (all clients)"),
         (ClientRunner, "run", "  ClientRunner.run (per client, summed)"),
-        (torch, "manual_seed", "    torch.manual_seed (client seeding)"),
+        (ClientRunner, "_train", "    _train (run minus _train = seeding + rng restore)"),
+        (ClientRunner, "_read", "    _read (decode the broadcast, once per round)"),
         (ClientRunner, "_load", "    _load (copy global weights in)"),
-        (ClientRunner, "_configure_optimizers", "    configure_optimizers"),
+        (ClientRunner, "_fresh_optimizers", "    _fresh_optimizers (optimiser reset)"),
+        (ClientDataSource, "client_loader", "    client_loader (loader construction)"),
         (ClientRunner, "_loop", "    _loop (the K local steps)"),
-        (ClientResult, "check_finite", "    check_finite (NaN/Inf scan)"),
+        (ClientLog, "log", "      ClientLog.log (the task's self.log, per step)"),
+        (ClientLog, "results", "    ClientLog.results (logged values reduced)"),
         (client_mod, "encode_state", "    encode_state (upload)"),
         (module_mod, "decode_state", "decode_state (server, uploads)"),
         (module_mod.FederatedLightningModule, "build_payload", "build_payload (incl. broadcast encoding)"),
-        (module_mod.FederatedLightningModule, "_server_step", "_server_step (FedAvg + server optimiser)"),
-        (module_mod.FederatedLightningModule, "_log_round", "_log_round (8 self.log calls)"),
+        (FedAvg, "aggregate", "strategy.aggregate (weighted average)"),
+        (FedAvg, "step", "strategy.step (server optimiser step)"),
+        (module_mod.FederatedLightningModule, "_log_round", "_log_round (round metrics to Lightning)"),
     ]
     originals = []
     for obj, attr, label in targets:
@@ -248,7 +255,8 @@ def breakdown(setup: Setup, reps: int) -> None:
     finally:
         for obj, attr, fn in originals:
             setattr(obj, attr, fn)
-    print(f"\n-- time per round by engine piece (instrumented, mean over {setup.R} rounds incl. the first, median of {reps} fits) --")
+    print(f"\n-- MLP {setup.in_dim}-{setup.depth}x{setup.hidden}-10: time per round by engine piece (instrumented, mean over "
+          f"{setup.R} rounds incl. the first, median of {reps} fits; per client: divide by {setup.C}) --")
     rows = [["whole round (on_fed_round_start -> on_fed_round_end)", median(rounds_ms)]]
     rows += [[label, median(v)] for label, v in per.items()]
     rows.append(["plain reference loop, one round (for comparison with _loop)", median(plain_ms)])
@@ -284,6 +292,8 @@ def main() -> None:
     sizes = dict(list(SIZES.items())[:1]) if args.quick else SIZES
     rows = []
     main_ratio = None
+    tiny_ratio = None
+    client_ms = None
     for label, (in_dim, hidden, depth) in sizes.items():
         setup = Setup(in_dim, hidden, depth, args.clients, args.steps, args.batch, rounds)
         print(f"\n-- {label}: C={args.clients} clients x K={args.steps} steps, batch {args.batch}, {rounds} rounds per fit, "
@@ -294,16 +304,28 @@ def main() -> None:
         r_hand = res["ours"]["round"] / res["fedavg_by_hand"]["round"]
         if main_ratio is None:
             main_ratio = r_round
+        if "tiny" in label:
+            tiny_ratio = r_round
         per_step_us = (res["ours"]["round"] - res["plain"]["round"]) / (args.clients * args.steps) * 1e6
+        per_client_ms = (res["ours"]["round"] - res["plain"]["round"]) / args.clients * 1e3
+        if "per-client" in label:
+            client_ms = per_client_ms
         rows.append([label, res["ours"]["round"] * 1e3, res["plain"]["round"] * 1e3, res["fedavg_by_hand"]["round"] * 1e3,
-                     r_round, r_hand, per_step_us, res["ours"]["fit"], res["plain"]["fit"], r_fit, load()])
+                     r_round, r_hand, per_step_us, per_client_ms, res["ours"]["fit"], res["plain"]["fit"], r_fit, load()])
     print()
     print(table(rows, ["model", "ours ms/round", "plain ms/round", "by-hand ms/round", "ratio round (ours/plain)",
-                       "ours/by-hand", "overhead us/step", "ours fit s", "plain fit s", "ratio whole fit", "load"]))
+                       "ours/by-hand", "overhead us/step", "overhead ms/client", "ours fit s", "plain fit s",
+                       "ratio whole fit", "load"]))
     verdict("P1 per-round ratio ours/plain (main size)", main_ratio, GOAL)
+    if tiny_ratio is not None:
+        verdict("P1 per-round ratio ours/plain (tiny MLP)", tiny_ratio, GOAL)
+    if client_ms is not None:
+        verdict("overhead per client outside the local steps (MLP 32-128-10)", client_ms, CLIENT_GOAL_MS, unit=" ms")
     if not args.no_profile:
         in_dim, hidden, depth = next(iter(sizes.values()))
         breakdown(Setup(in_dim, hidden, depth, args.clients, args.steps, args.batch, rounds), 2 if args.quick else 5)
+        if not args.quick:  # the per-client goal's model: where its overhead goes
+            breakdown(Setup(*SIZES["mlp 32-1x128-10 (per-client goal)"], args.clients, args.steps, args.batch, rounds), 5)
         profile_ours(Setup(in_dim, hidden, depth, args.clients, args.steps, args.batch, rounds), 25 if not args.quick else 12)
 
 

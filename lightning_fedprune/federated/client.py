@@ -360,6 +360,7 @@ class ClientOptimizer:
         self._optimizer = optimizer
         self._runner = runner
         self._masked = MaskedDense()
+        self._closure_once = _evaluates_closure_once(optimizer)  # the optimiser's class never changes
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -392,7 +393,7 @@ class ClientOptimizer:
             if not runner.automatic or result is not None:
                 out = scaler.step(self._optimizer, **kwargs)
                 scaler.update()
-        elif not _evaluates_closure_once(self._optimizer):  # e.g. LBFGS, SAM: hand the closure over, as Lightning does
+        elif not self._closure_once:  # e.g. LBFGS, SAM: hand the closure over, as Lightning does
             def wrapped() -> Any:
                 result = closure() if closure is not None else None
                 runner.after_closure(self)
