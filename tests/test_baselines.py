@@ -22,13 +22,14 @@ TARGETS = r"body\.0\.weight|head\.weight"
 
 
 def _mlp_run(strategy=None, callbacks=(), rounds=1, clients=2, local_steps=1, batch_size=60, shuffle=False, seed=0,
-             **trainer_kwargs):
+             payload_bits=None, **trainer_kwargs):
     torch.manual_seed(seed)
     task = MLPClassifier(in_dim=8, hidden=16, num_classes=3, depth=1, lr=0.2)
     init = params_of(task)
     dm = FederatedDataModule(GaussianMixtureDataset(60 * clients, dim=8, num_classes=3), num_clients=clients,
                              batch_size=batch_size, shuffle=shuffle)
-    fed = FederatedLightningModule(task, clients_per_round=clients, local_steps=local_steps, strategy=strategy)
+    fed = FederatedLightningModule(task, clients_per_round=clients, local_steps=local_steps, strategy=strategy,
+                                   payload_bits=payload_bits)
     quiet_trainer(max_steps=rounds, callbacks=list(callbacks), **trainer_kwargs).fit(fed, datamodule=dm)
     return fed, dm, init
 
@@ -101,6 +102,31 @@ def test_dropout_merge_is_the_per_entry_mean_over_the_clients_that_trained_it():
     # an entry no client trained keeps its server value: both clients dropped a column here
     both = ~masks[0]["head.weight"] & ~masks[1]["head.weight"]
     assert both.any() and torch.equal(fed.task.head.weight.detach()[both], init["head.weight"][both])
+
+
+def test_dropout_with_quantised_payloads_merges_like_the_unquantised_run():
+    """payload_bits on top of Federated Dropout: each client's own broadcast is quantised (no error feedback:
+    the residual belongs to the round's broadcast), its upload is its quantised change added to the server's
+    weights; the merge stays the per-entry mean, within the rounding, and untrained entries stay exact."""
+    exact, _, init = _mlp_run(FederatedDropout(rate=0.5, parameters=TARGETS), rounds=2)
+    quant, _, _ = _mlp_run(FederatedDropout(rate=0.5, parameters=TARGETS), rounds=2, payload_bits=8)
+    assert quant.last_summary.bytes_up < exact.last_summary.bytes_up / 2  # tiny rows: the scales weigh a lot
+    for name, value in exact.task.state_dict().items():
+        q = quant.task.state_dict()[name]
+        assert torch.isfinite(q).all(), name
+        # int8 with a scale per row: each value is off by at most half a step of its row, twice (down and up)
+        tol = 2 * value.abs().max().item() / 127 + 1e-6
+        assert (q - value).abs().max().item() <= 2 * tol, name
+        assert not torch.equal(q, value), name  # the codes did travel
+    params = {n: v for n, v in init.items()}
+    untrained = None
+    for rnd in range(2):
+        for c in range(2):
+            m, _ = FederatedDropout(rate=0.5, parameters=TARGETS).client_masks(rnd, c, derive_seed(0, rnd, c), {}, {},
+                                                                              params)
+            untrained = ~m["head.weight"] if untrained is None else untrained & ~m["head.weight"]
+    assert untrained.any()  # a column every client dropped in both rounds (seed 0): the server value, exactly
+    assert torch.equal(quant.task.head.weight.detach()[untrained], init["head.weight"][untrained])
 
 
 def test_dropout_at_rate_zero_is_fedavg_bit_for_bit():
