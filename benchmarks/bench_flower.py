@@ -165,6 +165,21 @@ def client_data():
                                batch_size=BATCH).client_data()
 
 
+def local_steps(model: torch.nn.Module, data, cid: int, seed: int) -> None:
+    """STEPS plain SGD steps of client ``cid`` (a fresh optimiser; the loader restarts, reseeded, when it runs out)."""
+    opt = torch.optim.SGD(model.parameters(), lr=TASK["lr"])
+    steps = 0
+    while steps < STEPS:
+        for x, y in data.client_loader(cid, seed=seed + steps):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            if steps == STEPS:
+                break
+
+
 _READY: dict[str, object] = {}  # the model and the data of a PlainClient process, made once (as Flower's examples cache data)
 
 
@@ -181,17 +196,7 @@ def plain_client(cid: int):
         def fit(self, parameters, config):
             state = OrderedDict((k, torch.from_numpy(np.copy(v))) for k, v in zip(model.state_dict(), parameters))
             model.load_state_dict(state)
-            opt = torch.optim.SGD(model.parameters(), lr=TASK["lr"])
-            steps = 0
-            while steps < STEPS:
-                for x, y in data.client_loader(cid, seed=steps):
-                    loss = F.cross_entropy(model(x), y)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    steps += 1
-                    if steps == STEPS:
-                        break
+            local_steps(model, data, cid, seed=0)
             return [t.detach().cpu().numpy() for t in model.state_dict().values()], data.client_size(cid), {}
 
     return PlainClient()
@@ -206,17 +211,7 @@ def run_plain_loop(rounds: int) -> float:
     ends = []
     for rnd in range(rounds):
         for cid in range(CLIENTS):
-            opt = torch.optim.SGD(model.parameters(), lr=TASK["lr"])
-            steps = 0
-            while steps < STEPS:
-                for x, y in data.client_loader(cid, seed=rnd * CLIENTS + cid + steps):
-                    loss = F.cross_entropy(model(x), y)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    steps += 1
-                    if steps == STEPS:
-                        break
+            local_steps(model, data, cid, seed=rnd * CLIENTS + cid)
         ends.append(time.perf_counter())
     return per_round(ends)
 

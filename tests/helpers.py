@@ -17,6 +17,25 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
+def checkpoint_and_stop(ckpt_dir=None, stop_at: int | None = None) -> tuple[list[pl.Callback], dict]:
+    """Callbacks (and Trainer kwargs) for resume tests: a checkpoint every round named ``{step}`` under
+    ``ckpt_dir``, and a stop after round ``stop_at`` (either optional)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks: list[pl.Callback] = []
+    kw: dict = {}
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, filename="{step}"))
+        kw["enable_checkpointing"] = True
+    if stop_at is not None:
+        class Stop(pl.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step == stop_at:
+                    trainer.should_stop = True
+        callbacks.append(Stop())
+    return callbacks, kw
+
+
 def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.state_dict().items()}
 

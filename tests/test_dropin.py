@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FreshOptimizerTask, GaussianMixtureDataset, InitOptimizerTask, MLPClassifier, params_of, quiet_trainer
+from helpers import FreshOptimizerTask, checkpoint_and_stop, GaussianMixtureDataset, InitOptimizerTask, MLPClassifier, params_of, quiet_trainer
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule
@@ -21,16 +21,8 @@ def _fit(task_cls, pattern="row", executor="sequential", rounds=4, tmp_path=None
     fed = FederatedLightningModule(task, clients_per_round=3, local_steps=3, executor=executor, num_workers=2)
     callbacks = [SparsityRampCallback(target_sparsity=0.5, start_round=1, pattern=pattern,
                                       parameters=r"body\..*\.weight")]
-    kw = {}
-    if tmp_path is not None:
-        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}"))
-        kw["enable_checkpointing"] = True
-    if stop_at is not None:
-        class Stop(Callback):
-            def on_train_batch_end(self, trainer, *args):
-                if trainer.global_step == stop_at:
-                    trainer.should_stop = True
-        callbacks.append(Stop())
+    extra, kw = checkpoint_and_stop(tmp_path, stop_at)
+    callbacks += extra
     trainer = quiet_trainer(max_steps=rounds, callbacks=callbacks, **kw)
     trainer.fit(fed, datamodule=dm, ckpt_path=ckpt_path)
     return fed, trainer

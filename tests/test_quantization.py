@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import GaussianMixtureDataset, MLPClassifier, quiet_trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from helpers import GaussianMixtureDataset, MLPClassifier, checkpoint_and_stop, quiet_trainer
 
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule, SequentialExecutor
 from lightning_fedprune.callbacks import FineTuneFreeze, SparsityRampCallback
@@ -89,16 +88,8 @@ def _run(bits=8, executor="sequential", rounds=8, ckpt_dir=None, ckpt_path=None,
                                    num_workers=2, server_optimizer="sgdm", server_lr=1.0)
     cbs = [SparsityRampCallback(target_sparsity=0.5, start_round=2, end_round=4, pattern="column",
                                 parameters=r"body\..*\.weight"), FineTuneFreeze(start_round=6), *callbacks]
-    kw = {}
-    if ckpt_dir is not None:
-        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, filename="{step}"))
-        kw["enable_checkpointing"] = True
-    if stop_at is not None:
-        class Stop(Callback):
-            def on_train_batch_end(self, trainer, *args):
-                if trainer.global_step == stop_at:
-                    trainer.should_stop = True
-        cbs.append(Stop())
+    extra, kw = checkpoint_and_stop(ckpt_dir, stop_at)
+    cbs += extra
     quiet_trainer(max_steps=rounds, callbacks=cbs, **kw).fit(fed, datamodule=dm, ckpt_path=ckpt_path)
     return fed
 
