@@ -365,28 +365,32 @@ def test_optimiser_state_travels_exactly_and_cannot_run_code():
         messages.load_optim(messages.dump_state({"param_groups": [[{"x": Evil()}]]}))
 
 
-def test_asr_smoke_on_flower_equals_in_process(tmp_path, monkeypatch):
-    """examples/asr/smoke.yaml (a Conformer-Transducer, one client per speaker, compact column-pruned clients)."""
+@pytest.fixture(scope="module")
+def asr_smoke(tmp_path_factory):
+    """examples/asr/smoke.yaml and its in-process run (trained once for the ASR tests below), with the corpus
+    cached in a folder of its own for as long as they run."""
     for module in ("soundfile", "torchaudio", "espeakng_loader"):
         pytest.importorskip(module)
-    monkeypatch.setenv("FEDPRUNE_CACHE", str(tmp_path / "cache"))
-    smoke = ROOT / "examples" / "asr" / "smoke.yaml"
-    ref = build_cli(["--config", str(smoke), "--quiet=true", "--trainer.logger=false"], run=False)
-    ref.trainer.fit(ref.model, datamodule=ref.datamodule)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDPRUNE_CACHE", str(tmp_path_factory.mktemp("asr") / "cache"))
+        smoke = ROOT / "examples" / "asr" / "smoke.yaml"
+        ref = build_cli(["--config", str(smoke), "--quiet=true", "--trainer.logger=false"], run=False)
+        ref.trainer.fit(ref.model, datamodule=ref.datamodule)
+        yield smoke, ref
+
+
+def test_asr_smoke_on_flower_equals_in_process(asr_smoke):
+    """examples/asr/smoke.yaml (a Conformer-Transducer, one client per speaker, compact column-pruned clients)."""
+    smoke, ref = asr_smoke
     flower, _ = fit_on_flower(smoke, nodes=2, overrides="--trainer.logger=false")
     assert flower.trainer.global_step == 3 and flower.model.pruning.permanent
     assert_same_model(ref, flower)
 
 
-def test_asr_nodes_that_hold_only_their_own_speakers(tmp_path, monkeypatch):
+def test_asr_nodes_that_hold_only_their_own_speakers(asr_smoke, tmp_path):
     """A deployment's nodes: each has a corpus directory with only its speakers (node config ``overrides`` points
     its data module there) and maps the server's client ids onto its own (``clients`` / ``local-clients``)."""
-    for module in ("soundfile", "torchaudio", "espeakng_loader"):
-        pytest.importorskip(module)
-    monkeypatch.setenv("FEDPRUNE_CACHE", str(tmp_path / "cache"))
-    smoke = ROOT / "examples" / "asr" / "smoke.yaml"
-    ref = build_cli(["--config", str(smoke), "--quiet=true", "--trainer.logger=false"], run=False)
-    ref.trainer.fit(ref.model, datamodule=ref.datamodule)
+    smoke, ref = asr_smoke
     corpus, speakers = ref.datamodule.corpus_root, ref.datamodule.speakers  # the server's client order
     nodes = []
     for i, own in enumerate([speakers[1::2], speakers[0::2]]):
