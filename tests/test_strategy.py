@@ -213,3 +213,39 @@ def test_client_sub_models_agree_across_executors():
     seq, proc = fit("sequential"), fit("process")
     for name, value in seq.task.state_dict().items():
         assert torch.equal(proc.task.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("kwargs, lr", [
+    (dict(server_optimizer="adam"), 0.01),
+    (dict(server_optimizer="adam", server_lr=1.0), 1.0),
+    (dict(strategy=FedAdam(server_lr=1.0)), 1.0),
+    (dict(server_optimizer="sgdm"), 1.0),
+    (dict(), 1.0),
+])
+def test_every_server_optimiser_trains_with_its_default_and_with_server_lr_1(kwargs, lr):
+    """FedAdam at server_lr=1 once died in round 0 (the FedAvg fast path read SGD-only settings); each server
+    optimiser has one default learning rate, the same from the module and from its strategy class."""
+    torch.manual_seed(0)
+    task = MLPClassifier(in_dim=8, hidden=16, num_classes=3, lr=0.1)
+    dm = FederatedDataModule(GaussianMixtureDataset(60, dim=8, num_classes=3), partition="iid", num_clients=4,
+                             batch_size=8)
+    fed = FederatedLightningModule(task, clients_per_round=2, local_steps=2, **kwargs)
+    assert fed.strategy.server_lr == lr
+    before = params_of(task)
+    quiet_trainer(max_steps=3, limit_val_batches=0).fit(fed, datamodule=dm)
+    after = params_of(task)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_strategy_classes_and_module_share_defaults():
+    assert FedAdam().server_lr == FederatedLightningModule(MLPClassifier(), server_optimizer="adam").strategy.server_lr
+    assert FedAvg().server_lr == FederatedLightningModule(MLPClassifier()).strategy.server_lr == 1.0
+    assert FedAvgM().server_lr == FederatedLightningModule(MLPClassifier(), server_optimizer="sgdm").strategy.server_lr
+
+
+@pytest.mark.parametrize("arg, value", [("server_optimizer", "adam"), ("server_lr", 0.5), ("server_momentum", 0.5),
+                                        ("server_betas", (0.9, 0.9)), ("server_eps", 1e-4)])
+def test_a_strategy_and_a_server_setting_together_are_refused_naming_the_setting(arg, value):
+    with pytest.raises(ValueError, match=f"`{arg}` and `strategy` were both given"):
+        FederatedLightningModule(MLPClassifier(), strategy=FedAvg(), **{arg: value})

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from lightning_fedprune.federated.protocol import ClientResult
-from lightning_fedprune.federated.strategy import Aggregate, FedAvg
+from lightning_fedprune.federated.strategy import Aggregate, FedAvg, make_strategy, server_optimizer_of
 from lightning_fedprune.pruning.patterns import (
     PATTERNS,
     check_pattern,
@@ -49,12 +49,22 @@ class FederatedDropout(FedAvg):
         parameters: regular expression (``re.fullmatch``) of the weights that get sub-models; default
             every parameter with 2 or more dimensions.
         exclude: optional regular expression of names to leave whole.
-        server_lr: FedAvg's server learning rate (1 = the merged average itself).
+        server_optimizer: the server optimiser on the merged model's pseudo-gradient: ``"sgd"`` (default;
+            with ``server_lr=1`` the merged model itself, Caldas et al.'s FedAvg), ``"sgdm"`` or ``"adam"``.
+        server_lr, server_momentum, server_betas, server_eps: its settings, as
+            :class:`~lightning_fedprune.FederatedLightningModule`'s of the same names (None: the defaults).
     """
 
     def __init__(self, rate: float = 0.5, pattern: str = "column", parameters: str | None = None,
-                 exclude: str | None = None, server_lr: float = 1.0) -> None:
-        super().__init__(server_lr)
+                 exclude: str | None = None, server_optimizer: str = "sgd", server_lr: float | None = None,
+                 server_momentum: float | None = None, server_betas: Sequence[float] | None = None,
+                 server_eps: float | None = None) -> None:
+        inner = make_strategy(server_optimizer, server_lr, server_momentum, server_betas, server_eps)
+        super().__init__(inner.server_lr)
+        self.server_optimizer = server_optimizer
+        self.server_momentum = getattr(inner, "server_momentum", None)
+        self.server_betas = getattr(inner, "server_betas", None)
+        self.server_eps = getattr(inner, "server_eps", None)
         self.rate = check_float(rate, "rate", min=0, max=1, max_open=True)
         self.pattern = check_choice(pattern, "pattern", PATTERNS)
         check_regex(parameters, "parameters")
@@ -67,9 +77,18 @@ class FederatedDropout(FedAvg):
         self._round = -1
         self._server: dict[str, Tensor] = {}
 
+    def make_optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
+        return server_optimizer_of(self.server_optimizer, params, self.server_lr, self.server_momentum or 0.0,
+                                   self.server_betas or (0.9, 0.99), self.server_eps or 1e-3)
+
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "strategy": "federated_dropout", "rate": self.rate, "pattern": self.pattern,
-                "parameters": self.parameters, "exclude": self.exclude}
+        config = {**super().config(), "server_optimizer": self.server_optimizer, "strategy": "federated_dropout",
+                  "rate": self.rate, "pattern": self.pattern, "parameters": self.parameters, "exclude": self.exclude}
+        if self.server_optimizer == "sgdm":
+            config["server_momentum"] = self.server_momentum
+        if self.server_optimizer == "adam":
+            config.update(server_betas=list(self.server_betas), server_eps=self.server_eps)
+        return config
 
     def targets(self, params: dict[str, Tensor]) -> list[str]:
         """The names that get sub-models (resolved once, as the pruning selection is)."""

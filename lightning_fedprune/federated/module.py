@@ -90,8 +90,13 @@ class FederatedLightningModule(pl.LightningModule):
         local_steps: optimiser steps per client per round (``training_step`` calls with manual
             optimisation); give this or ``local_epochs``.
         local_epochs: passes over the client's data per round (default 1 if neither is given).
-        server_optimizer: ``"sgd"`` (``server_lr=1`` is FedAvg), ``"sgdm"`` (FedAvgM) or ``"adam"`` (FedAdam).
-        server_lr, server_momentum, server_betas, server_eps: server optimiser settings.
+        server_optimizer: ``"sgd"`` (default; with ``server_lr=1`` FedAvg), ``"sgdm"`` (FedAvgM) or ``"adam"``
+            (FedAdam). Not with ``strategy`` (a strategy has its own; giving both is an error).
+        server_lr: the server optimiser's learning rate; default (None) the strategy's own: 1.0 for ``"sgd"`` and
+            ``"sgdm"`` (the new global model is the clients' average itself), 0.01 for ``"adam"``.
+        server_momentum: momentum of ``"sgdm"`` (FedAvgM), in ``[0, 1)``.
+        server_betas: Adam's two betas for ``"adam"`` (FedAdam), each in ``[0, 1)``.
+        server_eps: Adam's epsilon for ``"adam"`` (FedAdam; 1e-3 as in Reddi et al. 2021), > 0.
         strategy: a :class:`~lightning_fedprune.federated.strategy.Strategy` instance (e.g. ``FedAdam(server_lr=0.01)``
             or your own subclass; in YAML a ``class_path``), used instead of ``server_optimizer`` and its
             settings: how the server aggregates a round and steps.
@@ -134,11 +139,11 @@ class FederatedLightningModule(pl.LightningModule):
         clients_per_round: int = 10,
         local_steps: int | None = None,
         local_epochs: int | None = None,
-        server_optimizer: str = "sgd",
-        server_lr: float = 1.0,
-        server_momentum: float = 0.9,
-        server_betas: tuple[float, float] = (0.9, 0.99),
-        server_eps: float = 1e-3,
+        server_optimizer: str | None = None,
+        server_lr: float | None = None,
+        server_momentum: float | None = None,
+        server_betas: tuple[float, float] | None = None,
+        server_eps: float | None = None,
         weighting: str = "num_samples",
         executor: str | Executor = "sequential",
         num_workers: int = 2,
@@ -166,7 +171,18 @@ class FederatedLightningModule(pl.LightningModule):
             strategy = Strategy.from_spec(strategy)
         if strategy is not None and not isinstance(strategy, Strategy):
             fail("strategy", "a lightning_fedprune.federated.strategy.Strategy instance or None", strategy)
-        default_strategy = make_strategy(server_optimizer, server_lr, server_momentum, server_betas, server_eps)
+        server_settings = {"server_optimizer": server_optimizer, "server_lr": server_lr, "server_momentum": server_momentum,
+                           "server_betas": server_betas, "server_eps": server_eps}
+        if strategy is not None:
+            given = [name for name, value in server_settings.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"`{given[0]}` and `strategy` were both given: a strategy brings its own server optimiser; set "
+                    f"{', '.join(f'`{n}`' for n in given)} on the strategy (e.g. `FedAdam(server_lr=...)`, "
+                    "`FederatedDropout(server_optimizer=...)`) instead.")
+            default_strategy = None
+        else:
+            default_strategy = make_strategy(server_optimizer, server_lr, server_momentum, server_betas, server_eps)
         check_choice(weighting, "weighting", WEIGHTINGS)
         if not isinstance(executor, Executor) and not (isinstance(executor, str) and executor in EXECUTORS):
             fail("executor", f"one of {EXECUTORS} or an Executor instance", executor)
@@ -189,7 +205,7 @@ class FederatedLightningModule(pl.LightningModule):
         # LightningCLI's `_instantiator` is dropped so that every checkpoint loads the same way; plain lists
         # keep hparams.yaml readable by yaml.safe_load
         self.save_hyperparameters(ignore=["task", "executor", "strategy", "_instantiator"])
-        self.save_hyperparameters({"task": task_spec(task), "server_betas": list(server_betas),
+        self.save_hyperparameters({"task": task_spec(task), "server_betas": None if server_betas is None else list(server_betas),
                                    "strategy": strategy.spec() if strategy is not None else None})
         self.resume_config_change = resume_config_change
         self.automatic_optimization = False

@@ -31,6 +31,9 @@ from lightning_fedprune.federated.protocol import ClientResult, LoggedValue
 from lightning_fedprune.validation import check_choice, check_each, check_float
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam")
+#: The server learning rate of each server optimiser when none is given: 1 for FedAvg/FedAvgM (the new global
+#: model is the average itself), 0.01 for FedAdam (Reddi et al. 2021 tune it in [1e-3, 1e-1]).
+DEFAULT_SERVER_LR = {"sgd": 1.0, "sgdm": 1.0, "adam": 0.01}
 
 
 class ServerSGD(torch.optim.SGD):
@@ -255,8 +258,9 @@ class FedAvg(Strategy):
 
     def step(self, optimizer: torch.optim.Optimizer, params: dict[str, Tensor], buffers: dict[str, Tensor],
              average: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
-        if not all(g["lr"] == 1.0 and g["momentum"] == 0 and g["weight_decay"] == 0 and not g["nesterov"]
-                   for g in optimizer.param_groups):
+        if not (isinstance(optimizer, torch.optim.SGD) and all(
+                g["lr"] == 1.0 and g["momentum"] == 0 and g["weight_decay"] == 0 and not g["nesterov"]
+                for g in optimizer.param_groups)):
             return super().step(optimizer, params, buffers, average, masks)
         pseudo: dict[str, Tensor] = {}
         with torch.no_grad():
@@ -328,12 +332,29 @@ def validate_server_optimizer(name: str, lr: float, momentum: float, betas: Sequ
     check_float(eps, "server_eps", min=0, min_open=True)
 
 
-def make_strategy(name: str, lr: float, momentum: float = 0.9, betas: Sequence[float] = (0.9, 0.99),
-                  eps: float = 1e-3) -> Strategy:
-    """The strategy of ``FederatedLightningModule(server_optimizer=name, server_lr=..., ...)``."""
+def make_strategy(name: str | None = None, lr: float | None = None, momentum: float | None = None,
+                  betas: Sequence[float] | None = None, eps: float | None = None) -> Strategy:
+    """The strategy of ``FederatedLightningModule(server_optimizer=name, server_lr=..., ...)``; ``None`` is the
+    default: ``"sgd"``, and each setting the strategy's own default (``server_lr``: :data:`DEFAULT_SERVER_LR`)."""
+    name = "sgd" if name is None else name
+    check_choice(name, "server_optimizer", SERVER_OPTIMIZERS)
+    lr = DEFAULT_SERVER_LR[name] if lr is None else lr
+    momentum = 0.9 if momentum is None else momentum
+    betas = (0.9, 0.99) if betas is None else betas
+    eps = 1e-3 if eps is None else eps
     validate_server_optimizer(name, lr, momentum, betas, eps)
     if name == "sgd":
         return FedAvg(lr)
     if name == "sgdm":
         return FedAvgM(lr, momentum)
     return FedAdam(lr, betas, eps)
+
+
+def server_optimizer_of(name: str, params: list[Tensor], lr: float, momentum: float, betas: Sequence[float],
+                        eps: float) -> torch.optim.Optimizer:
+    """The torch optimiser of server optimiser ``name`` over ``params``."""
+    if name == "sgd":
+        return ServerSGD(params, lr=lr)
+    if name == "sgdm":
+        return ServerSGD(params, lr=lr, momentum=momentum)
+    return ServerAdam(params, lr=lr, betas=tuple(betas), eps=eps)
