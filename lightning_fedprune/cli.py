@@ -25,7 +25,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_fedprune.federated.checkpoint import export_task_checkpoint, validate_checkpoint_file
+from lightning_fedprune.federated.checkpoint import (
+    export_task_checkpoint,
+    federated_hyperparameters,
+    validate_checkpoint_file,
+)
 from lightning_fedprune.federated.module import FederatedLightningModule
 from lightning_fedprune.validation import check_int
 
@@ -73,7 +77,7 @@ class FedPruneCLI(LightningCLI):
         validate_checkpoint_file(ckpt_path)
         if subcommand == "fit" or not ckpt_path or not Path(ckpt_path).is_file():
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams = federated_hyperparameters(torch.load(ckpt_path, weights_only=True, map_location="cpu"))
         hparams.pop("_instantiator", None)
         if isinstance(hparams.get("task"), dict) and hparams["task"].get("init_args") is None:
             del hparams["task"]

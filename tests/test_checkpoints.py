@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule
 from lightning_fedprune.callbacks import FineTuneFreeze, MaskRefinementCallback, SparsityRampCallback
-from lightning_fedprune.federated.checkpoint import CheckpointError, export_task_checkpoint
+from lightning_fedprune.federated.checkpoint import CheckpointError, export_task_checkpoint, to_module_layout
 from lightning_fedprune.cli import build_cli
 from lightning_fedprune.cli import main as cli_main
 
@@ -80,7 +80,7 @@ def test_state_dict_is_the_pruned_model_and_server_values_are_kept_aside(run, st
     pruning = ckpt["fedprune"]["pruning"]
     assert pruning["masks"]
     for name, mask in pruning["masks"].items():
-        assert torch.all(ckpt["state_dict"][f"task.{name}"][~mask] == 0), name
+        assert torch.all(ckpt["state_dict"][name][~mask] == 0), name
         values = ckpt["fedprune"]["server_values"].get(name)
         if pruning["permanent"]:
             assert values is None
@@ -142,13 +142,38 @@ def test_last_checkpoint_loads_as_the_pruned_model_without_task_and_exports(run,
     _assert_same_state(plain, plain2)
 
 
+@pytest.mark.parametrize("name", ["last.ckpt", "step=8.ckpt"])
+def test_the_task_class_loads_a_federated_checkpoint_as_the_pruned_task(run, name):
+    """`MyTask.load_from_checkpoint` — the first thing a Lightning user tries — reads a federated checkpoint as it
+    reads a plain Trainer's: the task's keys and hyperparameters, the pruned model."""
+    fed, folder = run
+    plain = MLPClassifier.load_from_checkpoint(folder / name)
+    loaded = FederatedLightningModule.load_from_checkpoint(folder / name)
+    assert dict(plain.hparams) == dict(fed.task.hparams)
+    _assert_same_state(loaded.task, plain)
+    section = torch.load(folder / name, weights_only=True)["fedprune"]
+    for param, mask in section["pruning"]["masks"].items():
+        assert torch.all(dict(plain.named_parameters())[param][~mask] == 0), param
+
+
+def test_an_older_checkpoint_in_the_module_layout_still_loads(run, tmp_path):
+    fed, folder = run
+    ckpt = to_module_layout(torch.load(folder / "last.ckpt", weights_only=True))
+    ckpt["fedprune"]["version"] = 2
+    del ckpt["fedprune"]["layout"]
+    torch.save(ckpt, tmp_path / "v2.ckpt")
+    assert all(k.startswith("task.") for k in ckpt["state_dict"])
+    _assert_same_state(FederatedLightningModule.load_from_checkpoint(tmp_path / "v2.ckpt").task,
+                       FederatedLightningModule.load_from_checkpoint(folder / "last.ckpt").task)
+
+
 def test_a_checkpoint_before_finetuning_loads_as_the_pruned_model(run):
     fed, folder = run
     ckpt = torch.load(folder / "step=8.ckpt", weights_only=True)
     loaded = FederatedLightningModule.load_from_checkpoint(folder / "step=8.ckpt")
     for name, mask in ckpt["fedprune"]["pruning"]["masks"].items():
         weight = dict(loaded.task.named_parameters())[name]
-        assert torch.all(weight[~mask] == 0) and torch.equal(weight, ckpt["state_dict"][f"task.{name}"]), name
+        assert torch.all(weight[~mask] == 0) and torch.equal(weight, ckpt["state_dict"][name]), name
 
 
 class NoHparamsTask(pl.LightningModule):
@@ -194,7 +219,9 @@ def test_task_hyperparameters_in_checkpoint_and_hparams_yaml(tmp_path, logger_cl
     hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
     assert hparams["task"] == expected and hparams["clients_per_round"] == 3
     trainer.save_checkpoint(tmp_path / "a.ckpt")
-    assert torch.load(tmp_path / "a.ckpt", weights_only=True)["hyper_parameters"]["task"] == expected
+    ckpt = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    assert ckpt["fedprune"]["hyper_parameters"]["task"] == expected
+    assert ckpt["hyper_parameters"] == expected["init_args"]  # the file is a checkpoint of the task
 
 
 def test_cli_checkpoint_loads_without_task_exports_and_refuses_changed_resume(tmp_path, monkeypatch):
@@ -225,11 +252,11 @@ def test_cli_validate_with_checkpoint_of_a_task_without_hyperparameters(tmp_path
     cli_main(["fit", *args, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
     path = next(tmp_path.rglob("*.ckpt"))
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["hyper_parameters"]["task"]["init_args"] is None
+    assert ckpt["fedprune"]["hyper_parameters"]["task"]["init_args"] is None and "hyper_parameters" not in ckpt
     cli = build_cli(["validate", *args, "--ckpt_path", str(path)])
     assert type(cli.model.task) is NoHparamsTask
     for name, value in cli.model.task.state_dict().items():
-        assert torch.equal(value, ckpt["state_dict"][f"task.{name}"]), name
+        assert torch.equal(value, ckpt["state_dict"][name]), name
 
 
 # ------------------------------------------------------------------ invalid and damaged files
@@ -351,7 +378,7 @@ def test_resume_config_change_is_validated():
 def test_checkpoint_without_stored_configuration_resumes_with_a_warning(run, tmp_path):
     """A checkpoint of the first format (no configuration, full server values in state_dict) still resumes exactly."""
     fed, folder = run
-    ckpt = torch.load(folder / "step=4.ckpt", weights_only=True)
+    ckpt = to_module_layout(torch.load(folder / "step=4.ckpt", weights_only=True))  # the first format's layout
     section = ckpt["fedprune"]
     for name, values in section.pop("server_values").items():
         key = f"task.{name}"

@@ -343,7 +343,7 @@ def test_checkpoint_saved_after_validation_keeps_server_values(tmp_path):
     path = tmp_path / "step=4.ckpt"
     ckpt = torch.load(path, weights_only=True)
     mask = ckpt["fedprune"]["pruning"]["masks"]["body.0.weight"]
-    assert (ckpt["state_dict"]["task.body.0.weight"][~mask] == 0).all()  # state_dict: the pruned model
+    assert (ckpt["state_dict"]["body.0.weight"][~mask] == 0).all()  # state_dict: the pruned model
     assert (ckpt["fedprune"]["server_values"]["body.0.weight"] != 0).all()  # the server's kept pruned values
     resumed, dm = make()
     quiet_trainer(max_steps=8, callbacks=cbs()).fit(resumed, datamodule=dm, ckpt_path=str(path))

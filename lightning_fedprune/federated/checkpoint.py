@@ -2,7 +2,9 @@
 configuration, and export of the plain task for serving.
 
 A checkpoint of a :class:`~lightning_fedprune.FederatedLightningModule` is an ordinary Lightning
-checkpoint. Its ``state_dict`` holds the *pruned* model whenever masks exist (pruned entries are
+checkpoint **of the task**: its ``state_dict`` has the task's own keys and ``hyper_parameters`` the task's
+own, so ``MyTask.load_from_checkpoint("…/last.ckpt")`` loads the trained model as it loads a checkpoint of a
+plain ``Trainer``. The ``state_dict`` holds the *pruned* model whenever masks exist (pruned entries are
 exact zeros): the model clients get and evaluation sees. Its ``"fedprune"`` section holds
 
 * ``pruning``: the :class:`~lightning_fedprune.pruning.state.PruningState` (masks, per-layer
@@ -11,7 +13,10 @@ exact zeros): the model clients get and evaluation sees. Its ``"fedprune"`` sect
   (in ``mask == False`` order). The server keeps them, restorable, until pruning is made permanent;
   :func:`restore_federated_state` puts them back into ``state_dict`` before Lightning loads it, so a
   resumed run continues bit for bit;
-* ``config``: the federation and pruning configuration (:func:`run_config`), compared on resume.
+* ``config``: the federation and pruning configuration (:func:`run_config`), compared on resume;
+* ``hyper_parameters`` (and ``hparams_name``): the federated module's own, from which
+  ``FederatedLightningModule.load_from_checkpoint`` rebuilds it (:func:`to_module_layout` turns the file
+  back into the module's layout: its keys under ``task.``, its hyperparameters at the top).
 
 The task is recorded in the module's hyperparameters as ``task: {"class_path", "init_args"}``
 (:func:`task_spec`), so ``FederatedLightningModule.load_from_checkpoint(path)`` rebuilds it, and
@@ -40,8 +45,9 @@ from lightning_fedprune.pruning.state import PruningState
 # The functions below take the federated module (``fed``) as a LightningModule with a ``pruning`` state:
 # this module sits below module.py (which calls it from its checkpoint hooks), so it does not import it.
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the file is a checkpoint of the task (its keys, its hyperparameters); 2: of the module
 TASK_PREFIX = "task."  # the task's keys in the federated module's state_dict
+HPARAMS_KEYS = ("hyper_parameters", "hparams_name")  # Lightning's checkpoint keys of a module's hyperparameters
 RESUME_CONFIG_CHANGES = ("error", "apply")
 # Pruning settings that shape the masks: once the masks are frozen (fine-tuning) they cannot change.
 # None = every field of that callback, and adding or removing the callback.
@@ -385,12 +391,52 @@ def save_federated_state(fed: pl.LightningModule, checkpoint: dict[str, Any]) ->
             server_values[name] = first[~mask]
             for key in keys[name]:
                 sd[TASK_PREFIX + key] = first.masked_fill(~mask, 0)  # a new tensor: the live model is untouched
-    checkpoint["fedprune"] = {
+    section = checkpoint["fedprune"] = {
         "version": FORMAT_VERSION,
         "pruning": state.state_dict(),
         "server_values": server_values,
         "config": run_config(fed),
     }
+    _to_task_layout(fed.task, checkpoint, section)
+
+
+def _to_task_layout(task: pl.LightningModule, checkpoint: dict[str, Any], section: dict[str, Any]) -> None:
+    """Make ``checkpoint`` a checkpoint of ``task``: its keys without ``task.``, its hyperparameters at the top;
+    the module's hyperparameters move into ``section``."""
+    for key in HPARAMS_KEYS:
+        if key in checkpoint:
+            section[key] = checkpoint.pop(key)
+    if task.hparams:
+        checkpoint["hyper_parameters"] = dict(task.hparams)
+        if getattr(task, "_hparams_name", None) is not None:
+            checkpoint["hparams_name"] = task._hparams_name
+    sd = checkpoint["state_dict"]
+    checkpoint["state_dict"] = type(sd)((k[len(TASK_PREFIX):], v) for k, v in sd.items())
+
+
+def to_module_layout(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Turn a federated checkpoint read from a file into the layout of the module that wrote it, in place:
+    the state_dict's keys under ``task.``, the module's hyperparameters at the top (a no-op for older files
+    and for a checkpoint already in that layout). Returns ``checkpoint``."""
+    section = checkpoint.get("fedprune")
+    if not isinstance(section, dict) or section.get("version", 0) < 3 or section.get("layout") == "module":
+        return checkpoint
+    for key in HPARAMS_KEYS:
+        checkpoint.pop(key, None)
+        if key in section:
+            checkpoint[key] = section[key]
+    sd = checkpoint["state_dict"]
+    checkpoint["state_dict"] = type(sd)((TASK_PREFIX + k, v) for k, v in sd.items())
+    section["layout"] = "module"
+    return checkpoint
+
+
+def federated_hyperparameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The federated module's hyperparameters of a checkpoint (either layout)."""
+    section = checkpoint.get("fedprune")
+    if isinstance(section, dict) and section.get("version", 0) >= 3 and section.get("layout") != "module":
+        return dict(section.get("hyper_parameters") or {})
+    return dict(checkpoint.get("hyper_parameters") or {})
 
 
 def restore_federated_state(fed: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -405,6 +451,7 @@ def restore_federated_state(fed: pl.LightningModule, checkpoint: dict[str, Any])
     section = checkpoint.get("fedprune")
     if section is None:
         return
+    to_module_layout(checkpoint)
     resuming = fed._trainer is not None and fed.trainer.state.fn == TrainerFn.FITTING
     if resuming:
         check_resume_config(fed, checkpoint)
@@ -451,7 +498,7 @@ def export_task_checkpoint(source: Any, out_path: str | os.PathLike) -> Path:
         epoch = int(source.current_epoch) if source._trainer is not None else 0
     elif isinstance(source, (str, os.PathLike)):
         validate_checkpoint_file(source)
-        ckpt = torch.load(source, map_location="cpu", weights_only=True)
+        ckpt = to_module_layout(torch.load(source, map_location="cpu", weights_only=True))
         spec = ckpt.get("hyper_parameters", {}).get("task")
         if "fedprune" not in ckpt or not isinstance(spec, dict):
             raise ValueError(f"{source} is not a checkpoint of a FederatedLightningModule written by this version "

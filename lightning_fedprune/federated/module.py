@@ -13,6 +13,7 @@ The round, top to bottom, is :meth:`FederatedLightningModule.training_step`:
 
 from __future__ import annotations
 
+import io
 import math
 import multiprocessing as mp
 import time
@@ -35,6 +36,7 @@ from lightning_fedprune.federated.checkpoint import (
     restore_federated_state,
     save_federated_state,
     task_spec,
+    to_module_layout,
     validate_checkpoint_file,
 )
 from lightning_fedprune.federated.client import (
@@ -730,9 +732,15 @@ class FederatedLightningModule(pl.LightningModule):
     ) -> Self:
         """Lightning's ``load_from_checkpoint`` after a check of the file (a clear error naming it when it is
         empty, truncated, not a checkpoint or damaged). The task is rebuilt from the class path and
-        hyperparameters recorded in the checkpoint unless ``task=`` is given."""
+        hyperparameters recorded in the checkpoint unless ``task=`` is given. (The file is a checkpoint of the
+        task, which ``MyTask.load_from_checkpoint`` reads as it is; here it is read back into the module's
+        layout first: :func:`~lightning_fedprune.federated.checkpoint.to_module_layout`.)"""
         validate_checkpoint_file(checkpoint_path)
-        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+        checkpoint = torch.load(checkpoint_path, map_location=map_location or "cpu", weights_only=weights_only)
+        buffer = io.BytesIO()
+        torch.save(to_module_layout(checkpoint), buffer)
+        buffer.seek(0)
+        return super().load_from_checkpoint(buffer, map_location, hparams_file, strict, weights_only, **kwargs)
 
 
 #: The task's hooks around evaluation of the global model (validation, test, predict), forwarded as they are.
