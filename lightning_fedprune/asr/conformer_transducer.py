@@ -23,7 +23,7 @@ loop (a federated client) calls ``training_step`` + ``configure_optimizers`` its
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import lightning as L
 import torch
@@ -205,7 +205,7 @@ class ConformerTransducer(L.LightningModule):
 
     def __init__(
         self,
-        preset: str = "tiny",
+        preset: Literal["tiny", "paper"] = "tiny",
         d_model: Optional[int] = None,
         num_layers: Optional[int] = None,
         num_heads: Optional[int] = None,
@@ -219,8 +219,8 @@ class ConformerTransducer(L.LightningModule):
         lr: float = 2e-3,
         weight_decay: float = 1e-3,
         warmup_steps: int = 0,
-        loss: str = "rnnt",
-        decoder: str = "greedy",
+        loss: Literal["rnnt", "ctc"] = "rnnt",
+        decoder: Literal["greedy", "beam"] = "greedy",
         beam_size: int = 4,
         max_symbols_per_frame: int = 5,
         spec_augment: bool = False,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from lightning_fedprune.federated.data import FederatedDataModule
 from lightning_fedprune.validation import (
@@ -127,7 +127,7 @@ class ASRDataModule(FederatedDataModule):
         num_workers: int = 0,
         n_mels: int = 80,
         feature_cache_dir: Optional[str] = None,
-        on_error: str = "warn",
+        on_error: Literal["warn", "raise"] = "warn",
         check_audio: bool = False,
         rounds_per_epoch: Optional[int] = None,
         seed: int = 0,

@@ -22,9 +22,16 @@ import torch
 from torch import Tensor
 
 from lightning_fedprune.federated.protocol import ClientResult
-from lightning_fedprune.federated.strategy import Aggregate, FedAvg, make_strategy, server_optimizer_of
+from lightning_fedprune.federated.strategy import (
+    Aggregate,
+    FedAvg,
+    ServerOptimizerName,
+    make_strategy,
+    server_optimizer_of,
+)
 from lightning_fedprune.pruning.patterns import (
     PATTERNS,
+    PatternName,
     check_pattern,
     expand_groups,
     groups_from_mask,
@@ -55,8 +62,8 @@ class FederatedDropout(FedAvg):
             :class:`~lightning_fedprune.FederatedLightningModule`'s of the same names (None: the defaults).
     """
 
-    def __init__(self, rate: float = 0.5, pattern: str = "column", parameters: str | None = None,
-                 exclude: str | None = None, server_optimizer: str = "sgd", server_lr: float | None = None,
+    def __init__(self, rate: float = 0.5, pattern: PatternName = "column", parameters: str | None = None,
+                 exclude: str | None = None, server_optimizer: ServerOptimizerName = "sgd", server_lr: float | None = None,
                  server_momentum: float | None = None, server_betas: Sequence[float] | None = None,
                  server_eps: float | None = None) -> None:
         inner = make_strategy(server_optimizer, server_lr, server_momentum, server_betas, server_eps)

@@ -23,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from lightning_fedprune.callbacks._common import contribute
-from lightning_fedprune.pruning.patterns import PATTERNS
+from lightning_fedprune.pruning.patterns import PATTERNS, PatternName
 from lightning_fedprune.pruning.plan import Ramp, Refinement, Selection
 from lightning_fedprune.validation import check_choice, check_float, check_int, check_regex
 
@@ -59,7 +59,7 @@ class PruneFL(pl.Callback):
     """
 
     def __init__(self, target_sparsity: float = 0.5, start_round: int = 1, every_n_rounds: int = 10,
-                 until_round: int | None = None, pattern: str = "unstructured", parameters: str | None = None,
+                 until_round: int | None = None, pattern: PatternName = "unstructured", parameters: str | None = None,
                  exclude: str | None = None) -> None:
         target_sparsity = check_float(target_sparsity, "target_sparsity", min=0, max=1, max_open=True)
         start_round = check_int(start_round, "start_round", min=1)

@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from lightning_fedprune.callbacks._common import contribute
-from lightning_fedprune.pruning.allocation import ALLOCATIONS, NORMALIZATIONS
+from lightning_fedprune.pruning.allocation import ALLOCATIONS, NORMALIZATIONS, AllocationName, NormalizationName
 from lightning_fedprune.pruning.plan import Allocation
 from lightning_fedprune.validation import check_choice, check_float
 
@@ -35,8 +35,8 @@ class AdaptiveLayerSparsity(pl.Callback):
         method: ``"power"`` (default) or ``"global"``.
     """
 
-    def __init__(self, max_layer_sparsity: float = 0.9, temperature: float = 1.0, normalize: str = "fan_in",
-                 method: str = "power") -> None:
+    def __init__(self, max_layer_sparsity: float = 0.9, temperature: float = 1.0, normalize: NormalizationName = "fan_in",
+                 method: AllocationName = "power") -> None:
         self.max_layer_sparsity = check_float(max_layer_sparsity, "max_layer_sparsity", min=0, max=1, min_open=True)
         self.temperature = check_float(temperature, "temperature", min=0)
         check_choice(normalize, "normalize", NORMALIZATIONS)

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 
 from lightning_fedprune.callbacks._common import contribute
-from lightning_fedprune.pruning.importance import IMPORTANCE, parse_importance
-from lightning_fedprune.pruning.patterns import PATTERNS
+from lightning_fedprune.pruning.importance import IMPORTANCE, ImportanceName, parse_importance
+from lightning_fedprune.pruning.patterns import PATTERNS, PatternName
 from lightning_fedprune.pruning.plan import Ramp, Selection
-from lightning_fedprune.pruning.schedules import SCHEDULES, validate_schedule
+from lightning_fedprune.pruning.schedules import SCHEDULES, ScheduleName, validate_schedule
 from lightning_fedprune.validation import check_choice, check_float, check_int, check_regex
 
-MOMENTUM_SOURCES = ("ema", "server_optimizer")
+MomentumSource = Literal["ema", "server_optimizer"]
+MOMENTUM_SOURCES: tuple[str, ...] = get_args(MomentumSource)
 
 
 class SparsityRampCallback(pl.Callback):
@@ -53,16 +54,16 @@ class SparsityRampCallback(pl.Callback):
         target_sparsity: float = 0.5,
         start_round: int = 0,
         end_round: int | None = None,
-        schedule: str = "cubic",
+        schedule: ScheduleName = "cubic",
         power: float = 3.0,
         num_steps: int = 4,
         every_n_rounds: int = 1,
-        pattern: str = "unstructured",
-        importance: str = "weight_l2",
+        pattern: PatternName = "unstructured",
+        importance: ImportanceName = "weight_l2",
         parameters: str | None = None,
         exclude: str | None = None,
         momentum_beta: float = 0.9,
-        momentum_source: str = "ema",
+        momentum_source: MomentumSource = "ema",
     ) -> None:
         target_sparsity = check_float(target_sparsity, "target_sparsity", min=0, max=1, max_open=True)
         start_round = check_int(start_round, "start_round", min=0)

@@ -32,7 +32,7 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -48,7 +48,8 @@ from lightning_fedprune.pruning.state import PruningState
 FORMAT_VERSION = 3  # 3: the file is a checkpoint of the task (its keys, its hyperparameters); 2: of the module
 TASK_PREFIX = "task."  # the task's keys in the federated module's state_dict
 HPARAMS_KEYS = ("hyper_parameters", "hparams_name")  # Lightning's checkpoint keys of a module's hyperparameters
-RESUME_CONFIG_CHANGES = ("error", "apply")
+ResumeConfigChange = Literal["error", "apply"]
+RESUME_CONFIG_CHANGES: tuple[str, ...] = get_args(ResumeConfigChange)
 # Pruning settings that shape the masks: once the masks are frozen (fine-tuning) they cannot change.
 # None = every field of that callback, and adding or removing the callback.
 MASK_SHAPING: dict[str, set[str] | None] = {

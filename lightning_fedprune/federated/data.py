@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import numpy as np
@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from lightning_fedprune.federated.protocol import derive_seed
 from lightning_fedprune.validation import check_bool, check_callable, check_choice, check_float, check_int, fail
 
-PARTITIONS = ("iid", "dirichlet", "by_key")
+PartitionName = Literal["iid", "dirichlet", "by_key"]
+PARTITIONS: tuple[str, ...] = get_args(PartitionName)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ class FederatedDataModule(pl.LightningDataModule):
         val_dataset: Dataset | None = None,
         test_dataset: Dataset | None = None,
         predict_dataset: Dataset | None = None,
-        partition: str = "iid",
+        partition: PartitionName = "iid",
         num_clients: int | None = 10,
         alpha: float = 0.5,
         partition_key: str | Callable[[Any], Hashable] | None = None,

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -42,7 +42,10 @@ import torch
 from lightning_fedprune.federated.client import ClientData, ClientRunner
 from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, ClientResult, RoundPayload
 
-EXECUTORS = ("sequential", "process", "flower")
+ExecutorName = Literal["sequential", "process", "flower"]
+EXECUTORS: tuple[str, ...] = get_args(ExecutorName)
+#: Multiprocessing start methods (those of the platform are ``multiprocessing.get_all_start_methods()``).
+StartMethod = Literal["fork", "spawn", "forkserver"]
 #: Executors of optional extras, loaded by name when asked for (their module needs the extra's packages).
 OPTIONAL_EXECUTORS = {"flower": "lightning_fedprune.federated.flower.executor.FlowerExecutor"}
 ResultCallback = Callable[[ClientResult], None]

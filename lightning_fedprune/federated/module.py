@@ -18,7 +18,7 @@ import math
 import multiprocessing as mp
 import time
 import warnings
-from typing import IO, Any
+from typing import IO, Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -31,6 +31,7 @@ from typing_extensions import Self
 
 from lightning_fedprune.federated.checkpoint import (
     RESUME_CONFIG_CHANGES,
+    ResumeConfigChange,
     install_checkpoint_validation,
     instantiate_task,
     restore_federated_state,
@@ -51,6 +52,8 @@ from lightning_fedprune.federated.executors import (
     DEFAULT_START_METHOD,
     EXECUTORS,
     Executor,
+    ExecutorName,
+    StartMethod,
     ExecutorTeardown,
     make_executor,
 )
@@ -59,11 +62,12 @@ from lightning_fedprune.federated.replica import state_names
 from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, ClientResult, OptimState, RoundPayload, derive_seed
 from lightning_fedprune.pruning.plan import PruningPlan
 from lightning_fedprune.pruning.state import PruningState
-from lightning_fedprune.federated.strategy import Aggregate, FedAvg, Strategy, make_strategy
+from lightning_fedprune.federated.strategy import Aggregate, FedAvg, ServerOptimizerName, Strategy, make_strategy
 from lightning_fedprune.validation import check_choice, check_int, fail
 from lightning_fedprune.federated.wire import Payload, decode_state, decode_tensor, encode_state
 
-WEIGHTINGS = ("num_samples", "num_examples", "uniform")
+WeightingName = Literal["num_samples", "num_examples", "uniform"]
+WEIGHTINGS: tuple[str, ...] = get_args(WeightingName)
 
 # A checkpoint taken after a round holds the state after the server step, which is what a round-level
 # checkpoint should hold; Lightning's generic warning about manual optimisation does not apply.
@@ -141,23 +145,23 @@ class FederatedLightningModule(pl.LightningModule):
         clients_per_round: int = 10,
         local_steps: int | None = None,
         local_epochs: int | None = None,
-        server_optimizer: str | None = None,
+        server_optimizer: ServerOptimizerName | None = None,
         server_lr: float | None = None,
         server_momentum: float | None = None,
         server_betas: tuple[float, float] | None = None,
         server_eps: float | None = None,
-        weighting: str = "num_samples",
-        executor: str | Executor = "sequential",
+        weighting: WeightingName = "num_samples",
+        executor: ExecutorName | Executor = "sequential",
         num_workers: int = 2,
-        start_method: str = DEFAULT_START_METHOD,
+        start_method: StartMethod = DEFAULT_START_METHOD,
         client_gradient_clip_val: float | None = None,
-        client_gradient_clip_algorithm: str = "norm",
+        client_gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         compact_clients: bool = True,
         strategy: Strategy | None = None,
-        payload_bits: int | None = None,
+        payload_bits: Literal[8, 4] | None = None,
         max_failed_rounds: int = 3,
         seed: int = 0,
-        resume_config_change: str = "error",
+        resume_config_change: ResumeConfigChange = "error",
     ) -> None:
         super().__init__()
         if isinstance(task, dict):

@@ -22,7 +22,7 @@ import inspect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -30,7 +30,8 @@ from torch import Tensor
 from lightning_fedprune.federated.protocol import ClientResult, LoggedValue
 from lightning_fedprune.validation import check_choice, check_each, check_float
 
-SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam")
+ServerOptimizerName = Literal["sgd", "sgdm", "adam"]
+SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
 #: The server learning rate of each server optimiser when none is given: 1 for FedAvg/FedAvgM (the new global
 #: model is the average itself), 0.01 for FedAdam (Reddi et al. 2021 tune it in [1e-3, 1e-1]).
 DEFAULT_SERVER_LR = {"sgd": 1.0, "sgdm": 1.0, "adam": 0.01}
@@ -332,7 +333,7 @@ def validate_server_optimizer(name: str, lr: float, momentum: float, betas: Sequ
     check_float(eps, "server_eps", min=0, min_open=True)
 
 
-def make_strategy(name: str | None = None, lr: float | None = None, momentum: float | None = None,
+def make_strategy(name: ServerOptimizerName | None = None, lr: float | None = None, momentum: float | None = None,
                   betas: Sequence[float] | None = None, eps: float | None = None) -> Strategy:
     """The strategy of ``FederatedLightningModule(server_optimizer=name, server_lr=..., ...)``; ``None`` is the
     default: ``"sgd"``, and each setting the strategy's own default (``server_lr``: :data:`DEFAULT_SERVER_LR`)."""

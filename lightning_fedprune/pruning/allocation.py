@@ -30,6 +30,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
@@ -40,9 +42,11 @@ from .patterns import NORMS, shape_2d
 __all__ = ["ALLOCATIONS", "NORMALIZATIONS", "adaptive_allocation", "global_allocation", "layer_importance",
            "uniform_allocation"]
 
-NORMALIZATIONS: tuple[str, ...] = ("fan_in", "none")
+NormalizationName = Literal["fan_in", "none"]
+NORMALIZATIONS: tuple[str, ...] = get_args(NormalizationName)
 #: adaptive allocation methods: the power law of layer importance, or a global ranking of groups
-ALLOCATIONS: tuple[str, ...] = ("power", "global")
+AllocationName = Literal["power", "global"]
+ALLOCATIONS: tuple[str, ...] = get_args(AllocationName)
 
 # Non-positive importances are clamped to this fraction of the largest importance.
 _REL_EPS = 1e-12

@@ -10,6 +10,8 @@ Jiang et al., arXiv 1909.12326; see :class:`~lightning_fedprune.baselines.PruneF
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
@@ -19,22 +21,16 @@ from .patterns import group_reduce
 
 __all__ = [
     "IMPORTANCE",
+    "ImportanceName",
     "SOURCES",
     "group_scores",
     "importance_source",
     "parse_importance",
 ]
 
-IMPORTANCE: tuple[str, ...] = (
-    "weight_l1",
-    "weight_l2",
-    "gradient_l1",
-    "gradient_l2",
-    "momentum_l1",
-    "momentum_l2",
-    "weight_x_gradient",
-    "sq_gradient_l1",
-)
+ImportanceName = Literal["weight_l1", "weight_l2", "gradient_l1", "gradient_l2", "momentum_l1", "momentum_l2",
+                         "weight_x_gradient", "sq_gradient_l1"]
+IMPORTANCE: tuple[str, ...] = get_args(ImportanceName)
 SOURCES: tuple[str, ...] = ("weight", "gradient", "momentum", "weight_x_gradient", "sq_gradient")
 
 

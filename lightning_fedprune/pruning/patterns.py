@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ __all__ = [
     "PATTERNS",
     "STRUCTURED_PATTERNS",
     "Pattern",
+    "PatternName",
     "check_pattern",
     "compute_mask",
     "expand_groups",
@@ -65,6 +66,8 @@ __all__ = [
 ]
 
 NORMS: tuple[str, ...] = ("l1", "l2")
+#: The built-in patterns (a typed choice for constructors and the CLI; registered patterns extend :data:`PATTERNS`).
+PatternName = Literal["unstructured", "row", "column", "half_row", "half_column"]
 
 ShapeLike = torch.Size | Sequence[int]
 #: ``fn(tensor, dim)``: a reduction over ``dim`` (an int or a tuple of ints), e.g. a norm or ``all``.

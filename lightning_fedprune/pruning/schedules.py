@@ -18,13 +18,14 @@ At ``start_round`` itself the gradual schedules are still at 0 (``p = 0``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from lightning_fedprune.validation import check_choice, check_float, check_int, fail
 
 __all__ = ["SCHEDULES", "Schedule", "sparsity_at", "validate_schedule"]
 
-SCHEDULES: tuple[str, ...] = ("one_shot", "linear", "cubic", "step")
+ScheduleName = Literal["one_shot", "linear", "cubic", "step"]
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 
 
 @dataclass(frozen=True)
