@@ -18,6 +18,7 @@ alternating. Memory: peak RSS (/proc/self/status VmHWM) after the run, for refer
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 
@@ -25,11 +26,12 @@ from _common import alternate, apply_threads, base_parser, header, load, median,
 
 import torch
 
+from lightning_fedprune.pruning.plan import Allocation
 from lightning_fedprune.pruning.state import PruningState
 
 GOAL_S = 2.0
 ROWS, COLS, LAYERS = 1024, 2000, 64
-ALLOCATION = {"max_layer_sparsity": 0.9, "temperature": 1.0, "normalize": "fan_in"}
+ALLOCATION = Allocation(max_layer_sparsity=0.9, temperature=1.0, normalize="fan_in")
 
 
 def make_params(layers: int) -> dict[str, torch.Tensor]:
@@ -46,7 +48,7 @@ def make_params(layers: int) -> dict[str, torch.Tensor]:
 def timed_recompute(params: dict[str, torch.Tensor], pattern: str, sparsity: float = 0.5) -> tuple[float, float, PruningState]:
     state = PruningState()
     state.configure(list(params), pattern, "weight_l2")
-    state.allocation = dict(ALLOCATION)
+    state.plan = dataclasses.replace(state.plan, allocation=ALLOCATION)
     t0 = time.perf_counter()
     state.recompute(params, sparsity, round=0)
     first = time.perf_counter() - t0

@@ -67,7 +67,8 @@ def test_dropout_argument_checks_and_spec():
     spec = FederatedDropout(rate=0.25, parameters=TARGETS).spec()
     assert spec == {"class_path": "lightning_fedprune.baselines.federated_dropout.FederatedDropout",
                     "init_args": {"rate": 0.25, "pattern": "column", "parameters": TARGETS, "exclude": None,
-                                  "server_lr": 1.0}}
+                                  "server_optimizer": "sgd", "server_lr": 1.0, "server_momentum": None,
+                                  "server_betas": None, "server_eps": None}}
     assert FederatedDropout(rate=0.25).config()["strategy"] == "federated_dropout"
 
 

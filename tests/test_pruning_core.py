@@ -12,7 +12,7 @@ import torch
 from torch.nn.utils import prune
 
 from lightning_fedprune import pruning as P
-from lightning_fedprune.pruning import allocation, importance, patterns, schedules
+from lightning_fedprune.pruning import allocation, importance, patterns, schedules, select
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,7 +150,7 @@ def test_mask_from_scores_unrepresentative_sample_falls_back():
     # not depend on the sample.
     n = 100_000
     scores = torch.rand(n, generator=torch.Generator().manual_seed(0)) + 1.0
-    scores[:: n // patterns._SAMPLE] = 0.0
+    scores[:: n // select._SAMPLE] = 0.0
     order = torch.sort(scores, stable=True).indices
     for sparsity in (0.05, 0.5, 0.9):
         expected = stable_reference(scores, sparsity, order)

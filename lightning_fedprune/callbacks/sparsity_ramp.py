@@ -7,7 +7,7 @@ from typing import Any, Literal, get_args
 import lightning.pytorch as pl
 
 from lightning_fedprune.callbacks._common import contribute
-from lightning_fedprune.pruning.importance import IMPORTANCE, ImportanceName, parse_importance
+from lightning_fedprune.pruning.importance import IMPORTANCE, ImportanceName, get_importance
 from lightning_fedprune.pruning.patterns import PATTERNS, PatternName
 from lightning_fedprune.pruning.plan import Ramp, Selection
 from lightning_fedprune.pruning.schedules import SCHEDULES, ScheduleName, validate_schedule
@@ -78,8 +78,7 @@ class SparsityRampCallback(pl.Callback):
         every_n_rounds = check_int(every_n_rounds, "every_n_rounds", min=1)
         check_choice(pattern, "pattern", PATTERNS)
         check_choice(importance, "importance", IMPORTANCE)
-        source, _ = parse_importance(importance)
-        if source != "weight" and start_round < 1:
+        if get_importance(importance).needs is not None and start_round < 1:
             raise ValueError(
                 f"`importance={importance!r}` uses server-side gradient statistics, which exist only after a round has "
                 f"been aggregated: `start_round` must be >= 1, got {start_round}."

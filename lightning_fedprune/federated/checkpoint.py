@@ -285,7 +285,7 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "")
 
 def _refusals(changes: list[tuple[str, Any, Any]], saved_pruning: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Changes that cannot take effect consistently, with the reason (refused even with ``"apply"``)."""
-    from lightning_fedprune.pruning.importance import parse_importance
+    from lightning_fedprune.pruning.importance import get_importance
 
     reasons = []
     frozen = bool(saved_pruning.get("frozen")) or bool(saved_pruning.get("permanent"))
@@ -301,8 +301,7 @@ def _refusals(changes: list[tuple[str, Any, Any]], saved_pruning: dict[str, Any]
     ramp = now.get("SparsityRampCallback")
     changed_sections = {name.partition(".")[0] for name, _, _ in changes}
     if ramp is not None and not frozen and changed_sections & {"SparsityRampCallback", "AdaptiveLayerSparsity"}:
-        source, _ = parse_importance(ramp["importance"])
-        needed = {"gradient": "gradient", "weight_x_gradient": "gradient", "momentum": "momentum"}.get(source)
+        needed = get_importance(ramp["importance"]).needs
         if needed == "momentum" and ramp["momentum_source"] == "server_optimizer":
             needed = None
         if needed is not None:

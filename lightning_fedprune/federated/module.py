@@ -347,7 +347,7 @@ class FederatedLightningModule(pl.LightningModule):
         # every callback has contributed its part of the plan: check it as a whole and take its configuration
         self.pruning.apply_plan(self.pruning.plan, [(n, tuple(p.shape)) for n, p in self.task.named_parameters()])
         if self.pruning.plan.active and self.pruning.momentum_source == "server_optimizer" \
-                and self.pruning.importance.startswith("momentum") and type(self.strategy) is FedAvg:
+                and self.pruning.needs_statistics == "momentum" and type(self.strategy) is FedAvg:
             raise ValueError("`momentum_source='server_optimizer'` needs server_optimizer 'sgdm' or 'adam' (plain 'sgd' "
                              "has no momentum).")
 

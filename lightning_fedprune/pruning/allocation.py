@@ -30,23 +30,27 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from typing import Literal, get_args
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from lightning_fedprune.validation import check_choice, check_float, check_int, fail
+from lightning_fedprune.pruning.names import Names
+from lightning_fedprune.validation import check_choice, check_float, check_int, check_str, fail
 
 from .patterns import NORMS, shape_2d
 
-__all__ = ["ALLOCATIONS", "NORMALIZATIONS", "adaptive_allocation", "global_allocation", "layer_importance",
+__all__ = ["ALLOCATIONS", "ALLOCATION_METHODS", "NORMALIZATIONS", "AllocationMethod", "AllocationName", "Layer",
+           "adaptive_allocation", "get_allocation", "global_allocation", "layer_importance", "register_allocation",
            "uniform_allocation"]
 
 NormalizationName = Literal["fan_in", "none"]
 NORMALIZATIONS: tuple[str, ...] = get_args(NormalizationName)
 #: adaptive allocation methods: the power law of layer importance, or a global ranking of groups
+#: The built-in adaptive allocation methods (a typed choice; registered methods extend :data:`ALLOCATIONS`).
 AllocationName = Literal["power", "global"]
-ALLOCATIONS: tuple[str, ...] = get_args(AllocationName)
 
 # Non-positive importances are clamped to this fraction of the largest importance.
 _REL_EPS = 1e-12
@@ -317,3 +321,91 @@ def _rank_globally(scores: list[Tensor], entries: list[int], caps: list[int], ta
         if not over:
             return [counts[i] for i in range(len(scores))]
         fixed.update({i: caps[i] for i in over})
+
+
+# ------------------------------------------------------------------ allocation methods (a registry)
+@dataclass(frozen=True)
+class Layer:
+    """What an allocation method knows of one prunable tensor when the masks are recomputed."""
+
+    shape: tuple[int, ...]
+    scores: Tensor  # per-group scores of the importance (the pattern's group order)
+    source: Tensor  # the elementwise importance the scores are norms of
+    norm: str  # the group norm of the scores ("l1" or "l2")
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+class AllocationMethod(ABC):
+    """How an overall sparsity ``S`` is split across layers (``AdaptiveLayerSparsity(method=name)``).
+
+    :meth:`allocate` returns ``{layer: sparsity}`` whose parameter-weighted mean is ``S`` (before rounding to
+    whole groups) and none above ``settings.max_layer_sparsity``. A new method is one subclass and one
+    :func:`register_allocation` call (worked example in ``docs/design.md``).
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def allocate(self, layers: Mapping[str, Layer], target: float, settings: Any) -> dict[str, float]:
+        """Per-layer sparsity. ``settings`` is the plan's
+        :class:`~lightning_fedprune.pruning.plan.Allocation` (``max_layer_sparsity``, ``temperature``,
+        ``normalize``, ``method``)."""
+
+    def __repr__(self) -> str:
+        return f"<allocation {self.name!r}>"
+
+
+class PowerAllocation(AllocationMethod):
+    """:func:`adaptive_allocation` of the layers' mean importance (:func:`layer_importance`)."""
+
+    name = "power"
+
+    def allocate(self, layers: Mapping[str, Layer], target: float, settings: Any) -> dict[str, float]:
+        imp = {n: layer_importance(layer.source, layer.shape, normalize=settings.normalize) for n, layer in layers.items()}
+        return adaptive_allocation(imp, {n: layer.size for n, layer in layers.items()}, target,
+                                   max_layer_sparsity=settings.max_layer_sparsity, temperature=settings.temperature)
+
+
+class GlobalAllocation(AllocationMethod):
+    """:func:`global_allocation`: the groups of every layer ranked together on a per-entry scale."""
+
+    name = "global"
+
+    def allocate(self, layers: Mapping[str, Layer], target: float, settings: Any) -> dict[str, float]:
+        norms = {layer.norm for layer in layers.values()}
+        return global_allocation({n: layer.scores for n, layer in layers.items()},
+                                 {n: layer.shape for n, layer in layers.items()}, target,
+                                 max_layer_sparsity=settings.max_layer_sparsity, norm=norms.pop() if norms else "l2",
+                                 normalize=settings.normalize)
+
+
+#: name -> allocation method, in registration order.
+ALLOCATION_METHODS: dict[str, AllocationMethod] = {}
+#: The registered method names (live).
+ALLOCATIONS: Sequence[str] = Names(ALLOCATION_METHODS)
+
+
+def register_allocation(method: AllocationMethod) -> AllocationMethod:
+    """Add ``method`` to :data:`ALLOCATION_METHODS` under its ``name`` (then ``method=name`` is accepted)."""
+    if not isinstance(method, AllocationMethod):
+        fail("method", "an AllocationMethod instance", method)
+    name = check_str(getattr(method, "name", None), "method.name")
+    if name in ALLOCATION_METHODS:
+        raise ValueError(f"an allocation method named {name!r} is already registered")
+    ALLOCATION_METHODS[name] = method
+    return method
+
+
+def get_allocation(name: str, arg: str = "method") -> AllocationMethod:
+    """The registered :class:`AllocationMethod` called ``name`` (a clear error naming ``arg`` otherwise)."""
+    method = ALLOCATION_METHODS.get(name) if isinstance(name, str) else None
+    if method is None:
+        check_choice(name, arg, ALLOCATIONS)
+    return method
+
+
+register_allocation(PowerAllocation())
+register_allocation(GlobalAllocation())

@@ -3,8 +3,12 @@
 It lives on :class:`~lightning_fedprune.FederatedLightningModule` (``fed.pruning``) so checkpoints
 carry it; its ``state_dict`` is keyed by parameter names and holds tensors and numbers only.
 The plan (:class:`~lightning_fedprune.pruning.plan.PruningPlan`, contributed by the callbacks) says
-*when* and *how much*; this object holds *what*, and applies the plan once per round
-(:meth:`PruningState.begin_round` / :meth:`PruningState.end_round`).
+*when*, *how much* and *what* (the selection: parameters, pattern, importance); this object holds the
+masks and statistics, and applies the plan once per round
+(:meth:`PruningState.begin_round` / :meth:`PruningState.end_round`). The criteria are registered objects
+(:func:`~lightning_fedprune.pruning.patterns.get_pattern`,
+:func:`~lightning_fedprune.pruning.importance.get_importance`,
+:func:`~lightning_fedprune.pruning.allocation.get_allocation`): nothing here names one.
 """
 
 from __future__ import annotations
@@ -16,8 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_fedprune.pruning.patterns import check_pattern
-from lightning_fedprune.pruning.plan import Phase, PruningPlan, phase_at, update_at
+from lightning_fedprune.pruning.allocation import Layer, get_allocation, uniform_allocation
+from lightning_fedprune.pruning.importance import Importance, Statistics, get_importance
+from lightning_fedprune.pruning.masking import zero_pruned_
+from lightning_fedprune.pruning.patterns import check_pattern, get_pattern, shape_2d
+from lightning_fedprune.pruning.plan import Phase, PruningPlan, Selection, phase_at, update_at
+from lightning_fedprune.pruning.select import mask_from_scores
 
 
 @dataclass
@@ -31,6 +39,8 @@ class MaskChange:
 
 
 class PruningState:
+    """Masks, patterns, per-layer sparsity, phase and the server-side importance statistics of a run."""
+
     def __init__(self) -> None:
         self.masks: dict[str, Tensor] = {}
         self._kept: dict[str, int] = {}
@@ -45,31 +55,46 @@ class PruningState:
         self.gradient: dict[str, Tensor] = {}
         self.momentum: dict[str, Tensor] = {}
         self.sq_gradient: dict[str, Tensor] = {}
-        self.momentum_beta: float = 0.9
         self.last_update_round: int = -1
         self.last_change = MaskChange()  # what this round's recomputation did (zeros when none ran)
-        # configuration (from the plan at setup; not checkpointed as state: it comes from the config)
+        # configuration: the plan (the callbacks' parts) and the names its selection resolved to at setup
         self.plan = PruningPlan()
         self.targets: list[str] = []
-        self.pattern: str = "unstructured"
-        self.importance: str = "weight_l2"
-        self.momentum_source: str = "ema"
-        self.allocation: dict[str, Any] | None = None  # None = uniform; else adaptive settings
 
-    # ------------------------------------------------------------------ configuration
+    # ------------------------------------------------------------------ configuration (read from the plan)
+    @property
+    def selection(self) -> Selection:
+        """What is pruned and how it is scored: the plan's (the ramp's part, or :meth:`configure`)."""
+        return self.plan.selection
+
+    @property
+    def importance(self) -> Importance:
+        return get_importance(self.plan.selection.importance)
+
+    @property
+    def needs_statistics(self) -> str | None:
+        """The server-side statistic the importance needs (``"gradient"``, ``"momentum"``, ``"sq_gradient"``)
+        or None."""
+        return self.importance.needs
+
+    @property
+    def momentum_source(self) -> str:
+        return self.plan.selection.momentum_source
+
     def configure(self, targets: list[str], pattern: str, importance: str, momentum_beta: float = 0.9,
                   momentum_source: str = "ema") -> None:
+        """Prune ``targets`` with ``pattern`` scored by ``importance`` (direct use of the state, without the
+        callbacks: sets the plan's selection)."""
+        get_pattern(pattern)
+        get_importance(importance)
+        selection = Selection(pattern, importance, momentum_beta=momentum_beta, momentum_source=momentum_source)
+        self.plan = dataclasses.replace(self.plan, selection=selection)
         self.targets = list(targets)
-        self.pattern = pattern
-        self.importance = importance
-        self.momentum_beta = momentum_beta
-        self.momentum_source = momentum_source
         if not self.patterns:
             self.patterns = {n: pattern for n in targets}
 
     def apply_plan(self, plan: PruningPlan, named_shapes: list[tuple[str, tuple[int, ...]]]) -> None:
-        """Validate ``plan`` and take its configuration: the parameters it prunes (resolved against the
-        task's ``named_shapes``), their pattern, the importance and the allocation."""
+        """Validate ``plan`` and take it; its selection is resolved against the task's ``named_shapes``."""
         plan.validate()
         self.plan = plan
         if not plan.active:
@@ -79,17 +104,16 @@ class PruningState:
         shapes = dict(named_shapes)
         for name in targets:
             check_pattern(sel.pattern, shapes[name], name=name)
-        self.configure(targets, sel.pattern, sel.importance, sel.momentum_beta, sel.momentum_source)
-        self.allocation = dataclasses.asdict(plan.allocation) if plan.allocation is not None else None
+        self.targets = targets
+        if not self.patterns:
+            self.patterns = {n: sel.pattern for n in targets}
 
     def reapply_plan(self, round: int, params: dict[str, Tensor], server_momentum: dict[str, Tensor] | None = None) -> None:
         """Make a changed plan take effect now (a resume with ``resume_config_change="apply"``): the
         restored state carries the checkpoint's pattern and masks, computed under the old settings."""
         if self.frozen or self.permanent or not self.plan.active:
             return
-        sel = self.plan.selection
-        self.configure(self.targets, sel.pattern, sel.importance, sel.momentum_beta, sel.momentum_source)
-        self.patterns = {n: sel.pattern for n in self.targets}
+        self.patterns = {n: self.selection.pattern for n in self.targets}
         if self.masks or phase_at(round, self.plan) != Phase.DENSE:
             self.recompute(params, self.plan.ramp.sparsity_at(round), round, server_momentum)
 
@@ -126,21 +150,9 @@ class PruningState:
 
     def make_permanent(self, params: dict[str, Tensor]) -> None:
         """Drop the pruned values from the global model (exact zeros): the masks can no longer change."""
-        self.zero_pruned_(params)
+        zero_pruned_(params, self.masks)
         self.permanent = True
         self.frozen = True
-
-    @property
-    def needs_statistics(self) -> str | None:
-        """Which server-side statistic the importance needs: ``"gradient"``, ``"momentum"``, ``"sq_gradient"``
-        or None."""
-        if self.importance.startswith("momentum"):
-            return "momentum"
-        if self.importance.startswith("sq_gradient"):
-            return "sq_gradient"
-        if self.importance.startswith("gradient") or self.importance == "weight_x_gradient":
-            return "gradient"
-        return None
 
     # ------------------------------------------------------------------ mask computation
     def recompute(self, params: dict[str, Tensor], sparsity: float, round: int,
@@ -151,42 +163,35 @@ class PruningState:
         distributes it by layer importance. Kept and pruned entries are ranked together, so a
         pruned entry whose (stale) score now beats a kept one comes back. The accumulated squared
         gradients (``sq_gradient_l1``) restart from zero for the entries kept by the new masks; pruned
-        entries keep the sum of the window in which they were last kept.
+        entries keep the sum of the window in which they were last kept. Masks are made on the
+        parameters' device.
         """
-        from lightning_fedprune.pruning.importance import group_scores
-        from lightning_fedprune.pruning.patterns import expand_groups, mask_from_scores
-
-        momentum = server_momentum if self.momentum_source == "server_optimizer" else self.momentum
-        sources: dict[str, tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]] = {}
+        importance, sel = self.importance, self.selection
+        momentum = server_momentum if sel.momentum_source == "server_optimizer" else self.momentum
+        need = importance.needs
+        stats: dict[str, Statistics] = {}
         for name in self.targets:
-            w = params[name].detach()
-            g = self.gradient.get(name)
-            m = momentum.get(name) if momentum else None
-            sq = self.sq_gradient.get(name)
-            if self.needs_statistics == "gradient" and g is None:
-                raise RuntimeError(
-                    f"importance {self.importance!r} needs a server-side gradient for {name!r}, but no round has been "
-                    "aggregated yet; start pruning at round >= 1."
-                )
-            if self.needs_statistics == "momentum" and m is None:
-                raise RuntimeError(f"importance {self.importance!r} has no momentum for {name!r} yet; start pruning at round >= 1.")
-            if self.needs_statistics == "sq_gradient" and sq is None:
-                raise RuntimeError(f"importance {self.importance!r} has no accumulated squared gradient for {name!r} yet; "
-                                   "start pruning at round >= 1.")
-            sources[name] = (w, g, m, sq)
-        scores = {n: group_scores(self.importance, self.patterns.get(n, self.pattern), *sources[n]) for n in self.targets}
-        per_layer = self._allocate(params, sources, scores, sparsity)
+            stats[name] = Statistics(self.gradient.get(name), momentum.get(name) if momentum else None,
+                                     self.sq_gradient.get(name))
+            if need is not None and stats[name].get(need) is None:
+                what = {"gradient": "a server-side gradient", "momentum": "a momentum",
+                        "sq_gradient": "an accumulated squared gradient"}[need]
+                raise RuntimeError(f"importance {importance.name!r} has no {what} for {name!r} yet: no round has been "
+                                   "aggregated; start pruning at round >= 1.")
+        patterns = {n: get_pattern(self.patterns.get(n, sel.pattern)) for n in self.targets}
+        scores = {n: importance.scores(patterns[n], params[n].detach(), stats[n]) for n in self.targets}
+        per_layer = self._allocate(params, stats, scores, sparsity)
         change = MaskChange()
         new_masks: dict[str, Tensor] = {}
         new_kept: dict[str, int] = {}
         for name in self.targets:
-            pattern = self.patterns.get(name, self.pattern)
+            shape = params[name].shape
             keep = mask_from_scores(scores[name], per_layer[name])
-            mask = expand_groups(keep, pattern, params[name].shape)
+            mask = patterns[name].expand(keep, *shape_2d(shape)).reshape(shape).contiguous()
             kept_new = int(keep.sum()) * (mask.numel() // keep.numel())  # every group has the same size
             old = self.masks.get(name)
             if old is not None:
-                flips = int(torch.count_nonzero(mask ^ old))
+                flips = int(torch.count_nonzero(mask ^ old.to(mask.device)))
                 restored = (flips + kept_new - self._kept_count(name)) // 2  # kept_new - kept_old = restored - pruned
                 change.restored += restored
                 change.pruned += flips - restored
@@ -195,40 +200,27 @@ class PruningState:
             new_masks[name] = mask
             new_kept[name] = kept_new
         change.flips = change.restored + change.pruned
-        self.sq_gradient = {n: acc.masked_fill(new_masks[n], 0) if n in new_masks else acc for n, acc in self.sq_gradient.items()}
+        self.sq_gradient = {n: acc.masked_fill(new_masks[n].to(acc.device), 0) if n in new_masks else acc
+                            for n, acc in self.sq_gradient.items()}
         self.masks = new_masks
         self._kept = new_kept
-        self.patterns = {n: self.patterns.get(n, self.pattern) for n in self.targets}
+        self.patterns = {n: patterns[n].name for n in self.targets}
         self.layer_sparsity = dict(per_layer)
         self.target_sparsity = float(sparsity)
         self.last_update_round = int(round)
         change.sparsity = self.sparsity()
         return change
 
-    def _allocate(self, params: dict[str, Tensor], sources: dict[str, tuple[Tensor, ...]], scores: dict[str, Tensor],
+    def _allocate(self, params: dict[str, Tensor], stats: dict[str, Statistics], scores: dict[str, Tensor],
                   sparsity: float) -> dict[str, float]:
-        """Per-layer sparsity: uniform, or the plan's adaptive allocation (power law or global ranking)."""
-        from lightning_fedprune.pruning.allocation import (
-            adaptive_allocation,
-            global_allocation,
-            layer_importance,
-            uniform_allocation,
-        )
-        from lightning_fedprune.pruning.importance import importance_source, parse_importance
-
-        sizes = {n: params[n].numel() for n in self.targets}
-        alloc = self.allocation
-        if alloc is None or sparsity == 0.0:
-            return uniform_allocation(sizes, sparsity)
-        normalize = alloc.get("normalize", "fan_in")
-        if alloc.get("method", "power") == "global":
-            return global_allocation(scores, {n: params[n].shape for n in self.targets}, sparsity,
-                                     max_layer_sparsity=alloc["max_layer_sparsity"],
-                                     norm=parse_importance(self.importance)[1], normalize=normalize)
-        imp = {n: layer_importance(importance_source(self.importance, *sources[n]), params[n].shape, normalize=normalize)
-               for n in self.targets}
-        return adaptive_allocation(imp, sizes, sparsity, max_layer_sparsity=alloc["max_layer_sparsity"],
-                                   temperature=alloc.get("temperature", 1.0))
+        """Per-layer sparsity: uniform, or the plan's adaptive allocation method."""
+        settings = self.plan.allocation
+        if settings is None or sparsity == 0.0:
+            return uniform_allocation({n: params[n].numel() for n in self.targets}, sparsity)
+        importance = self.importance
+        layers = {n: Layer(tuple(params[n].shape), scores[n], importance.source(params[n], stats[n]), importance.norm)
+                  for n in self.targets}
+        return get_allocation(settings.method).allocate(layers, sparsity, settings)
 
     # ------------------------------------------------------------------ queries
     def _kept_count(self, name: str) -> int:
@@ -251,9 +243,7 @@ class PruningState:
 
     def zero_pruned_(self, params: dict[str, Tensor]) -> None:
         """Set the pruned entries of ``params`` (by name) to exact zeros, in place."""
-        with torch.no_grad():
-            for name, mask in self.masks.items():
-                params[name].masked_fill_(~mask, 0)
+        zero_pruned_(params, self.masks)
 
     # ------------------------------------------------------------------ statistics
     def observe_pseudo_gradient(self, pseudo_gradient: dict[str, Tensor], names: list[str]) -> None:
@@ -262,7 +252,7 @@ class PruningState:
         Pruned entries get no client update, so their gradient is meaningless (zero); they keep
         their last score from when they were kept (stale), as METHOD.md describes.
         """
-        beta = self.momentum_beta
+        beta = self.selection.momentum_beta
         for name in names:
             g = pseudo_gradient[name].detach()
             mask = self.masks.get(name)
@@ -288,12 +278,16 @@ class PruningState:
             "gradient": {n: t.clone() for n, t in self.gradient.items()},
             "momentum": {n: t.clone() for n, t in self.momentum.items()},
             "sq_gradient": {n: t.clone() for n, t in self.sq_gradient.items()},
-            "momentum_beta": self.momentum_beta,
+            "momentum_beta": self.selection.momentum_beta,  # (informational: the plan's; compared as configuration)
             "last_update_round": self.last_update_round,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.masks = {n: m.clone().bool() for n, m in state["masks"].items()}
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str | None = None) -> None:
+        """Restore from :meth:`state_dict`; tensors go to ``device`` (default: where they were saved)."""
+        def t(x: Tensor) -> Tensor:
+            return x.clone() if device is None else x.to(device, copy=True)
+
+        self.masks = {n: t(m).bool() for n, m in state["masks"].items()}
         self._kept = {}
         self.patterns = dict(state["patterns"])
         self.layer_sparsity = dict(state["layer_sparsity"])
@@ -301,8 +295,7 @@ class PruningState:
         self.phase = Phase(int(state["phase"]))
         self.frozen = bool(state["frozen"])
         self.permanent = bool(state["permanent"])
-        self.gradient = {n: t.clone() for n, t in state["gradient"].items()}
-        self.momentum = {n: t.clone() for n, t in state["momentum"].items()}
-        self.sq_gradient = {n: t.clone() for n, t in state.get("sq_gradient", {}).items()}  # older checkpoints: none
-        self.momentum_beta = float(state["momentum_beta"])
+        self.gradient = {n: t(x) for n, x in state["gradient"].items()}
+        self.momentum = {n: t(x) for n, x in state["momentum"].items()}
+        self.sq_gradient = {n: t(x) for n, x in state.get("sq_gradient", {}).items()}  # older checkpoints: none
         self.last_update_round = int(state["last_update_round"])
