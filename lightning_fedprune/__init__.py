@@ -18,7 +18,7 @@ from lightning_fedprune.federated.executors import (
 from lightning_fedprune.federated.hooks import FederatedCallback, RoundSummary
 from lightning_fedprune.federated.module import FederatedLightningModule
 from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, ClientResult, RoundPayload
-from lightning_fedprune.federated.strategy import FedAdam, FedAvg, FedAvgM, Strategy
+from lightning_fedprune.federated.strategies import FedAdam, FedAvg, FedAvgM, Strategy
 
 __version__ = "0.1.0"
 

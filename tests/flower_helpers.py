@@ -23,7 +23,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.task_identity import TaskIdentity
 
 from lightning_fedprune.demos import MLPClassifier
-from lightning_fedprune.federated.strategy import FedAvg
+from lightning_fedprune.federated.strategies import FedAvg, SubModel
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "flower"
@@ -112,12 +112,11 @@ class FlakyMLP(MLPClassifier):
 class OddClientsDropHeadColumns(FedAvg):
     """Odd clients train a sub-model without the first half of head.weight's columns (a broadcast of their own)."""
 
-    def client_masks(self, round, client_id, seed, masks, patterns, params):
-        if client_id % 2 == 0:
-            return None
-        mask = torch.ones_like(params["head.weight"], dtype=torch.bool)
+    def configure(self, ctx, cohort, seeds):
+        mask = torch.ones_like(ctx.params["head.weight"], dtype=torch.bool)
         mask[:, : mask.shape[1] // 2] = False
-        return {**masks, "head.weight": mask}, {**patterns, "head.weight": "column"}
+        odd = SubModel({**ctx.masks, "head.weight": mask}, {**ctx.patterns, "head.weight": "column"})
+        return [odd if client % 2 else None for client in cohort]
 
 
 def partitioned(num_nodes: int) -> list[dict[str, Any]]:

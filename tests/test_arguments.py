@@ -74,7 +74,7 @@ GRID = [
     (fed, dict(server_betas=(0.9, INF)), r"`server_betas\[1\]`.*inf"),
     (fed, dict(server_eps=0.0), r"`server_eps`.*0\.0"),
     (fed, dict(server_eps=INF), r"`server_eps`.*inf"),
-    (fed, dict(weighting=None), r"`weighting`.*None"),
+    (fed, dict(weighting="size"), r"`weighting`.*'size'"),
     (fed, dict(executor=3), r"`executor`.*3"),
     (fed, dict(num_workers=-3), r"`num_workers`.*-3"),
     (fed, dict(num_workers=True), r"`num_workers`.*True"),
@@ -240,7 +240,7 @@ def test_bad_argument_fails_at_construction_naming_it(ctor, kwargs, match):
 def test_good_arguments_are_accepted_and_normalised(tmp_path):
     f = fed(server_optimizer="adam", server_lr=2, client_gradient_clip_val=1, compact_clients=False, num_workers=1,
             server_betas=[0.8, 0.9])
-    assert f.strategy.server_lr == 2.0 and f.client_config.gradient_clip_val == 1.0 and f.client_config.compact is False
+    assert f.strategy.server_lr == 2.0 and f.client_settings.gradient_clip_val == 1.0 and f.client_settings.compact is False
     assert f.strategy.server_betas == (0.8, 0.9)
     d = dm(partition="dirichlet", alpha=1, shuffle=False, drop_last=True)
     assert d.alpha == 1.0 and d.shuffle is False and d.drop_last is True

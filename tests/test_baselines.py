@@ -14,11 +14,18 @@ from lightning_fedprune import FederatedDataModule, FederatedLightningModule
 from lightning_fedprune.ablation.record import CellRecord
 from lightning_fedprune.baselines import FederatedDropout, PruneFL
 from lightning_fedprune.federated.protocol import derive_seed
+from lightning_fedprune.federated.strategies import RoundContext
 from lightning_fedprune.pruning import group_reduce, groups_from_mask, mask_from_scores
 from lightning_fedprune.pruning.plan import Phase, PruningPlan
 from lightning_fedprune.pruning.state import PruningState
 
 TARGETS = r"body\.0\.weight|head\.weight"
+
+
+def _client_masks(fd, rnd, client, seed, masks, patterns, params):
+    """The sub-model ``fd`` gives one client: ``(masks, patterns)``, or None for the round's."""
+    sub = fd.configure(RoundContext(rnd, params, {}, masks, patterns), [client], [seed])[0]
+    return None if sub is None else (sub.masks, sub.patterns)
 
 
 def _mlp_run(strategy=None, callbacks=(), rounds=1, clients=2, local_steps=1, batch_size=60, shuffle=False, seed=0,
@@ -38,23 +45,23 @@ def _mlp_run(strategy=None, callbacks=(), rounds=1, clients=2, local_steps=1, ba
 def test_dropout_sub_models_drop_the_rate_of_groups_per_client_deterministically():
     params = {"a": torch.randn(6, 10), "b": torch.randn(4, 8), "bias": torch.randn(4)}
     fd = FederatedDropout(rate=0.3, pattern="column")
-    masks0, patterns0 = fd.client_masks(0, 0, derive_seed(0, 0, 0), {}, {}, params)
+    masks0, patterns0 = _client_masks(fd, 0, 0, derive_seed(0, 0, 0), {}, {}, params)
     assert set(masks0) == {"a", "b"} and patterns0 == {"a": "column", "b": "column"}  # 1-D tensors stay whole
     assert int((~groups_from_mask(masks0["a"], "column")).sum()) == 3 and int((~groups_from_mask(masks0["b"], "column")).sum()) == 2
-    again, _ = FederatedDropout(rate=0.3).client_masks(0, 0, derive_seed(0, 0, 0), {}, {}, params)
+    again, _ = _client_masks(FederatedDropout(rate=0.3), 0, 0, derive_seed(0, 0, 0), {}, {}, params)
     assert all(torch.equal(masks0[n], again[n]) for n in masks0)  # a pure function of the seed
-    others = [FederatedDropout(rate=0.3).client_masks(0, c, derive_seed(0, 0, c), {}, {}, params)[0]["a"]
+    others = [_client_masks(FederatedDropout(rate=0.3), 0, c, derive_seed(0, 0, c), {}, {}, params)[0]["a"]
               for c in range(1, 6)]
     assert any(not torch.equal(masks0["a"], m) for m in others)  # clients get different sub-models
     # with pruning masks of the same pattern: groups are dropped among the kept ones
     pruned = {"a": torch.ones(6, 10, dtype=torch.bool)}
     pruned["a"][:, :4] = False
-    masks, _ = fd.client_masks(0, 0, 7, pruned, {"a": "column"}, params)
+    masks, _ = _client_masks(fd, 0, 0, 7, pruned, {"a": "column"}, params)
     flags = groups_from_mask(masks["a"], "column")
     assert not flags[:4].any() and int(flags[4:].sum()) == 6 - round(0.3 * 6)
     with pytest.raises(ValueError, match="same pattern"):
-        fd.client_masks(0, 0, 7, pruned, {"a": "row"}, params)
-    assert FederatedDropout(rate=0.0).client_masks(0, 0, 7, {}, {}, params) is None
+        _client_masks(fd, 0, 0, 7, pruned, {"a": "row"}, params)
+    assert _client_masks(FederatedDropout(rate=0.0), 0, 0, 7, {}, {}, params) is None
 
 
 def test_dropout_argument_checks_and_spec():
@@ -68,7 +75,7 @@ def test_dropout_argument_checks_and_spec():
     assert spec == {"class_path": "lightning_fedprune.baselines.federated_dropout.FederatedDropout",
                     "init_args": {"rate": 0.25, "pattern": "column", "parameters": TARGETS, "exclude": None,
                                   "server_optimizer": "sgd", "server_lr": 1.0, "server_momentum": None,
-                                  "server_betas": None, "server_eps": None}}
+                                  "server_betas": None, "server_eps": None, "weighting": "num_samples"}}
     assert FederatedDropout(rate=0.25).config()["strategy"] == "federated_dropout"
 
 
@@ -77,7 +84,7 @@ def test_dropout_merge_is_the_per_entry_mean_over_the_clients_that_trained_it():
     init_params = {n: v for n, v in init.items()}
     outs, masks = [], []
     for c in range(2):
-        m, _ = FederatedDropout(rate=0.5, parameters=TARGETS).client_masks(0, c, derive_seed(0, 0, c), {}, {}, init_params)
+        m, _ = _client_masks(FederatedDropout(rate=0.5, parameters=TARGETS), 0, c, derive_seed(0, 0, c), {}, {}, init_params)
         t = MLPClassifier(in_dim=8, hidden=16, num_classes=3, depth=1, lr=0.2)
         t.load_state_dict(init)
         with torch.no_grad():
@@ -123,7 +130,7 @@ def test_dropout_with_quantised_payloads_merges_like_the_unquantised_run():
     untrained = None
     for rnd in range(2):
         for c in range(2):
-            m, _ = FederatedDropout(rate=0.5, parameters=TARGETS).client_masks(rnd, c, derive_seed(0, rnd, c), {}, {},
+            m, _ = _client_masks(FederatedDropout(rate=0.5, parameters=TARGETS), rnd, c, derive_seed(0, rnd, c), {}, {},
                                                                               params)
             untrained = ~m["head.weight"] if untrained is None else untrained & ~m["head.weight"]
     assert untrained.any()  # a column every client dropped in both rounds (seed 0): the server value, exactly

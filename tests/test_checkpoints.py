@@ -360,8 +360,8 @@ def test_changed_configuration_is_applied_with_apply(run):
 def test_changed_server_learning_rate_is_applied_to_the_restored_optimizer(run):
     _, folder = run
     with pytest.warns(UserWarning, match="server_lr: checkpoint=1.0, now=0.5"):
-        _, trainer = _resume(folder / "step=8.ckpt", max_steps=9, server_lr=0.5, resume_config_change="apply")
-    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.5  # not the checkpoint's 1.0
+        resumed, _ = _resume(folder / "step=8.ckpt", max_steps=9, server_lr=0.5, resume_config_change="apply")
+    assert resumed.strategy.optimizer.param_groups[0]["lr"] == 0.5  # not the checkpoint's 1.0
 
 
 def test_pattern_change_after_finetuning_started_is_refused_even_with_apply(run):

@@ -26,7 +26,7 @@ import torch
 from helpers import GaussianMixtureDataset, MLPClassifier, quiet_trainer
 
 from lightning_fedprune import ClientConfig, FederatedCallback, FederatedDataModule, FederatedLightningModule, ProcessPoolExecutor
-from lightning_fedprune.federated.executors import _HEADER, WorkerStartupError, _Worker
+from lightning_fedprune.federated.executors.pool import _HEADER, WorkerStartupError, _Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 WATCHDOG_S = 240  # per test; generous for a loaded CI machine, far below "forever"
@@ -240,7 +240,7 @@ def test_bad_arguments_are_rejected_naming_the_argument(kwargs, argument):
 def _start(fault: str, **pool_kwargs) -> ProcessPoolExecutor:
     pool = ProcessPoolExecutor(num_workers=1, start_method="fork", **pool_kwargs)
     pool.setup(StartupFaultTask(fault, in_dim=8, hidden=16, num_classes=3), _data().client_data(),
-               ClientConfig(local_steps=1), "num_samples")
+               ClientConfig(local_steps=1))
     return pool
 
 
@@ -370,5 +370,6 @@ def test_unguarded_main_script_fails_with_a_clear_error(tmp_path):
     out = _run_script(tmp_path, UNGUARDED)
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("lightning_fedprune.federated.executors.WorkerStartupError: A worker process re-ran the training script")
+    assert last.startswith("lightning_fedprune.federated.executors.pool.WorkerStartupError: A worker process re-ran the "
+                           "training script")
     assert 'if __name__ == "__main__":' in last and 'executor="sequential"' in last and 'start_method="fork"' in last

@@ -11,21 +11,39 @@ from helpers import GaussianMixtureDataset, MLPClassifier, params_of, quiet_trai
 
 from lightning_fedprune import FederatedDataModule, FederatedLightningModule, SequentialExecutor
 from lightning_fedprune.federated.protocol import ClientResult, LoggedValue
-from lightning_fedprune.federated.strategy import Aggregate, FedAdam, FedAvg, FedAvgM, ServerAdam, ServerSGD, Strategy
+from lightning_fedprune.federated.strategies import (
+    Aggregate,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    RoundContext,
+    ServerAdam,
+    ServerSGD,
+    Strategy,
+    SubModel,
+)
 
 
 def _results(*states_weights, logged=None):
     results, states = [], []
     for i, (state, weight) in enumerate(states_weights):
-        results.append(ClientResult(i, 0, weight=weight, loss=float(i + 1), logged=logged[i] if logged else {}))
+        results.append(ClientResult(i, 0, num_samples=weight, loss=float(i + 1), logged=logged[i] if logged else {}))
         states.append(state)
     return results, states
+
+
+def _ctx(params, buffers=None, masks=None):
+    return RoundContext(0, params, buffers or {}, masks or {}, {n: "unstructured" for n in masks or {}})
+
+
+def _aggregate(strategy, results, states, params, buffers=None):
+    return strategy.aggregate(_ctx(params, buffers), results, states, [None] * len(results))
 
 
 def test_aggregate_is_the_weighted_mean_with_loss_and_logged_values():
     a, b = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}, {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(6)}
     results, states = _results((a, 2.0), (b, 1.0), logged=[{"acc": LoggedValue(0.5, 20.0)}, {"acc": LoggedValue(0.8, 10.0)}])
-    agg = FedAvg().aggregate(results, states, ["w", "n"])
+    agg = _aggregate(FedAvg(), results, states, {"w": a["w"]}, {"n": a["n"]})
     assert agg.ok == [0, 1] and agg.failed == {} and agg.weight == 3.0
     torch.testing.assert_close(agg.average["w"], torch.tensor([2.0, 4.0]))
     assert agg.average["n"].item() == 4  # integer buffers: float64 mean, rounded
@@ -41,18 +59,18 @@ def test_aggregate_leaves_out_failed_and_non_finite_clients_and_overflow(monkeyp
     results, states = _results((good, 1.0), (nan, 1.0), ({"w": torch.tensor([3.0, 3.0])}, 1.0))
     results[2].error = "RuntimeError: boom"
     states[2] = None
-    agg = FedAvg().aggregate(results, states, ["w"])
+    agg = _aggregate(FedAvg(), results, states, {"w": good["w"]})
     assert agg.ok == [0] and agg.failed == {1: "non-finite values in 'w'", 2: "RuntimeError: boom"}
     torch.testing.assert_close(agg.average["w"], good["w"])
     # finite clients whose average is not finite (an overflow; rounding alone hardly reaches it, so the
     # average is forced to inf here): the update is skipped, every client reported, none blamed alone
-    import lightning_fedprune.federated.strategy as strategy_module
+    import lightning_fedprune.federated.strategies.base as strategy_module
 
     real = strategy_module.weighted_average
     monkeypatch.setattr(strategy_module, "weighted_average",
                         lambda states, weights, names: {n: v * float("inf") for n, v in real(states, weights, names).items()})
     results, states = _results((good, 1.0), (good, 1.0))
-    agg = FedAvg().aggregate(results, states, ["w"])
+    agg = _aggregate(FedAvg(), results, states, {"w": good["w"]})
     assert agg.ok == [] and agg.average == {} and sorted(agg.failed) == [0, 1]
     assert all("not finite (overflow)" in reason for reason in agg.failed.values())
 
@@ -68,12 +86,13 @@ def test_step_is_the_optimiser_on_the_pseudo_gradient_and_keeps_pruned_server_va
     buf = torch.zeros(3)
     mask = torch.rand(4, 3) > 0.4
     ref = torch.nn.Parameter(w.detach().clone())
-    opt, ref_opt = strategy.make_optimizer([w]), reference([ref])
+    strategy.setup({"w": w})
+    opt, ref_opt = strategy.optimizer, reference([ref])
     assert isinstance(opt, ServerAdam if isinstance(strategy, FedAdam) else ServerSGD)
     for _ in range(3):  # several rounds: momentum / moments carry over on the server
         average = {"w": w.detach() - torch.randn(4, 3) * 0.1, "b": torch.randn(3)}
         before = w.detach().clone()
-        pseudo = strategy.step(opt, {"w": w}, {"b": buf}, average, {"w": mask})
+        pseudo = strategy.apply(_ctx({"w": w}, {"b": buf}, {"w": mask}), Aggregate(average), {"w": w}, {"b": buf})
         ref.grad = (ref.detach() - average["w"]) * mask
         ref_opt.step()
         torch.testing.assert_close(pseudo["w"], (before - average["w"]) * mask)
@@ -85,24 +104,20 @@ def test_step_is_the_optimiser_on_the_pseudo_gradient_and_keeps_pruned_server_va
 def test_fedavg_with_lr_one_is_the_average_itself():
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
     average = {"w": torch.tensor([0.1, 0.2, 0.3])}
-    FedAvg(1.0).step(FedAvg(1.0).make_optimizer([w]), {"w": w}, {}, average, {"w": torch.tensor([True, False, True])})
+    strategy = FedAvg(1.0)
+    strategy.setup({"w": w})
+    strategy.apply(_ctx({"w": w}, masks={"w": torch.tensor([True, False, True])}), Aggregate(average), {"w": w}, {})
     assert torch.equal(w.detach(), torch.tensor([0.1, 2.0, 0.3]))
 
 
-class CoordinateMedian(Strategy):
+class CoordinateMedian(FedAvg):
     """A new strategy in one class: the coordinate-wise median of the clients' weights (robust aggregation),
     then FedAvg's plain step."""
 
-    def __init__(self, server_lr: float = 1.0) -> None:
-        self.server_lr = server_lr
-
-    def make_optimizer(self, params):
-        return ServerSGD(params, lr=self.server_lr)
-
-    def aggregate(self, results, states, names) -> Aggregate:
-        agg = super().aggregate(results, states, names)
+    def aggregate(self, ctx, results, states, sub_models) -> Aggregate:
+        agg = super().aggregate(ctx, results, states, sub_models)
         if agg.ok:
-            for name in names:
+            for name in agg.average:
                 stacked = torch.stack([states[i][name].float() for i in agg.ok])
                 agg.average[name] = stacked.median(dim=0).values.to(states[agg.ok[0]][name].dtype)
         return agg
@@ -141,8 +156,11 @@ def test_strategy_argument_checks():
         FedAvg(float("inf"))
     with pytest.raises(ValueError, match="server_betas"):
         FedAdam(server_betas=(0.9, 1.5))
-    assert FedAdam(0.1).spec() == {"class_path": "lightning_fedprune.federated.strategy.FedAdam",
-                                   "init_args": {"server_lr": 0.1, "server_betas": [0.9, 0.99], "server_eps": 1e-3}}
+    assert FedAdam(0.1).spec() == {"class_path": "lightning_fedprune.federated.strategies.fedavg.FedAdam",
+                                   "init_args": {"server_lr": 0.1, "server_betas": [0.9, 0.99], "server_eps": 1e-3,
+                                                 "weighting": "num_samples"}}
+    with pytest.raises(TypeError, match="abstract"):
+        Strategy()  # the base declares what a strategy must say: configure, aggregate, make_optimizer
     assert isinstance(Strategy.from_spec(FedAvgM(0.5).spec()), FedAvgM)
     assert copy.deepcopy(FedAvg()).server_lr == 1.0
 
@@ -150,13 +168,12 @@ def test_strategy_argument_checks():
 class OddClientsDropColumns(FedAvg):
     """Odd clients train a sub-model without the first half of head.weight's columns (Federated-Dropout-like)."""
 
-    def client_masks(self, round, client_id, seed, masks, patterns, params):
-        if client_id % 2 == 0:
-            return None
-        w = params["head.weight"]
+    def configure(self, ctx, cohort, seeds):
+        w = ctx.params["head.weight"]
         mask = torch.ones_like(w, dtype=torch.bool)
         mask[:, : w.shape[1] // 2] = False
-        return {**masks, "head.weight": mask}, {**patterns, "head.weight": "column"}
+        odd = SubModel({**ctx.masks, "head.weight": mask}, {**ctx.patterns, "head.weight": "column"})
+        return [odd if client % 2 else None for client in cohort]
 
 
 def test_a_strategy_can_give_clients_their_own_sub_model():
@@ -245,7 +262,13 @@ def test_strategy_classes_and_module_share_defaults():
 
 
 @pytest.mark.parametrize("arg, value", [("server_optimizer", "adam"), ("server_lr", 0.5), ("server_momentum", 0.5),
-                                        ("server_betas", (0.9, 0.9)), ("server_eps", 1e-4)])
-def test_a_strategy_and_a_server_setting_together_are_refused_naming_the_setting(arg, value):
-    with pytest.raises(ValueError, match=f"`{arg}` and `strategy` were both given"):
+                                        ("server_betas", (0.9, 0.9)), ("server_eps", 1e-4), ("weighting", "uniform")])
+def test_a_server_setting_that_contradicts_the_strategy_is_refused_naming_it(arg, value):
+    with pytest.raises(ValueError, match=f"`{arg}=.*` contradicts `strategy`"):
         FederatedLightningModule(MLPClassifier(), strategy=FedAvg(), **{arg: value})
+    # the same values as the strategy's (a YAML base config under a strategy override) are fine
+    agreeing = FedAdam(server_lr=0.5, server_betas=(0.9, 0.9), server_eps=1e-4, weighting="uniform")
+    same = {"server_optimizer": "adam", "server_lr": 0.5, "server_betas": [0.9, 0.9], "server_eps": 1e-4,
+            "weighting": "uniform"}
+    fed = FederatedLightningModule(MLPClassifier(), strategy=agreeing, **{k: v for k, v in same.items() if k == arg})
+    assert fed.strategy is agreeing

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 
 from lightning_fedprune.federated.hooks import RoundSummary
 from lightning_fedprune.federated.protocol import derive_seed
+from lightning_fedprune.federated.strategies import RoundContext
 from lightning_fedprune.pruning.patterns import COMPACT_PATTERNS
 from lightning_fedprune.validation import check_path
 
@@ -19,7 +20,7 @@ class CellRecord(pl.Callback):
 
     * **client parameters**: the entries of the task's parameters a client receives and trains in a
       round — all of them minus those its masks drop: the pruning state's masks, or the sub-model the
-      strategy gives that client (:meth:`~lightning_fedprune.federated.strategy.Strategy.client_masks`,
+      strategy gives that client (:meth:`~lightning_fedprune.federated.strategies.Strategy.configure`,
       Federated Dropout); the mean over the round's cohort, for the last round and over the run.
       Layers with a compact pattern hold only these entries on the client; other masked layers stay
       masked-dense there (``compact`` says whether every masked tensor is compact).
@@ -45,10 +46,10 @@ class CellRecord(pl.Callback):
         total = sum(p.numel() for p in params.values())
         state = pl_module.pruning
         kept = []
-        for cid in cohort:
-            custom = pl_module.strategy.client_masks(round, cid, derive_seed(pl_module.seed, round, cid), state.masks,
-                                                     state.patterns, params)
-            masks, patterns = custom if custom is not None else (state.masks, state.patterns)
+        ctx = RoundContext(round, params, pl_module.global_buffers(), state.masks, state.patterns)
+        seeds = [derive_seed(pl_module.seed, round, cid) for cid in cohort]
+        for sub in pl_module.strategy.configure(ctx, cohort, seeds):  # pure: the sub-models the round gives
+            masks, patterns = (state.masks, state.patterns) if sub is None else (sub.masks, sub.patterns)
             dropped = sum(m.numel() - int(m.sum()) for m in masks.values())
             kept.append(total - dropped)
             self._compact = self._compact and all(patterns.get(n) in COMPACT_PATTERNS for n in masks)

@@ -15,17 +15,20 @@ pruning state's masks (groups are then dropped among the kept ones).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_fedprune.federated.protocol import ClientResult
-from lightning_fedprune.federated.strategy import (
+from lightning_fedprune.federated.strategies import (
     Aggregate,
     FedAvg,
+    RoundContext,
     ServerOptimizerName,
+    SubModel,
+    WeightingName,
     make_strategy,
     server_optimizer_of,
 )
@@ -50,7 +53,8 @@ class FederatedDropout(FedAvg):
 
     Args:
         rate: fraction of each selected weight's groups a client drops, in ``[0, 1)`` (Caldas et al.
-            use 0.25-0.5); ``round(rate * groups)`` are dropped (Python rounding, as pruning counts groups), the same number for every client.
+            use 0.25-0.5); ``round(rate * groups)`` are dropped (Python rounding, as pruning counts groups), the
+            same number for every client.
         pattern: the group dropped together (``"column"``: an input feature of an ``nn.Linear``, as
             Federated Pruning's column pattern; any registered pattern).
         parameters: regular expression (``re.fullmatch``) of the weights that get sub-models; default
@@ -60,14 +64,15 @@ class FederatedDropout(FedAvg):
             with ``server_lr=1`` the merged model itself, Caldas et al.'s FedAvg), ``"sgdm"`` or ``"adam"``.
         server_lr, server_momentum, server_betas, server_eps: its settings, as
             :class:`~lightning_fedprune.FederatedLightningModule`'s of the same names (None: the defaults).
+        weighting: see :class:`~lightning_fedprune.federated.strategies.Strategy`.
     """
 
     def __init__(self, rate: float = 0.5, pattern: PatternName = "column", parameters: str | None = None,
                  exclude: str | None = None, server_optimizer: ServerOptimizerName = "sgd", server_lr: float | None = None,
                  server_momentum: float | None = None, server_betas: Sequence[float] | None = None,
-                 server_eps: float | None = None) -> None:
+                 server_eps: float | None = None, weighting: WeightingName = "num_samples") -> None:
         inner = make_strategy(server_optimizer, server_lr, server_momentum, server_betas, server_eps)
-        super().__init__(inner.server_lr)
+        super().__init__(inner.server_lr, weighting)
         self.server_optimizer = server_optimizer
         self.server_momentum = getattr(inner, "server_momentum", None)
         self.server_betas = getattr(inner, "server_betas", None)
@@ -78,15 +83,14 @@ class FederatedDropout(FedAvg):
         check_regex(exclude, "exclude")
         self.parameters = parameters
         self.exclude = exclude
-        self._targets: list[str] | None = None
-        # this round's sub-models, for the merge: client id -> masks, and the server's values
-        self._issued: dict[int, dict[str, Tensor]] = {}
-        self._round = -1
-        self._server: dict[str, Tensor] = {}
 
     def make_optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
         return server_optimizer_of(self.server_optimizer, params, self.server_lr, self.server_momentum or 0.0,
                                    self.server_betas or (0.9, 0.99), self.server_eps or 1e-3)
+
+    @property
+    def has_momentum(self) -> bool:
+        return self.server_optimizer == "adam" or (self.server_optimizer == "sgdm" and bool(self.server_momentum))
 
     def config(self) -> dict[str, Any]:
         config = {**super().config(), "server_optimizer": self.server_optimizer, "strategy": "federated_dropout",
@@ -97,59 +101,59 @@ class FederatedDropout(FedAvg):
             config.update(server_betas=list(self.server_betas), server_eps=self.server_eps)
         return config
 
-    def targets(self, params: dict[str, Tensor]) -> list[str]:
-        """The names that get sub-models (resolved once, as the pruning selection is)."""
-        if self._targets is None:
-            shapes = [(n, tuple(p.shape)) for n, p in params.items()]
-            self._targets = Selection(self.pattern, parameters=self.parameters, exclude=self.exclude).resolve(shapes)
-            for name in self._targets:
-                check_pattern(self.pattern, params[name].shape, name=name)
-        return self._targets
+    def targets(self, params: Mapping[str, Tensor]) -> list[str]:
+        """The names that get sub-models (resolved as the pruning selection is)."""
+        shapes = [(n, tuple(p.shape)) for n, p in params.items()]
+        targets = Selection(self.pattern, parameters=self.parameters, exclude=self.exclude).resolve(shapes)
+        for name in targets:
+            check_pattern(self.pattern, params[name].shape, name=name)
+        return targets
 
-    def client_masks(self, round: int, client_id: int, seed: int, masks: dict[str, Tensor], patterns: dict[str, str],
-                     params: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]] | None:
-        """The client's sub-model: ``round(rate * groups)`` groups of every target dropped at random (among
-        the groups the pruning state keeps, when it prunes the tensor with the same pattern)."""
+    def configure(self, ctx: RoundContext, cohort: Sequence[int], seeds: Sequence[int]) -> list[SubModel | None]:
+        """Every client's sub-model: ``round(rate * groups)`` groups of every target dropped at random (among the
+        groups the pruning state keeps, when it prunes the tensor with the same pattern); a pure function of the
+        client's seed."""
         if self.rate == 0.0:
-            return None
-        if round != self._round:
-            self._round, self._issued, self._server = round, {}, {}
+            return [None] * len(cohort)
+        targets = self.targets(ctx.params)
+        return [self._sub_model(ctx, targets, seed) for seed in seeds]
+
+    def _sub_model(self, ctx: RoundContext, targets: list[str], seed: int) -> SubModel:
         generator = torch.Generator().manual_seed((seed ^ _DROPOUT_STREAM) & 0x7FFF_FFFF_FFFF_FFFF)
-        out_masks, out_patterns = dict(masks), dict(patterns)
-        for name in self.targets(params):
-            shape = params[name].shape
-            if name in masks and patterns.get(name) != self.pattern:
+        masks, patterns = dict(ctx.masks), dict(ctx.patterns)
+        for name in targets:
+            p = ctx.params[name]
+            if name in ctx.masks and ctx.patterns.get(name) != self.pattern:
                 raise ValueError(f"FederatedDropout(pattern={self.pattern!r}) cannot drop groups of {name!r}, which is "
-                                 f"pruned with pattern {patterns.get(name)!r}: use the same pattern.")
-            kept = groups_from_mask(masks[name], self.pattern) if name in masks \
-                else torch.ones(num_groups(self.pattern, shape), dtype=torch.bool)
+                                 f"pruned with pattern {ctx.patterns.get(name)!r}: use the same pattern.")
+            kept = groups_from_mask(ctx.masks[name], self.pattern).cpu() if name in ctx.masks \
+                else torch.ones(num_groups(self.pattern, p.shape), dtype=torch.bool)
             candidates = kept.nonzero().reshape(-1)
             drop = num_to_prune(self.rate, candidates.numel())
             flags = kept.clone()
             flags[candidates[torch.randperm(candidates.numel(), generator=generator)[:drop]]] = False
-            out_masks[name] = expand_groups(flags, self.pattern, shape)
-            out_patterns[name] = self.pattern
-            self._server.setdefault(name, params[name].detach().clone())
-        self._issued[client_id] = out_masks
-        return out_masks, out_patterns
+            masks[name] = expand_groups(flags.to(p.device), self.pattern, p.shape)
+            patterns[name] = self.pattern
+        return SubModel(masks, patterns)
 
-    def aggregate(self, results: Sequence[ClientResult], states: Sequence[dict[str, Tensor] | None],
-                  names: Sequence[str]) -> Aggregate:
-        """FedAvg's aggregate, then every sub-modelled tensor merged entry by entry: the weighted mean over
-        the clients that trained the entry (their decoded states hold zeros where they did not), the
-        server's value where no client did."""
-        agg = super().aggregate(results, states, names)
-        if not agg.ok or not self._issued:
+    def aggregate(self, ctx: RoundContext, results: Sequence[ClientResult], states: Sequence[Mapping[str, Tensor] | None],
+                  sub_models: Sequence[SubModel | None]) -> Aggregate:
+        """FedAvg's weighted mean, then every sub-modelled tensor merged entry by entry: the weighted mean over
+        the clients that trained the entry (their decoded states hold zeros where they did not), the server's
+        value where no client did."""
+        agg = self.weighted_mean(results, states, [*ctx.params, *ctx.buffers])
+        if not agg.ok or self.rate == 0.0:
             return agg
-        for name in self._server:
-            num = torch.zeros_like(self._server[name])
-            den = torch.zeros_like(self._server[name])
+        for name in self.targets(ctx.params):
+            server = ctx.params[name].detach()
+            num = torch.zeros_like(server)
+            den = torch.zeros_like(server)
             for i in agg.ok:
-                r = results[i]
-                if r.round != self._round or r.client_id not in self._issued:
-                    raise RuntimeError(f"FederatedDropout has no sub-model of client {r.client_id} in round {r.round}.")
-                mask = self._issued[r.client_id][name]
-                num.add_(states[i][name], alpha=r.weight)
-                den.add_(mask.to(den.dtype), alpha=r.weight)
-            agg.average[name] = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), self._server[name])
+                sub = sub_models[i]
+                if sub is None:
+                    raise RuntimeError(f"FederatedDropout has no sub-model of client {results[i].client_id}.")
+                weight = self.weight_of(results[i])
+                num.add_(states[i][name], alpha=weight)
+                den.add_(sub.masks[name].to(den.dtype), alpha=weight)
+            agg.average[name] = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), server)
         return agg

@@ -6,12 +6,12 @@ The observers (progress bar, run summary, TensorBoard pictures) live in
 """
 
 from lightning_fedprune.callbacks.adaptive import AdaptiveLayerSparsity
-from lightning_fedprune.callbacks.finetune import FineTuneFreeze, make_permanent
+from lightning_fedprune.callbacks.finetune import FineTuneFreeze
 from lightning_fedprune.callbacks.mask_refinement import MaskRefinementCallback
 from lightning_fedprune.callbacks.sparsity_ramp import SparsityRampCallback
 from lightning_fedprune.observers import FederatedProgressBar, PruningImages, RunSummary
 
 __all__ = [
     "AdaptiveLayerSparsity", "FederatedProgressBar", "FineTuneFreeze", "MaskRefinementCallback",
-    "PruningImages", "RunSummary", "SparsityRampCallback", "make_permanent",
+    "PruningImages", "RunSummary", "SparsityRampCallback",
 ]

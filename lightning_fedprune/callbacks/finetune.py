@@ -57,7 +57,3 @@ class FineTuneFreeze(pl.Callback):
 
             torch.save(export_pruned(pl_module.task, state.masks, state.patterns), self.export_path)
 
-
-def make_permanent(pl_module: Any) -> None:
-    """Drop the pruned values from the global model (exact zeros) and mark the pruning permanent."""
-    pl_module.pruning.make_permanent(pl_module.global_params())

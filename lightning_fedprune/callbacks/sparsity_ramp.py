@@ -87,20 +87,17 @@ class SparsityRampCallback(pl.Callback):
         check_regex(exclude, "exclude")
         momentum_beta = check_float(momentum_beta, "momentum_beta", min=0, max=1, max_open=True)
         check_choice(momentum_source, "momentum_source", MOMENTUM_SOURCES)
-        self.ramp = Ramp(target_sparsity, start_round, end_round, schedule, power, num_steps, every_n_rounds)
-        self.selection = Selection(pattern, importance, parameters, exclude, momentum_beta, momentum_source)
-
-    def __getattr__(self, name: str) -> Any:
-        """The settings (``target_sparsity``, ``pattern``, ``end_round``, ...) are read from the plan parts."""
-        for part in ("ramp", "selection"):
-            value = self.__dict__.get(part)
-            if value is not None and name in value.__dataclass_fields__:
-                return getattr(value, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self.target_sparsity, self.start_round, self.end_round = target_sparsity, start_round, end_round
+        self.schedule, self.power, self.num_steps, self.every_n_rounds = schedule, power, num_steps, every_n_rounds
+        self.pattern, self.importance, self.parameters, self.exclude = pattern, importance, parameters, exclude
+        self.momentum_beta, self.momentum_source = momentum_beta, momentum_source
 
     def plan_parts(self) -> dict[str, Any]:
-        """This callback's part of the plan: the ramp and the selection."""
-        return {"ramp": self.ramp, "selection": self.selection}
+        """This callback's part of the plan: the ramp and the selection (from its settings)."""
+        return {"ramp": Ramp(self.target_sparsity, self.start_round, self.end_round, self.schedule, self.power,
+                             self.num_steps, self.every_n_rounds),
+                "selection": Selection(self.pattern, self.importance, self.parameters, self.exclude, self.momentum_beta,
+                                       self.momentum_source)}
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         if stage == "fit":

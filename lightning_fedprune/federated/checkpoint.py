@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import io
 import os
 import warnings
 import zipfile
@@ -40,12 +41,16 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from lightning_fedprune.federated.protocol import OptimState
+from lightning_fedprune.pruning.masking import pruned, pruned_values, restore_pruned
 from lightning_fedprune.pruning.state import PruningState
 
 # The functions below take the federated module (``fed``) as a LightningModule with a ``pruning`` state:
 # this module sits below module.py (which calls it from its checkpoint hooks), so it does not import it.
 
-FORMAT_VERSION = 3  # 3: the file is a checkpoint of the task (its keys, its hyperparameters); 2: of the module
+# 4: the server optimiser's state is the strategy's; 3: the file is a checkpoint of the task (its keys, its
+# hyperparameters); 2: of the module
+FORMAT_VERSION = 4
 TASK_PREFIX = "task."  # the task's keys in the federated module's state_dict
 HPARAMS_KEYS = ("hyper_parameters", "hparams_name")  # Lightning's checkpoint keys of a module's hyperparameters
 ResumeConfigChange = Literal["error", "apply"]
@@ -57,6 +62,11 @@ MASK_SHAPING: dict[str, set[str] | None] = {
     "AdaptiveLayerSparsity": None,
     "FineTuneFreeze": None,
 }
+
+
+# A checkpoint taken after a round holds the state after the server step, which is what a round-level
+# checkpoint should hold; Lightning's generic warning about manual optimisation does not apply.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
 class _Absent:
@@ -230,17 +240,16 @@ def instantiate_task(spec: Any) -> pl.LightningModule:
 def federation_config(fed: pl.LightningModule) -> dict[str, Any]:
     """The module's settings that change the computation (the effective values: local_epochs is 1 when
     neither local_steps nor local_epochs was given; only the server optimiser's own settings)."""
-    cc = fed.client_config
+    cc = fed.client_config if fed.client_config is not None else fed.client_settings
     config: dict[str, Any] = {
         "task": fed.hparams_initial.get("task"),
         "clients_per_round": fed.clients_per_round,
         "local_steps": cc.local_steps,
         "local_epochs": cc.local_epochs,
-        "weighting": fed.weighting,
         "seed": fed.seed,
         "compact_clients": cc.compact,
         "client_gradient_clip_val": cc.gradient_clip_val,
-        **fed.strategy.config(),  # FedAvg/FedAvgM/FedAdam: server_optimizer, server_lr and its own settings
+        **fed.strategy.config(),  # server_optimizer, server_lr, weighting and the strategy's own settings
     }
     if cc.gradient_clip_val is not None:
         config["client_gradient_clip_algorithm"] = cc.gradient_clip_algorithm
@@ -314,27 +323,15 @@ def _refusals(changes: list[tuple[str, Any, Any]], saved_pruning: dict[str, Any]
     return reasons
 
 
-def _apply_server_optimizer(fed: pl.LightningModule, checkpoint: dict[str, Any], reset: bool) -> None:
-    """Make the restored server optimiser use the new settings: a different optimiser starts from a fresh
-    state; the same optimiser keeps its state (momentum, moments) with the new hyperparameters."""
-    states = checkpoint.get("optimizer_states")
-    if not states:
-        return
-    fresh = fed.make_server_optimizer().state_dict()
-    if reset:
-        checkpoint["optimizer_states"][0] = fresh  # the server's; the task's (the clients' schedule) follow it
-        return
-    for saved_group, fresh_group in zip(states[0]["param_groups"], fresh["param_groups"]):
-        saved_group.update({k: v for k, v in fresh_group.items() if k != "params"})
-
-
-def check_resume_config(fed: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-    """On resume, compare the checkpoint's configuration with the current one.
+def check_resume_config(fed: pl.LightningModule, checkpoint: dict[str, Any]) -> bool:
+    """On resume, compare the checkpoint's configuration with the current one; returns whether the masks must be
+    recomputed under a changed plan when training starts.
 
     ``resume_config_change="error"`` refuses any difference with one message listing every field;
     ``"apply"`` warns with the list and makes the new configuration take effect (see
     docs/troubleshooting.md), except for changes that cannot (e.g. the pattern after fine-tuning
-    started), which are refused with the reason.
+    started), which are refused with the reason. A different server optimiser starts from a fresh state; the
+    same one keeps its state (momentum, moments) with the new settings.
     """
     trainer = fed.trainer
     section = checkpoint["fedprune"]
@@ -343,11 +340,11 @@ def check_resume_config(fed: pl.LightningModule, checkpoint: dict[str, Any]) -> 
     if saved is None:
         warnings.warn(f"{where} was written by an older lightning-fedprune: its configuration is not checked on resume.",
                       stacklevel=2)
-        return
+        return False
     now = run_config(fed)
     changes = config_changes(saved, now)
     if not changes:
-        return
+        return False
     listing = "\n".join(f"  {name}: checkpoint={a!r}, now={b!r}" for name, a, b in changes)
     if fed.resume_config_change == "error":
         raise ValueError(
@@ -360,14 +357,11 @@ def check_resume_config(fed: pl.LightningModule, checkpoint: dict[str, Any]) -> 
         raise ValueError(f"Resuming from {where}: these changes cannot be applied:\n"
                          + "\n".join(f"  {r}" for r in refused))
     names = {name for name, _, _ in changes}
-    strategy_fields = {f"FederatedLightningModule.{f}" for f in fed.strategy.config()}
-    if strategy_fields & names:  # a different strategy starts a fresh server optimiser; new settings keep its state
-        reset = bool({"FederatedLightningModule.server_optimizer", "FederatedLightningModule.strategy"} & names)
-        _apply_server_optimizer(fed, checkpoint, reset=reset)
-    if any(n.partition(".")[0] in ("SparsityRampCallback", "AdaptiveLayerSparsity") for n in names):
-        fed._reapply_plan = True  # the masks are recomputed under the new plan when training starts
+    if {"FederatedLightningModule.server_optimizer", "FederatedLightningModule.strategy"} & names:
+        section.pop("strategy", None)  # a different server optimiser starts afresh
     warnings.warn(f"Resuming from {where} with a changed configuration (resume_config_change='apply'):\n{listing}",
                   stacklevel=2)
+    return any(n.partition(".")[0] in ("SparsityRampCallback", "AdaptiveLayerSparsity") for n in names)
 
 
 # ---------------------------------------------------------------------------------------------- save / load
@@ -388,14 +382,18 @@ def save_federated_state(fed: pl.LightningModule, checkpoint: dict[str, Any]) ->
         keys = _state_keys(fed.task)
         for name, mask in state.masks.items():
             first = sd[TASK_PREFIX + name]
-            server_values[name] = first[~mask]
+            server_values[name] = pruned_values(first, mask)
             for key in keys[name]:
-                sd[TASK_PREFIX + key] = first.masked_fill(~mask, 0)  # a new tensor: the live model is untouched
+                sd[TASK_PREFIX + key] = pruned(first, mask)  # a new tensor: the live model is untouched
+    clock = fed.client_clock
     section = checkpoint["fedprune"] = {
         "version": FORMAT_VERSION,
         "pruning": state.state_dict(),
         "server_values": server_values,
         "config": run_config(fed),
+        "strategy": fed.strategy.state_dict(),
+        "channel": fed.channel.state_dict(),
+        "client_clock": {"global_step": clock.global_step, "epoch": clock.epoch},
     }
     _to_task_layout(fed.task, checkpoint, section)
 
@@ -431,6 +429,16 @@ def to_module_layout(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
+def module_layout_file(path: Any, map_location: Any = None, weights_only: bool | None = None) -> io.BytesIO:
+    """The checkpoint at ``path`` in the federated module's layout (:func:`to_module_layout`), as a file Lightning's
+    ``load_from_checkpoint`` reads (default ``map_location``: the CPU, so a GPU run's checkpoint loads anywhere)."""
+    checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=weights_only)
+    buffer = io.BytesIO()
+    torch.save(to_module_layout(checkpoint), buffer)
+    buffer.seek(0)
+    return buffer
+
+
 def federated_hyperparameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The federated module's hyperparameters of a checkpoint (either layout)."""
     section = checkpoint.get("fedprune")
@@ -439,32 +447,49 @@ def federated_hyperparameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return dict(checkpoint.get("hyper_parameters") or {})
 
 
-def restore_federated_state(fed: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-    """Load the ``"fedprune"`` section (called by ``on_load_checkpoint``, before Lightning loads the state_dict).
+def restore_federated_state(fed: pl.LightningModule, checkpoint: dict[str, Any]) -> bool:
+    """Load the ``"fedprune"`` section (called by ``on_load_checkpoint``, before Lightning loads the state_dict);
+    returns whether the masks must be recomputed under a changed plan when training starts.
 
     Resuming a fit (``trainer.fit(ckpt_path=...)``) first compares the configuration
-    (:func:`check_resume_config`), then puts the server's pruned values back into ``state_dict``, so
-    training continues from the exact server state. Any other load (``load_from_checkpoint``,
-    ``trainer.validate/test/predict(ckpt_path=...)``) gives the pruned model, like Lightning's own
-    loading leaves out the optimiser state.
+    (:func:`check_resume_config`), then restores the server optimiser's state (the strategy's), the
+    channel's residual and the clients' schedule position, and puts the server's pruned values back into
+    ``state_dict``, so training continues from the exact server state. Any other load (``load_from_checkpoint``,
+    ``trainer.validate/test/predict(ckpt_path=...)``) gives the pruned model, like Lightning's own loading
+    leaves out the optimiser state.
     """
     section = checkpoint.get("fedprune")
     if section is None:
-        return
+        return False
     to_module_layout(checkpoint)
+    _migrate(section, checkpoint)
     resuming = fed._trainer is not None and fed.trainer.state.fn == TrainerFn.FITTING
-    if resuming:
-        check_resume_config(fed, checkpoint)
+    reapply = check_resume_config(fed, checkpoint) if resuming else False
     fed.pruning.load_state_dict(section["pruning"])
     if not resuming:
-        return
+        return False
+    fed.strategy.load_state_dict(section.get("strategy", {}))
+    fed.channel.load_state_dict(section.get("channel", {}))
+    clock = section.get("client_clock", {})
+    fed.client_clock = OptimState(global_step=int(clock.get("global_step", 0)), epoch=int(clock.get("epoch", 0)))
     sd = checkpoint["state_dict"]
     keys = _state_keys(fed.task)
     for name, values in section.get("server_values", {}).items():
-        pruned = ~fed.pruning.masks[name]
         for key in keys[name]:
-            t = sd[TASK_PREFIX + key]
-            sd[TASK_PREFIX + key] = t.masked_scatter(pruned.to(t.device), values.to(t.device, t.dtype))
+            sd[TASK_PREFIX + key] = restore_pruned(sd[TASK_PREFIX + key], fed.pruning.masks[name], values)
+    return reapply
+
+
+def _migrate(section: dict[str, Any], checkpoint: dict[str, Any]) -> None:
+    """Older sections: the server optimiser was the first of Lightning's optimisers (before version 4), the
+    channel's residual was ``downlink_residual``."""
+    if section.get("version", 0) < 4:
+        states = checkpoint.get("optimizer_states")
+        if states and "strategy" not in section:
+            section["strategy"] = {"optimizer": states.pop(0)}
+        if "downlink_residual" in section:
+            section["channel"] = {"residual": section.pop("downlink_residual")}
+        section["version"] = FORMAT_VERSION
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -474,7 +499,7 @@ def pruned_task_state_dict(fed: pl.LightningModule) -> dict[str, Tensor]:
     keys = _state_keys(fed.task)
     for name, mask in fed.pruning.masks.items():
         for key in keys[name]:
-            state[key] = state[key].masked_fill(~mask, 0)
+            state[key] = pruned(state[key], mask)
     return state
 
 
@@ -507,7 +532,7 @@ def export_task_checkpoint(source: Any, out_path: str | os.PathLike) -> Path:
         masks, patterns = pruning["masks"], pruning["patterns"]
         state = {k[len(TASK_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(TASK_PREFIX)}
         for name, mask in masks.items():  # already pruned in this format; zeroing again is a no-op
-            state[name] = state[name].masked_fill(~mask, 0)
+            state[name] = pruned(state[name], mask)
         step, epoch = int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0))
     else:
         raise TypeError(f"`source` must be a FederatedLightningModule or a checkpoint path, got {type(source).__name__}.")

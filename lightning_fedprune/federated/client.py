@@ -23,9 +23,7 @@ learning-rate schedules continue in federated time: see :class:`~lightning_fedpr
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-import numbers
 import time
 import traceback
 from collections.abc import Iterable, Iterator
@@ -34,40 +32,21 @@ from typing import Any, Protocol
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import convert_to_tensors, move_data_to_device
-from lightning.pytorch.core.optimizer import (
-    _configure_optimizers,
-    _configure_schedulers_automatic_opt,
-    _configure_schedulers_manual_opt,
-)
-from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
-from lightning.pytorch.trainer.connectors.logger_connector.fx_validator import _FxValidator
-from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerState, TrainerStatus
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
-from torchmetrics import Metric
 
+from lightning_fedprune.federated.channel import Channel
+from lightning_fedprune.federated.client_view import ClientLog, ClientTrainerView
+from lightning_fedprune.federated.optim_state import configure_task_optimizers, load_optim_state, optim_state_of
+from lightning_fedprune.federated.precision import client_precision_plugin
+from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, ClientResult, OptimState, RoundPayload
 from lightning_fedprune.federated.replica import make_replica, state_names
-from lightning_fedprune.federated.protocol import (
-    ClientConfig,
-    ClientPlan,
-    ClientResult,
-    LoggedValue,
-    OptimState,
-    RoundPayload,
-    derive_seed,
-)
 from lightning_fedprune.pruning.compact import CompactedModule, MaskedDense, compact_module
 from lightning_fedprune.pruning.patterns import COMPACT_PATTERNS
-from lightning_fedprune.federated.wire import Payload, encode_state
 
-#: Mixed into the client's seed for the stochastic rounding of its quantised upload (a stream of its own).
-QUANT_STREAM = 0x5155414E
-
-#: Precisions a client can train in (``Trainer(precision=...)`` after Lightning's normalisation).
-CLIENT_PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+__all__ = ["CLIENT_HOOKS", "ClientData", "ClientOptimizer", "ClientRunner"]
 
 #: The task's hooks that run inside client training (the others run on the server, see docs/dropin.md).
 CLIENT_HOOKS = (
@@ -84,267 +63,6 @@ class ClientData(Protocol):
     def client_size(self, client_id: int) -> int: ...
 
     def client_loader(self, client_id: int, seed: int) -> Iterable[Any]: ...
-
-
-def client_precision_plugin(precision: str, device_type: str = "cpu") -> Precision:
-    """Lightning's precision plugin for ``precision`` (autocast / dtype, input conversion, clipping)."""
-    if precision in ("32-true", "32"):
-        return Precision()
-    if precision in ("64-true", "64"):
-        return DoublePrecision()
-    if precision in ("bf16-true", "16-true"):
-        return HalfPrecision(precision)  # type: ignore[arg-type]
-    if precision in ("bf16-mixed", "16-mixed"):
-        return MixedPrecision(precision, device=device_type)  # type: ignore[arg-type]
-    raise ValueError(
-        f"Federated clients support the Trainer precisions {CLIENT_PRECISIONS}; got {precision!r} "
-        "(plugins such as DeepSpeed, FSDP, bitsandbytes or Transformer Engine need a Trainer per client)."
-    )
-
-
-def _copied(value: Any) -> Any:
-    """``value`` sharing nothing mutable with the original: what ``copy.deepcopy`` does for the plain
-    containers of optimiser and scheduler states, without its memo bookkeeping (this runs twice per client)."""
-    if isinstance(value, dict):
-        return {k: _copied(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copied(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_copied(v) for v in value)
-    if isinstance(value, Tensor):
-        return value.clone()
-    if isinstance(value, (int, float, str, bool, type(None))):
-        return value
-    return copy.deepcopy(value)
-
-
-def optim_state_copy(state: OptimState) -> OptimState:
-    """A copy that shares nothing mutable with ``state`` (tensors cloned, lists and dicts copied)."""
-    return OptimState(_copied(state.param_groups), _copied(state.schedulers), state.global_step, state.epoch)
-
-
-def optim_state_of(optimizers: list[torch.optim.Optimizer], configs: list[LRSchedulerConfig], global_step: int,
-                   epoch: int) -> OptimState:
-    """The hyper-parameters of every param group and every scheduler's state (copies)."""
-    groups = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers]
-    return optim_state_copy(OptimState(groups, [c.scheduler.state_dict() for c in configs], global_step, epoch))
-
-
-def load_optim_state(state: OptimState, optimizers: list[torch.optim.Optimizer], configs: list[LRSchedulerConfig]) -> None:
-    """Set every param group's hyper-parameters and every scheduler's state from ``state`` (copied)."""
-    state = optim_state_copy(state)
-    if len(state.param_groups) != len(optimizers) or any(
-            len(hp) != len(opt.param_groups) for hp, opt in zip(state.param_groups, optimizers)) \
-            or len(state.schedulers) != len(configs):
-        raise RuntimeError(
-            "The task's `configure_optimizers` returned a different structure on the client than on the server "
-            f"({[len(o.param_groups) for o in optimizers]} param groups / {len(configs)} schedulers here, "
-            f"{[len(g) for g in state.param_groups]} / {len(state.schedulers)} on the server); it must not depend on "
-            "where it runs."
-        )
-    for opt, groups in zip(optimizers, state.param_groups):
-        for group, hp in zip(opt.param_groups, groups):
-            group.update(hp)
-    for config, sd in zip(configs, state.schedulers):
-        config.scheduler.load_state_dict(sd)
-
-
-def configure_task_optimizers(task: pl.LightningModule) -> tuple[list[torch.optim.Optimizer], list[LRSchedulerConfig]]:
-    """Call the task's ``configure_optimizers`` and normalise the result as Lightning does."""
-    conf = task.configure_optimizers()
-    if conf is None:
-        raise ValueError("The task's `configure_optimizers` returned None; a client needs an optimiser to train.")
-    optimizers, schedulers, monitor = _configure_optimizers(conf)
-    if task.automatic_optimization:
-        if len(optimizers) > 1:
-            raise ValueError(
-                "A task with automatic optimisation may return only one optimiser (as in Lightning 2.x); "
-                "use manual optimisation for several."
-            )
-        configs = _configure_schedulers_automatic_opt(schedulers, monitor)
-    else:
-        configs = _configure_schedulers_manual_opt(schedulers)
-    return optimizers, configs
-
-
-class ClientTrainerView:
-    """What ``self.trainer`` is inside client training: every Trainer attribute with a meaning for a client.
-
-    Time is *federated time*: ``global_step`` counts the client optimiser steps of the run so far
-    (the steps of the previous rounds, as the schedule saw them, plus this client's), and
-    ``current_epoch`` the local epochs (a round of ``local_steps`` is one epoch). With one client per
-    round and one local epoch per round they equal a centralised run's values. ``fed_round`` and
-    ``client_id`` say which round and client this is. Anything else raises an ``AttributeError``
-    naming what is available, instead of silently touching the server's Trainer (which does not
-    exist in a worker process).
-    """
-
-    world_size = 1
-    num_nodes = 1
-    num_devices = 1
-    local_rank = 0
-    global_rank = 0
-    node_rank = 0
-    is_global_zero = True
-    training = True
-    sanity_checking = False
-    validating = False
-    testing = False
-    predicting = False
-    fast_dev_run = False
-    interrupted = False
-    logger = None
-    loggers: tuple = ()
-    datamodule = None
-
-    def __init__(self, config: ClientConfig, precision_plugin: Precision, model: pl.LightningModule) -> None:
-        self.precision = config.precision
-        self.precision_plugin = precision_plugin
-        self.lightning_module = model
-        self.model = model
-        self.accumulate_grad_batches = config.accumulate_grad_batches
-        self.gradient_clip_val = config.gradient_clip_val
-        self.gradient_clip_algorithm = (GradClipAlgorithmType(config.gradient_clip_algorithm)
-                                        if config.gradient_clip_val else None)
-        self.max_steps = config.max_steps
-        self.max_epochs = config.max_epochs
-        if config.max_rounds > 0 and config.steps_per_round > 0:
-            self.estimated_stepping_batches: float = config.max_rounds * config.steps_per_round
-        else:
-            self.estimated_stepping_batches = float("inf")
-        self.state = TrainerState(status=TrainerStatus.RUNNING, fn=TrainerFn.FITTING, stage=RunningStage.TRAINING)
-        self.optimizers: list[torch.optim.Optimizer] = []
-        self.lr_scheduler_configs: list[LRSchedulerConfig] = []
-        self.fed_round = 0
-        self.client_id = -1
-        self.base_step = 0
-        self.local_steps = 0  # optimiser steps this client has taken
-        self.current_epoch = 0
-        self.num_training_batches: int | float = 0
-        self.is_last_batch = False
-        self.should_stop = False
-        self.train_dataloader: Any = None
-        self.callback_metrics: dict[str, Any] = {}
-
-    @property
-    def global_step(self) -> int:
-        return self.base_step + self.local_steps
-
-    @property
-    def logged_metrics(self) -> dict[str, Any]:
-        return self.callback_metrics
-
-    @property
-    def progress_bar_metrics(self) -> dict[str, Any]:
-        return self.callback_metrics
-
-    def __getattr__(self, name: str) -> Any:
-        raise AttributeError(
-            f"`self.trainer.{name}` has no meaning inside federated client training (a client runs a lean loop, "
-            "not a Trainer; server-side hooks such as validation see the real Trainer). Available: global_step, "
-            "current_epoch, max_steps, max_epochs, estimated_stepping_batches, num_training_batches, is_last_batch, "
-            "should_stop, train_dataloader, optimizers, lr_scheduler_configs, precision, precision_plugin, "
-            "accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm, callback_metrics, logged_metrics, "
-            "progress_bar_metrics, lightning_module, model, state, training, world_size, num_nodes, num_devices, "
-            "local_rank, global_rank, node_rank, is_global_zero, logger (None), loggers (empty), datamodule (None), "
-            "fed_round, client_id."
-        )
-
-
-_REDUCE_NAMES = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
-
-
-def _reduce_name(reduce_fx: Any) -> str:
-    if isinstance(reduce_fx, str):
-        name = _REDUCE_NAMES.get(reduce_fx.lower())
-    else:
-        name = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}.get(reduce_fx)
-    if name is None:
-        raise ValueError(f"`self.log(reduce_fx={reduce_fx!r})` in client training: use 'mean', 'sum', 'max' or 'min'.")
-    return name
-
-
-class ClientLog:
-    """Collects what the task logs during one client's local training, reduced as Lightning reduces an epoch.
-
-    Plain values are reduced over the client's steps with ``reduce_fx`` (``mean`` weighted by batch
-    size, as Lightning's epoch mean); a torchmetrics object is ``compute()``-d at the end of the
-    client and reset (Lightning resets logged metric objects at the end of every epoch). Defaults
-    and checks of ``on_step``/``on_epoch`` follow Lightning's for the hook that logs.
-    """
-
-    def __init__(self, view: ClientTrainerView) -> None:
-        self.view = view
-        self.fx = "training_step"
-        self.batch_size = 1
-        self._levels: dict[tuple[str, Any, Any], tuple[bool, bool]] = {}
-        self.reset()
-
-    def reset(self) -> None:
-        self.values: dict[str, list[tuple[Any, int]]] = {}
-        self.options: dict[str, tuple[bool, bool, str, bool, bool | None]] = {}
-        self.metrics: dict[str, Metric] = {}
-        for metric in getattr(self, "_seen_metrics", ()):
-            metric.reset()
-        self._seen_metrics: list[Metric] = []
-
-    def log(self, name: str, value: Any, prog_bar: bool = False, logger: bool | None = None, on_step: bool | None = None,
-            on_epoch: bool | None = None, reduce_fx: Any = "mean", enable_graph: bool = False, sync_dist: bool = False,
-            sync_dist_group: Any = None, add_dataloader_idx: bool = True, batch_size: int | None = None,
-            metric_attribute: str | None = None, rank_zero_only: bool = False) -> None:
-        key = (self.fx, on_step, on_epoch)
-        levels = self._levels.get(key)
-        if levels is None:
-            levels = self._levels[key] = _FxValidator.check_logging_and_get_default_levels(self.fx, on_step, on_epoch)
-        self.options[name] = (levels[0], levels[1], _reduce_name(reduce_fx), bool(prog_bar),
-                              None if logger is None else bool(logger))
-        if isinstance(value, Metric):
-            self.metrics[name] = value
-            if not any(seen is value for seen in self._seen_metrics):  # identity: Metric overloads ==
-                self._seen_metrics.append(value)
-            return
-        if isinstance(value, Tensor):
-            if value.numel() != 1:
-                raise ValueError(f"`self.log({name!r}, ...)` was called with a tensor of shape {tuple(value.shape)}; "
-                                 "values must be scalars (one element).")
-            value = value.detach().clone()  # the task may change the tensor in place after logging it
-        elif not isinstance(value, numbers.Number) or isinstance(value, bool):
-            raise ValueError(f"`self.log({name!r}, {value!r})` was called with a {type(value).__name__}; log a number, "
-                             "a one-element tensor or a torchmetrics Metric.")
-        entries = self.values.get(name)
-        if entries is None:
-            entries = self.values[name] = []
-        entries.append((value, self.batch_size if batch_size is None else int(batch_size)))
-        self.view.callback_metrics[name] = value
-
-    def log_dict(self, dictionary: dict[str, Any], prog_bar: bool = False, logger: bool | None = None,
-                 on_step: bool | None = None, on_epoch: bool | None = None, reduce_fx: Any = "mean",
-                 enable_graph: bool = False, sync_dist: bool = False, sync_dist_group: Any = None,
-                 add_dataloader_idx: bool = True, batch_size: int | None = None, rank_zero_only: bool = False) -> None:
-        for name, value in dictionary.items():
-            self.log(name, value, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
-                     reduce_fx=reduce_fx, batch_size=batch_size)
-
-    def results(self, num_examples: int) -> dict[str, LoggedValue]:
-        """The client's value of every logged name; resets the logged metric objects."""
-        out: dict[str, LoggedValue] = {}
-        for name, entries in self.values.items():
-            values = [float(v) for v, _ in entries]
-            reduce = self.options[name][2]
-            if reduce == "mean":
-                weights = [w for _, w in entries]
-                total = float(sum(weights))
-                value = math.fsum(v * w for v, w in zip(values, weights)) / total if total > 0 else math.nan
-                weight = total
-            else:
-                value = math.fsum(values) if reduce == "sum" else max(values) if reduce == "max" else min(values)
-                weight = float(num_examples)
-            out[name] = LoggedValue(value, weight, *self.options[name])
-        for name, metric in self.metrics.items():
-            out[name] = LoggedValue(float(metric.compute()), float(num_examples), *self.options[name])
-        for metric in self._seen_metrics:
-            metric.reset()
-        return out
 
 
 class ClientOptimizer:
@@ -448,11 +166,12 @@ class ClientRunner:
     (whose state is cleared and whose hyper-parameters and schedulers are reset for every client).
     """
 
-    def __init__(self, task: pl.LightningModule, data: ClientData, config: ClientConfig, weighting: str = "num_samples") -> None:
-        self.replica = replica = make_replica(task)
+    def __init__(self, task: pl.LightningModule, data: ClientData, config: ClientConfig,
+                 device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device if device is not None else config.device)
+        self.replica = replica = make_replica(task).to(self.device)
         self.data = data
         self.config = config
-        self.weighting = weighting
         self.param_names, self.buffer_names = state_names(replica)
         params = dict(replica.named_parameters())
         buffers = dict(replica.named_buffers())
@@ -462,7 +181,9 @@ class ClientRunner:
         if not self.automatic and config.accumulate_grad_batches != 1:
             raise ValueError("Gradient accumulation (`accumulate_grad_batches`) is not supported with manual "
                              "optimisation (as in Lightning): accumulate in the task's `training_step`.")
-        self.plugin = client_precision_plugin(config.precision, replica.device.type)
+        params_all = dict(replica.named_parameters())
+        self.channel = Channel(config.payload_bits, [n for n in self.param_names if params_all[n].is_floating_point()])
+        self.plugin = client_precision_plugin(config.precision, self.device.type)
         # full precision needs no context around training_step (and its generator costs a few us a step)
         self.step_context = contextlib.nullcontext if type(self.plugin) is Precision else self.plugin.train_step_context
         self.scaler = getattr(self.plugin, "scaler", None)
@@ -536,10 +257,7 @@ class ClientRunner:
     def run(self, payload: RoundPayload, plan: ClientPlan) -> ClientResult:
         start = time.perf_counter()
         try:
-            with torch.random.fork_rng(devices=[]):
-                # seed only the CPU generator that fork_rng restores (torch.manual_seed would also
-                # reseed, lazily and expensively, every accelerator generator of the process)
-                torch.default_generator.manual_seed(plan.seed)
+            with self._seeded(plan.seed):
                 result = self._train(payload, plan)
         except Exception as err:  # a failing client must not take the round down
             tb = traceback.format_exc(limit=-3)
@@ -548,11 +266,24 @@ class ClientRunner:
         return result
 
     # ------------------------------------------------------------------ internals
+    @contextlib.contextmanager
+    def _seeded(self, seed: int) -> Iterator[None]:
+        """The client's randomness (data order, dropout) from ``seed`` alone: the CPU generator and the
+        generator of the CUDA device it trains on (only those: ``torch.manual_seed`` would also reseed, lazily
+        and expensively, every accelerator generator of the process), restored afterwards."""
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            for index in cuda:
+                torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+
     def _read(self, payload: RoundPayload) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, str]]:
-        """The round's global state, masks and patterns, decoded from the wire once per round."""
+        """The round's global state, masks and patterns, decoded from the wire once per round onto the
+        client's device."""
         key = (payload.round, id(payload.encoded))
         if self._round_key != key:
-            self._round = payload.encoded.read()
+            self._round = self.channel.read_broadcast(payload.encoded, self.device)
             self._round_key = key
         return self._round
 
@@ -617,38 +348,20 @@ class ClientRunner:
         loss = (loss_sum / num_losses) if num_losses else math.nan
         if not math.isfinite(loss):  # the values are checked once, on the server's average
             return ClientResult(plan.client_id, plan.round, loss=loss, error=f"non-finite loss {loss}")
-        # what travels up: the kept entries only (the server knows the masks, so no index is sent), so
-        # pruned entries never leave the client whatever their value here; encoding copies the
-        # replica's live tensors, which the next client overwrites
-        upload = self._upload(state, round_masks, patterns, plan)
-        size = self.data.client_size(plan.client_id)
-        weight = float(size if self.weighting == "num_samples" else num_examples if self.weighting == "num_examples" else 1.0)
+        # what travels up: the kept entries only; encoding copies the replica's live tensors (the next client
+        # overwrites them)
+        trained = {name: t.detach() for name, t in self._targets}
+        upload = self.channel.upload(trained, state, round_masks, patterns, plan.seed)
         return ClientResult(
             client_id=plan.client_id,
             round=plan.round,
             payload=upload,
-            weight=weight,
+            num_samples=int(self.data.client_size(plan.client_id)),
             num_examples=num_examples,
             loss=loss,
             logged=logged,
             optim=optim,
         )
-
-    def _upload(self, start: dict[str, Tensor], masks: dict[str, Tensor], patterns: dict[str, str],
-                plan: ClientPlan) -> Payload:
-        """What travels up: the kept entries only (the server knows the masks, so no index is sent), so
-        pruned entries never leave the client whatever their value here. With ``payload_bits`` the
-        floating-point parameters go as their change since the broadcast (``start``), quantised with
-        unbiased stochastic rounding seeded by the client's seed. Encoding copies the replica's live
-        tensors, which the next client overwrites."""
-        bits = self.config.payload_bits
-        if bits is None:
-            return encode_state({name: t.detach() for name, t in self._targets}, masks, patterns, send_index=False)
-        floats = [n for n in self.param_names if self._params[n].is_floating_point()]
-        values = {name: t.detach() - start[name] if name in floats else t.detach() for name, t in self._targets}
-        generator = torch.Generator().manual_seed(derive_seed(plan.seed, QUANT_STREAM))
-        return encode_state(values, masks, patterns, send_index=False, bits=bits, quantized=floats,
-                            generator=generator, relative=True)
 
     def _batches(self, loader: Iterable[Any], budget: int | None, client_id: int) -> Iterator[tuple[int, Any, bool]]:
         """``(batch_idx, batch, is_last_batch)`` of one local epoch: one pass over the loader, or, with a
@@ -681,15 +394,14 @@ class ClientRunner:
 
     def _transfer(self, batch: Any) -> Any:
         """Lightning's batch path: precision conversion, ``on_before_batch_transfer``, device, ``on_after_batch_transfer``."""
-        task = self.replica
         hooks = self.hooks
         batch = self.plugin.convert_input(batch)
         if "on_before_batch_transfer" in hooks:
             batch = self.call("on_before_batch_transfer", batch, 0)
         if "transfer_batch_to_device" in hooks:
-            batch = self.call("transfer_batch_to_device", batch, task.device, 0)
-        elif task.device.type != "cpu":
-            batch = move_data_to_device(batch, task.device)
+            batch = self.call("transfer_batch_to_device", batch, self.device, 0)
+        elif self.device.type != "cpu":
+            batch = move_data_to_device(batch, self.device)  # non-blocking from pinned memory
         if "on_after_batch_transfer" in hooks:
             batch = self.call("on_after_batch_transfer", batch, 0)
         return batch

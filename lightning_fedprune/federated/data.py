@@ -348,7 +348,10 @@ class FederatedDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ client side
     def client_data(self) -> ClientDataSource:
         """A small picklable view for client processes (datasets + index arrays, no Trainer)."""
-        return ClientDataSource(self.train_dataset, self.partitions, self.batch_size, self.collate_fn, self.shuffle, self.drop_last)
+        trainer = self.trainer
+        on_cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return ClientDataSource(self.train_dataset, self.partitions, self.batch_size, self.collate_fn, self.shuffle,
+                                self.drop_last, pin_memory=on_cuda)
 
     def client_dataset(self, client_id: int) -> Dataset:
         return Subset(self.train_dataset, self.partitions[client_id].tolist())
@@ -408,6 +411,7 @@ class ClientDataSource:
     collate_fn: Callable | None
     shuffle: bool
     drop_last: bool
+    pin_memory: bool = False  # page-locked batches: non-blocking copies to a CUDA device
 
     def client_size(self, client_id: int) -> int:
         return len(self.partitions[client_id])
@@ -415,4 +419,5 @@ class ClientDataSource:
     def client_loader(self, client_id: int, seed: int) -> DataLoader:
         gen = torch.Generator().manual_seed(seed)
         return DataLoader(Subset(self.dataset, self.partitions[client_id].tolist()), batch_size=self.batch_size,
-                          shuffle=self.shuffle, generator=gen, collate_fn=self.collate_fn, drop_last=self.drop_last)
+                          shuffle=self.shuffle, generator=gen, collate_fn=self.collate_fn, drop_last=self.drop_last,
+                          pin_memory=self.pin_memory)

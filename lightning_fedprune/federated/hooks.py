@@ -39,7 +39,8 @@ class FederatedCallback(pl.Callback):
     """A Lightning callback with the federated hooks (all optional)."""
 
     def on_fed_round_start(self, trainer: pl.Trainer, pl_module: Any, round: int, cohort: list[int]) -> None:
-        """Before the round's payload is built: masks may be changed here."""
+        """Before the round's broadcast is built, after the pruning state applied the plan (the round's masks are
+        ``pl_module.masks``; the pruning callbacks change them through the plan, not here)."""
 
     def on_fed_client_result(self, trainer: pl.Trainer, pl_module: Any, result: ClientResult) -> None:
         """Each client result as it arrives (before aggregation; failed ones too)."""

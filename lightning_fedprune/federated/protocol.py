@@ -29,9 +29,10 @@ def derive_seed(*parts: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClientConfig:
-    """How a client trains locally; the same for every client of a run.
+    """How a client trains locally; the same for every client of a run, built once when fit starts
+    (:func:`~lightning_fedprune.federated.client_config.client_config_for`) and never changed.
 
     ``local_steps`` counts optimiser steps (each of ``accumulate_grad_batches`` batches) with
     automatic optimisation and ``training_step`` calls with manual optimisation. ``precision`` is
@@ -39,8 +40,9 @@ class ClientConfig:
     ``max_rounds`` and ``steps_per_round`` (an upper bound of one client's optimiser steps in a
     round) give the client's ``self.trainer.estimated_stepping_batches``; ``max_steps`` and
     ``max_epochs`` are the client's ``self.trainer.max_steps`` / ``max_epochs`` in federated time.
-    The server sets these when fit starts. ``payload_bits`` (8 or 4) makes the client send its update
-    quantised (see ``FederatedLightningModule(payload_bits=...)``).
+    ``payload_bits`` (8 or 4) makes the client send its update quantised (see
+    ``FederatedLightningModule(payload_bits=...)``). ``device`` is where clients train (the server model's
+    device, e.g. ``"cuda:0"``; an executor may place its workers elsewhere).
     """
 
     local_steps: int | None = None
@@ -55,17 +57,21 @@ class ClientConfig:
     max_steps: int = -1
     max_epochs: int = -1
     payload_bits: int | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if (self.local_steps is None) == (self.local_epochs is None):
             raise ValueError("Give exactly one of `local_steps` or `local_epochs`.")
-        self.local_steps = check_int(self.local_steps, "local_steps", min=1, optional=True)
-        self.local_epochs = check_int(self.local_epochs, "local_epochs", min=1, optional=True)
-        self.gradient_clip_val = check_float(self.gradient_clip_val, "client_gradient_clip_val", min=0, min_open=True,
-                                             optional=True)
+        set_ = object.__setattr__  # frozen: normalised once, here
+        set_(self, "local_steps", check_int(self.local_steps, "local_steps", min=1, optional=True))
+        set_(self, "local_epochs", check_int(self.local_epochs, "local_epochs", min=1, optional=True))
+        set_(self, "gradient_clip_val", check_float(self.gradient_clip_val, "client_gradient_clip_val", min=0,
+                                                    min_open=True, optional=True))
         check_choice(self.gradient_clip_algorithm, "client_gradient_clip_algorithm", ("norm", "value"))
         check_bool(self.compact, "compact_clients")
         check_choice(self.payload_bits, "payload_bits", (None, 8, 4))
+        check_int(self.accumulate_grad_batches, "accumulate_grad_batches", min=1)
+        set_(self, "device", str(self.device))
 
 
 @dataclass
@@ -129,8 +135,8 @@ class RoundPayload:
 @dataclass
 class ClientPlan:
     """One client's job in a round. ``payload`` is a broadcast of its own when the strategy gives this
-    client a different sub-model (e.g. Federated Dropout, :meth:`Strategy.client_masks
-    <lightning_fedprune.federated.strategy.Strategy.client_masks>`); None means the round's broadcast."""
+    client a different sub-model (e.g. Federated Dropout, :meth:`Strategy.configure
+    <lightning_fedprune.federated.strategies.Strategy.configure>`); None means the round's broadcast."""
 
     client_id: int
     round: int
@@ -143,9 +149,9 @@ class ClientResult:
     """What one client returns.
 
     ``payload`` is the client's trained parameters and buffers in wire form — the kept entries only
-    (the server knows the masks, so no index travels up); the server decodes it. ``weight`` is the
-    aggregation weight (the client's dataset size by default), ``num_examples`` the examples it
-    processed, ``loss`` its mean training loss. ``logged`` holds what the task logged with
+    (the server knows the masks, so no index travels up); the server decodes it. ``num_samples`` is the
+    client's dataset size, ``num_examples`` the examples it processed (the strategy chooses which one
+    weighs the client in the aggregate), ``loss`` its mean training loss. ``logged`` holds what the task logged with
     ``self.log`` during local training, reduced over the client's steps; ``optim`` where its
     optimisers and schedulers ended (see :class:`OptimState`). ``error`` is set when the client
     failed (an exception, or a non-finite loss); then there is no payload.
@@ -154,7 +160,7 @@ class ClientResult:
     client_id: int
     round: int
     payload: Payload | None = None
-    weight: float = 0.0
+    num_samples: int = 0
     num_examples: int = 0
     loss: float = float("nan")
     logged: dict[str, LoggedValue] = field(default_factory=dict)

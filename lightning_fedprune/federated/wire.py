@@ -64,6 +64,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from lightning_fedprune.federated.codec import QUANT_BITS, QUANT_ROW, dequantize, quantize
+from lightning_fedprune.federated.codec import dtype_from_name as _dtype_from_name
+from lightning_fedprune.federated.codec import dtype_name as _dtype_name
+from lightning_fedprune.federated.codec import from_numpy as _from_numpy
+from lightning_fedprune.federated.codec import to_numpy as _to_numpy
 from lightning_fedprune.pruning.compact import CompactLinear
 from lightning_fedprune.pruning.patterns import (
     COMPACT_PATTERNS,
@@ -94,117 +99,6 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------
-# dtypes
-# --------------------------------------------------------------------------------------
-
-# torch dtypes numpy cannot hold: sent as an unsigned-integer view of the same width.
-_VIEW_DTYPES: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.uint16}
-for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"):
-    if hasattr(torch, _name):
-        _VIEW_DTYPES[getattr(torch, _name)] = torch.uint8
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown torch dtype {name!r}")
-    return dtype
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU numpy array holding ``t``'s bits (a copy, never a view of ``t``)."""
-    t = t.detach().resolve_conj().resolve_neg()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    view = _VIEW_DTYPES.get(t.dtype)
-    if view is not None:
-        t = t.contiguous().view(view)
-    return np.array(t.contiguous().numpy(), copy=True, order="C")
-
-
-def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    if not (a.flags.writeable and a.flags.c_contiguous):
-        a = np.array(a, copy=True, order="C")  # read-only (e.g. from bytes) or strided: copy
-    t = torch.from_numpy(a)  # otherwise share memory: a decoded tensor may alias its payload's array
-    if t.dtype != dtype:
-        if dtype in _VIEW_DTYPES and t.dtype == _VIEW_DTYPES[dtype]:
-            t = t.view(dtype)
-        else:
-            raise ValueError(f"wire array has dtype {a.dtype}, cannot be read as {dtype}")
-    return t
-
-
-# --------------------------------------------------------------------------------------
-# Quantised values
-# --------------------------------------------------------------------------------------
-
-#: Entries per scale when a 1-D values array is quantised (a 2-D view's row otherwise).
-QUANT_ROW = 256
-#: Supported code widths.
-QUANT_BITS = (4, 8)
-
-
-def _row_view(v: torch.Tensor) -> torch.Tensor:
-    """``v`` as rows sharing one scale: its 2-D view, or a 1-D one cut into rows of ``QUANT_ROW`` (padded)."""
-    if v.dim() >= 2:
-        return v.reshape(v.shape[0], -1)
-    flat = v.reshape(-1)
-    rows = max(1, math.ceil(flat.numel() / QUANT_ROW))
-    return torch.nn.functional.pad(flat, (0, rows * QUANT_ROW - flat.numel())).reshape(rows, QUANT_ROW)
-
-
-def quantize(v: torch.Tensor, bits: int, generator: torch.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes, scales)`` of a float tensor: symmetric per-row scales, codes in ``[-qmax, qmax]``.
-
-    Without a ``generator`` the codes are rounded to nearest (error <= scale / 2); with one, stochastically:
-    ``floor(x + u)``, ``u ~ U[0, 1)``, whose expectation is ``x`` exactly (unbiased). 4-bit codes are packed
-    two per byte (the first in the low nibble).
-
-    >>> codes, scales = quantize(torch.tensor([[1.0, -0.5, 0.25]]), 8)
-    >>> codes.tolist(), scales.tolist()
-    ([[127, -64, 32]], [0.007874015718698502])
-    """
-    qmax = 2 ** (bits - 1) - 1
-    rows = _row_view(v.detach().to(torch.float32))
-    scale = rows.abs().amax(dim=1) / qmax
-    x = rows / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
-    if generator is None:
-        q = torch.round(x)
-    else:
-        q = torch.floor(x + torch.rand(x.shape, generator=generator, dtype=x.dtype))
-    q = q.clamp_(-qmax, qmax).to(torch.int8).reshape(-1)[: v.numel()]
-    codes = q.reshape(v.shape).numpy()
-    if bits == 4:
-        flat = (q.to(torch.int16) & 0xF).to(torch.uint8)
-        if flat.numel() % 2:
-            flat = torch.cat([flat, flat.new_zeros(1)])
-        codes = (flat[0::2] | (flat[1::2] << 4)).numpy()
-    return np.ascontiguousarray(codes), scale.numpy().astype(np.float32)
-
-
-def dequantize(codes: np.ndarray, scales: np.ndarray, bits: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """The tensor of ``shape`` and ``dtype`` that :func:`quantize` codes describe."""
-    n = math.prod(shape)
-    if bits == 4:
-        packed = torch.from_numpy(np.asarray(codes, dtype=np.uint8).copy())
-        nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:n].to(torch.int16)
-        q = torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.float32)
-    else:
-        q = torch.from_numpy(np.asarray(codes, dtype=np.int8).copy()).reshape(-1).to(torch.float32)
-    scale = torch.from_numpy(np.asarray(scales, dtype=np.float32).copy())
-    if len(shape) >= 2:
-        out = q.reshape(shape[0], -1) * scale[:, None]
-    else:
-        padded = torch.nn.functional.pad(q, (0, scale.numel() * QUANT_ROW - n)).reshape(-1, QUANT_ROW)
-        out = (padded * scale[:, None]).reshape(-1)[:n]
-    return out.reshape(tuple(shape)).to(dtype)
-
-
-# --------------------------------------------------------------------------------------
 # Array keys of a pattern's kept part
 # --------------------------------------------------------------------------------------
 
@@ -233,19 +127,21 @@ class EncodedTensor:
     kind: str  # "dense" or a pattern name
     shape: tuple[int, ...]
     dtype: str  # torch dtype name, e.g. "float32", "bfloat16"
-    pattern: str | None = None
     index: str | None = None  # "int32" | "bits" (unstructured: always "bits") | None (not sent)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     quant: int | None = None  # bits of the values' codes (None: raw values)
     qshapes: dict[str, list[int]] = field(default_factory=dict)  # shape of every quantised values array
     relative: bool = False  # values are differences to the receiver's copy
 
-    def values_array(self, key: str) -> torch.Tensor:
-        """The values array ``key`` (``"values"``, ``"values0"``, ...) as a tensor, dequantised if need be."""
+    def values_array(self, key: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """The values array ``key`` (``"values"``, ``"values0"``, ...) as a tensor on ``device`` (default: the
+        CPU), dequantised if need be (on the CPU: the codes are what arrived)."""
         if self.quant is None:
-            return _from_numpy(self.arrays[key], self.torch_dtype)
-        return dequantize(self.arrays[f"{key}.q"], self.arrays[f"{key}.scale"], self.quant, self.qshapes[key],
-                          self.torch_dtype)
+            t = _from_numpy(self.arrays[key], self.torch_dtype)
+        else:
+            t = dequantize(self.arrays[f"{key}.q"], self.arrays[f"{key}.scale"], self.quant, self.qshapes[key],
+                           self.torch_dtype)
+        return t if device is None else t.to(device, non_blocking=True)
 
     @property
     def nbytes(self) -> int:
@@ -274,11 +170,13 @@ class EncodedTensor:
         return get_pattern(self.kind, "kind")
 
     # -- indices --------------------------------------------------------------------
-    def group_flags(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-group keep flags (bool, block-major). ``mask`` is needed iff no index was sent."""
+    def group_flags(self, mask: torch.Tensor | None = None, *, trusted: bool = False) -> torch.Tensor:
+        """Per-group keep flags (bool, block-major), on ``mask``'s device when a mask is given. ``mask`` is
+        needed iff no index was sent; given with an index, the two must agree. ``trusted``: the mask is the
+        receiver's own (a union of whole groups by construction), so it is neither checked nor compared."""
         if self.kind == "dense":
             return torch.ones(1, dtype=torch.bool)
-        if self.has_index:
+        if self.has_index and not (trusted and mask is not None):
             if self.index == "bits":
                 bits = np.unpackbits(self.arrays[_bits_key(self._pattern)], count=self.num_groups)
                 flags = torch.from_numpy(bits.astype(np.bool_))
@@ -287,18 +185,16 @@ class EncodedTensor:
                 flags[torch.from_numpy(self.arrays["index"].astype(np.int64))] = True
             if mask is not None:
                 self._check_mask_shape(mask)
-                if not torch.equal(groups_from_mask(mask.cpu(), self.kind), flags):
+                flags = flags.to(mask.device)
+                if not torch.equal(groups_from_mask(mask, self.kind), flags):
                     raise ValueError("the mask given does not match the index sent with the tensor")
             return flags
         if mask is None:
             raise ValueError(f"this {self.kind!r} tensor was encoded with send_index=False: pass its mask")
         self._check_mask_shape(mask)
-        return groups_from_mask(mask.cpu(), self.kind)
-
-    def kept_groups(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Kept group indices (int64, ascending, block-major); for ``unstructured`` the flat
-        indices of kept entries."""
-        return self.group_flags(mask).nonzero().reshape(-1)
+        if trusted:
+            return self._pattern.trusted_flags(to_2d(mask))
+        return groups_from_mask(mask, self.kind)
 
     def mask(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The full bool keep-mask of ``shape``."""
@@ -319,10 +215,10 @@ class EncodedTensor:
             return [(torch.arange(W.shape[0]), W)]
         return self._blocks(self.group_flags(mask))
 
-    def _blocks(self, flags: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _blocks(self, flags: torch.Tensor, device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         pattern = self._pattern
-        values = [self.values_array(key) for key in _value_keys(pattern)]
-        return list(zip(pattern.kept(flags), values))
+        values = [self.values_array(key, device) for key in _value_keys(pattern)]
+        return list(zip(pattern.kept(flags if device is None else flags.to(device)), values))
 
     def _check_mask_shape(self, mask: torch.Tensor) -> None:
         if tuple(mask.shape) != tuple(self.shape):
@@ -335,7 +231,6 @@ class EncodedTensor:
             "kind": self.kind,
             "shape": list(self.shape),
             "dtype": self.dtype,
-            "pattern": self.pattern,
             "index": self.index,
             "keys": list(self.arrays),
         }
@@ -356,6 +251,7 @@ def encode_tensor(
     bits: int | None = None,
     generator: torch.Generator | None = None,
     relative: bool = False,
+    trusted: bool = False,
 ) -> EncodedTensor:
     """Encode ``t``; with a ``mask`` only the kept entries travel (see module docstring).
 
@@ -363,7 +259,8 @@ def encode_tensor(
     tensor with at least one dimension and one entry); without a mask the tensor is sent
     ``dense`` whatever the pattern. ``bits`` (8 or 4) quantises the values of a floating-point
     tensor (rounded to nearest, or stochastically with ``generator``); ``relative`` only marks them
-    as differences to the receiver's copy.
+    as differences to the receiver's copy. ``trusted``: the mask is a union of whole groups by construction
+    (the sender's own pruning state), so it is not checked.
     """
     p = get_pattern("unstructured" if pattern is None else pattern)  # checked even when the tensor goes dense
     shape = tuple(int(s) for s in t.shape)
@@ -372,15 +269,17 @@ def encode_tensor(
     if bits is not None and bits not in QUANT_BITS:
         raise ValueError(f"`bits` must be one of {QUANT_BITS} or None, got {bits!r}")
     if mask is None:
-        return _with_values(EncodedTensor("dense", shape, dtype, None, None, relative=relative), {"values": t},
+        return _with_values(EncodedTensor("dense", shape, dtype, None, relative=relative), {"values": t},
                             bits, generator)
     if tuple(mask.shape) != shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match shape {shape} of {name}")
     if mask.dtype != torch.bool:
         raise ValueError(f"mask of {name} must be a bool tensor (True = kept), got {mask.dtype}")
-    flags = groups_from_mask(mask.detach().to(t.device), p.name, name)  # validates the shape and the groups
+    mask = mask.detach().to(t.device)
+    # validates the shape and the groups, unless they come from the sender's own pruning state
+    flags = p.trusted_flags(to_2d(mask)) if trusted else groups_from_mask(mask, p.name, name)
     index, arrays = _encode_index(p, flags) if send_index else (None, {})
-    enc = EncodedTensor(p.name, shape, dtype, p.name, index, arrays, relative=relative)
+    enc = EncodedTensor(p.name, shape, dtype, index, arrays, relative=relative)
     return _with_values(enc, dict(zip(_value_keys(p), p.values(to_2d(t), flags))), bits, generator)
 
 
@@ -407,15 +306,21 @@ def _encode_index(pattern: Pattern, flags: torch.Tensor) -> tuple[str, dict[str,
     return "bits", {_bits_key(pattern): np.packbits(_to_numpy(flags))}
 
 
-def decode_tensor(enc: EncodedTensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Full-shape CPU tensor with exact zeros at pruned entries. ``mask`` is required iff
-    ``enc`` was encoded with ``send_index=False`` (if both are present they must agree)."""
+def decode_tensor(enc: EncodedTensor, mask: torch.Tensor | None = None, *, device: torch.device | str | None = None,
+                  trusted: bool = False) -> torch.Tensor:
+    """Full-shape tensor with exact zeros at pruned entries, on ``device`` (default: ``mask``'s, else the CPU):
+    the kept values are copied there and scattered there. ``mask`` is required iff ``enc`` was encoded with
+    ``send_index=False`` (if both are present they must agree, unless ``trusted``: see
+    :meth:`EncodedTensor.group_flags`)."""
     dtype = enc.torch_dtype
     shape = tuple(enc.shape)
+    if device is None and mask is not None:
+        device = mask.device
     if enc.kind == "dense":
-        return enc.values_array("values").reshape(shape)
-    blocks = enc._blocks(enc.group_flags(mask))
-    return enc._pattern.scatter_(torch.zeros(enc.shape2d, dtype=dtype), blocks).reshape(shape)
+        return enc.values_array("values", device).reshape(shape)
+    flags = enc.group_flags(None if mask is None else mask.to(device), trusted=trusted)
+    blocks = enc._blocks(flags, device)
+    return enc._pattern.scatter_(torch.zeros(enc.shape2d, dtype=dtype, device=device), blocks).reshape(shape)
 
 
 def compact_linear_from_encoded(
@@ -473,16 +378,27 @@ class Payload:
         """Bytes plain FedAvg would send for the same tensors: every one dense."""
         return int(sum(math.prod(e.shape) * e.torch_dtype.itemsize for e in self.tensors.values()))
 
-    def read(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    def read(self, device: torch.device | str | None = None
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
         """``(state, masks, patterns)``: what a receiver rebuilds from a payload encoded with its indices
         (the server's broadcast): full tensors with exact zeros at pruned entries, the keep-mask and the
-        pattern of every tensor that travelled pruned."""
+        pattern of every tensor that travelled pruned — on ``device`` (default: the CPU; the kept values are
+        copied there and scattered there)."""
         state, masks, patterns = {}, {}, {}
         for name, enc in self.tensors.items():
-            state[name] = decode_tensor(enc)
-            if enc.kind != "dense":
-                masks[name] = enc.mask()
-                patterns[name] = enc.kind
+            shape = tuple(enc.shape)
+            if enc.kind == "dense":
+                state[name] = enc.values_array("values", device).reshape(shape)
+                continue
+            pattern = enc._pattern
+            flags = enc.group_flags()
+            if device is not None:
+                flags = flags.to(device, non_blocking=True)
+            blocks = enc._blocks(flags, device)
+            zeros = torch.zeros(enc.shape2d, dtype=enc.torch_dtype, device=device)
+            state[name] = pattern.scatter_(zeros, blocks).reshape(shape)
+            masks[name] = pattern.expand(flags, *enc.shape2d).reshape(shape).contiguous()
+            patterns[name] = enc.kind
         return state, masks, patterns
 
     def __len__(self) -> int:
@@ -522,7 +438,6 @@ class Payload:
                 kind=s["kind"],
                 shape=tuple(int(x) for x in s["shape"]),
                 dtype=s["dtype"],
-                pattern=s.get("pattern"),
                 index=s.get("index"),
                 arrays={k: np.asarray(next(it)) for k in s["keys"]},
                 quant=s.get("quant"),
@@ -578,6 +493,7 @@ def encode_state(
     quantized: Iterable[str] = (),
     generator: torch.Generator | None = None,
     relative: bool = False,
+    trusted: bool = False,
 ) -> Payload:
     """Encode every tensor of ``state`` (in its order). Tensors with a mask in ``masks`` send
     their kept entries only, with ``patterns[name]`` (default ``"unstructured"``); the
@@ -591,22 +507,25 @@ def encode_state(
         {
             name: encode_tensor(t, masks.get(name), patterns.get(name), send_index=send_index, name=name,
                                 bits=bits if name in quantized else None, generator=generator,
-                                relative=relative and name in quantized)
+                                relative=relative and name in quantized, trusted=trusted)
             for name, t in state.items()
         }
     )
 
 
-def decode_state(payload: Payload, masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Full-shape tensors with exact zeros at pruned entries. ``masks`` is needed for the
-    tensors encoded with ``send_index=False``."""
+def decode_state(payload: Payload, masks: Mapping[str, torch.Tensor] | None = None, *,
+                 like: Mapping[str, torch.Tensor] | None = None, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """Full-shape tensors with exact zeros at pruned entries. ``masks`` is needed for the tensors encoded with
+    ``send_index=False``; each tensor is decoded onto the device of ``like[name]`` when given (the receiver's
+    copy), else its mask's, else the CPU. ``trusted``: the masks are the receiver's own (no check)."""
     masks = masks or {}
     out = {}
     for name, enc in payload.items():
         m = masks.get(name)
         if not enc.has_index and m is None:
             raise ValueError(f"{name!r} was encoded with send_index=False: decode_state needs masks[{name!r}]")
-        out[name] = decode_tensor(enc, m)
+        device = like[name].device if like is not None and name in like else None
+        out[name] = decode_tensor(enc, m, device=device, trusted=trusted)
     return out
 
 

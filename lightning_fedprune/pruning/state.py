@@ -265,6 +265,15 @@ class PruningState:
             self.gradient[name] = g.clone()
             self.momentum[name] = new_m
 
+    def to(self, device: torch.device | str) -> PruningState:
+        """Move the masks and statistics to ``device`` (where the model is), in place; returns ``self``."""
+        def move(d: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {n: t.to(device) for n, t in d.items()}
+
+        self.masks, self.gradient, self.momentum, self.sq_gradient = (
+            move(self.masks), move(self.gradient), move(self.momentum), move(self.sq_gradient))
+        return self
+
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:
         return {

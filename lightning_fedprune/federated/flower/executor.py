@@ -87,7 +87,7 @@ class FlowerExecutor(Executor):
         return dict(self._owners)
 
     # ------------------------------------------------------------------ the seam
-    def setup(self, task: pl.LightningModule, data: ClientData, config: ClientConfig, weighting: str) -> None:
+    def setup(self, task: pl.LightningModule, data: ClientData, config: ClientConfig) -> None:
         from lightning_fedprune.federated.flower import messages as m
 
         if self._grid is None:
@@ -96,7 +96,7 @@ class FlowerExecutor(Executor):
                 "`flwr run examples/flower --run-config 'config=\"<your.yaml>\"'` (see docs/flower.md), "
                 "or use executor='sequential' / 'process'."
             )
-        self._setup = m.setup_fields(config, weighting, self._app)
+        self._setup = m.setup_fields(config, self._app)
         self._token = uuid.uuid4().hex[:12]
         partitions = getattr(data, "partitions", None)
         self._owners = self._discover(len(partitions) if partitions is not None else None)

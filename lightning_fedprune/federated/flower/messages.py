@@ -7,11 +7,11 @@ A client's job is a ``train`` message (``group_id`` = the round) whose :class:`~
     "fedprune.config"  ConfigRecord  round, client-id, seed, payload-id (which broadcast this is),
                                      spec (the payload's JSON spec, zlib-compressed), optim (OptimState,
                                      torch.save bytes), client-config (ClientConfig as JSON: local
-                                     steps/epochs, precision, clipping, ...), weighting, and "app.*": how
+                                     steps/epochs, precision, clipping, ...), and "app.*": how
                                      the node builds the task and its data (the fedprune YAML, overrides)
 
 The reply holds the same three records: the upload's arrays (kept entries only, as in-process),
-``"fedprune.metrics"`` (MetricRecord: num-examples, weight, loss, seconds) and ``"fedprune.config"``
+``"fedprune.metrics"`` (MetricRecord: num-examples, num-samples, loss, seconds) and ``"fedprune.config"``
 (round, client-id, spec, logged (JSON), optim (bytes), and ``error`` when the client failed on the node).
 
 Nothing here names a pattern or a dtype: a payload is mapped through its arrays and spec, so every kind
@@ -131,7 +131,6 @@ class Job:
     payload: RoundPayload
     plan: ClientPlan
     config: ClientConfig
-    weighting: str
     app: dict[str, Any]
     payload_id: str
 
@@ -139,16 +138,15 @@ class Job:
 def instruction(arrays: ArrayRecord, spec: bytes, optim: bytes, plan: ClientPlan, payload_id: str,
                 setup: Mapping[str, Any]) -> RecordDict:
     """The content of a client's ``train`` message. ``arrays``/``spec``/``optim`` are its payload's (shared
-    by every client of a broadcast); ``setup`` holds client-config, weighting and the ``app.*`` fields."""
+    by every client of a broadcast); ``setup`` holds client-config and the ``app.*`` fields."""
     config = ConfigRecord({"round": int(plan.round), "client-id": int(plan.client_id), "seed": int(plan.seed),
                            "payload-id": payload_id, "spec": spec, "optim": optim, **setup})
     return RecordDict({ARRAYS: arrays, CONFIG: config})
 
 
-def setup_fields(config: ClientConfig, weighting: str, app: Mapping[str, Any]) -> dict[str, Any]:
+def setup_fields(config: ClientConfig, app: Mapping[str, Any]) -> dict[str, Any]:
     """The fields every ``train`` message of a fit carries besides the plan: how the node trains and builds."""
-    return {"client-config": json.dumps(asdict(config), sort_keys=True), "weighting": weighting,
-            **{APP_PREFIX + k: v for k, v in app.items()}}
+    return {"client-config": json.dumps(asdict(config), sort_keys=True), **{APP_PREFIX + k: v for k, v in app.items()}}
 
 
 def read_job(content: RecordDict) -> Job:
@@ -161,15 +159,14 @@ def read_job(content: RecordDict) -> Job:
     plan = ClientPlan(client_id=int(cfg["client-id"]), round=rnd, seed=int(cfg["seed"]))
     config = ClientConfig(**json.loads(str(cfg["client-config"])))
     app = {k[len(APP_PREFIX):]: v for k, v in cfg.items() if k.startswith(APP_PREFIX)}
-    return Job(RoundPayload(rnd, payload, load_optim(cfg["optim"])), plan, config, str(cfg["weighting"]), app,
-               str(cfg["payload-id"]))
+    return Job(RoundPayload(rnd, payload, load_optim(cfg["optim"])), plan, config, app, str(cfg["payload-id"]))
 
 
 # ------------------------------------------------------------------ the reply (node -> server)
 def reply_content(result: ClientResult) -> RecordDict:
     """The content of a reply: the upload's arrays, the client's numbers, what it logged, its optimiser state."""
     config: dict[str, Any] = {"round": int(result.round), "client-id": int(result.client_id)}
-    metrics = {"num-examples": int(result.num_examples), "weight": float(result.weight), "loss": float(result.loss),
+    metrics = {"num-examples": int(result.num_examples), "num-samples": int(result.num_samples), "loss": float(result.loss),
                "seconds": float(result.seconds)}
     if result.error is not None:
         return RecordDict({CONFIG: ConfigRecord({**config, "error": result.error}), METRICS: MetricRecord(metrics)})
@@ -240,14 +237,16 @@ def read_reply(reply: Message, plan: ClientPlan, node_id: int, expected: Expecte
     num_examples = metrics.get("num-examples")
     if not _is_int(num_examples) or num_examples < 0:
         raise RejectedReply(f"the reply has no example count (num-examples={num_examples!r})")
-    weight, loss = _number(metrics, "weight"), _number(metrics, "loss")
-    if not (math.isfinite(weight) and weight >= 0):
-        raise RejectedReply(f"the reply's weight {weight!r} is not a finite number >= 0")
+    num_samples = metrics.get("num-samples")
+    if not _is_int(num_samples) or num_samples < 0:
+        raise RejectedReply(f"the reply has no sample count (num-samples={num_samples!r})")
+    loss = _number(metrics, "loss")
     if not math.isfinite(loss):
         raise RejectedReply(f"the reply's loss {loss!r} is not finite (a node reports a non-finite loss as an error)")
     upload = payload_from_record(content.get(ARRAYS), cfg.get("spec"))
     expected.check(upload)
-    return ClientResult(plan.client_id, plan.round, payload=upload, weight=weight, num_examples=num_examples, loss=loss,
+    return ClientResult(plan.client_id, plan.round, payload=upload, num_samples=num_samples, num_examples=num_examples,
+                        loss=loss,
                         logged=_read_logged(cfg.get("logged")), optim=load_optim(cfg.get("optim")),
                         seconds=_number(metrics, "seconds", 0.0))
 

@@ -12,6 +12,8 @@ Which clients a node holds comes from its node config:
   clients ``c`` with ``c % num-partitions == partition-id``;
 * ``local-clients`` (optional, with ``clients``): the index of each of them in the data this node builds,
   when its data holds only its own clients (``overrides`` pointing at the node's own corpus);
+* ``device`` (optional): where the node's clients train, e.g. ``"cuda:0"`` (its GPU); default the server's
+  client device if this machine has it, else the CPU;
 * ``overrides``: extra ``fedprune`` arguments for this node only (e.g. ``--data.init_args.root=...``).
 
 A SuperNode of Flower 1.42 starts a new ClientApp process for every message, which would rebuild
@@ -69,6 +71,22 @@ def parse_ids(value: Any, key: str) -> list[int]:
     if isinstance(value, bool) or not isinstance(value, (int, str)) or any(i < 0 for i in ids):
         raise ValueError(f"node config `{key}` must be client ids like \"0,1,5-7\", got {value!r}")
     return ids
+
+
+def node_device(node_config: Mapping[str, Any], config: Any) -> str:
+    """Where this node's clients train: node config ``device`` (e.g. ``"cuda:0"``: the node's GPU), else the
+    server's client device when this machine has it (a CUDA device on a machine without CUDA falls back to the
+    CPU)."""
+    import torch
+
+    device = node_config.get("device")
+    if device is not None:
+        try:
+            return str(torch.device(str(device)))
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"node config device={device!r} is not a device ({err})") from None
+    wanted = torch.device(getattr(config, "device", "cpu"))
+    return str(wanted) if wanted.type != "cuda" or torch.cuda.is_available() else "cpu"
 
 
 class NodeClients:
@@ -170,14 +188,15 @@ class FlowerNode:
 
     def _runner(self, job: Job, node_config: Mapping[str, Any], clients: NodeClients) -> ClientRunner:
         key = hashlib.sha256(json.dumps(
-            [job.app, asdict(job.config), job.weighting, node_config.get("overrides", ""), clients.local],
+            [job.app, asdict(job.config), node_config.get("overrides", ""), node_config.get("device", ""),
+             clients.local],
             sort_keys=True, default=str).encode()).hexdigest()
         runner = self._runners.get(key)
         if runner is None:
             task, data = self.build(job.app, node_config)
             if clients.local is not None:
                 data = NodeClientData(data, clients.local)
-            runner = ClientRunner(task, data, job.config, job.weighting)
+            runner = ClientRunner(task, data, job.config, device=node_device(node_config, job.config))
             if len(self._runners) >= self.max_runners:
                 self._runners.pop(next(iter(self._runners)))
             self._runners[key] = runner

@@ -101,6 +101,11 @@ class Pattern(ABC):
         kept_all = self.reduce(m2d, torch.all)
         return kept_all if torch.equal(kept_all, self.reduce(m2d, torch.any)) else None
 
+    def trusted_flags(self, m2d: Tensor) -> Tensor:
+        """Per-group keep flags of a mask known to be a union of whole groups (the server's own masks): no
+        check, no host synchronisation."""
+        return self.reduce(m2d, torch.any)
+
     def kept(self, flags: Tensor) -> list[Tensor]:
         """Block-local kept group indices (int64, ascending), one tensor per block."""
         return [f.nonzero().reshape(-1) for f in flags.reshape(self.num_blocks, -1)]

@@ -45,6 +45,9 @@ class Unstructured(Pattern):
     def flags(self, m2d: Tensor) -> Tensor:
         return m2d.reshape(-1)
 
+    def trusted_flags(self, m2d: Tensor) -> Tensor:
+        return m2d.reshape(-1)
+
     def expand(self, flags: Tensor, rows: int, cols: int) -> Tensor:
         return flags.reshape(rows, cols)
 

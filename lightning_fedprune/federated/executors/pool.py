@@ -1,22 +1,13 @@
-"""Executors: where clients run. The seam between the server loop and the compute.
+"""Clients in persistent worker processes: started once per fit, reused across rounds, fault-contained.
 
-* :class:`SequentialExecutor` (default) runs the cohort's clients one after another in-process on
-  one persistent replica of the task.
-* :class:`ProcessPoolExecutor` runs them in persistent worker processes (started once per fit and
-  reused across rounds). A round's global payload is sent to each worker once; clients are then
-  handed out one at a time to whichever worker is free, and results are put back into cohort order
-  before aggregation, so both executors aggregate identically. The pool outlives its workers: a
-  worker that dies is replaced and only the client it was training fails; no wait on a worker is
-  unbounded (see :class:`ProcessPoolExecutor`).
-
-* ``FlowerExecutor`` (:mod:`lightning_fedprune.federated.flower`, the optional ``flower`` extra) turns the
-  same plans and results into Flower messages inside a Flower ServerApp: Flower's simulation engine
-  or real SuperNodes train the clients.
+A round's global payload is sent to each worker once; clients are then handed out one at a time to whichever
+worker is free, and results are put back into cohort order before aggregation, so every executor aggregates
+identically. The pool outlives its workers: a worker that dies is replaced and only the client it was training
+fails; no wait on a worker is unbounded (see :class:`ProcessPoolExecutor`).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import multiprocessing as mp
 import os
@@ -31,71 +22,18 @@ import traceback
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
-from typing import Any, Literal, NoReturn, get_args
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import torch
 
 from lightning_fedprune.federated.client import ClientData, ClientRunner
+from lightning_fedprune.federated.executors.base import Executor, ResultCallback
 from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, ClientResult, RoundPayload
-
-ExecutorName = Literal["sequential", "process", "flower"]
-EXECUTORS: tuple[str, ...] = get_args(ExecutorName)
-#: Multiprocessing start methods (those of the platform are ``multiprocessing.get_all_start_methods()``).
-StartMethod = Literal["fork", "spawn", "forkserver"]
-#: Executors of optional extras, loaded by name when asked for (their module needs the extra's packages).
-OPTIONAL_EXECUTORS = {"flower": "lightning_fedprune.federated.flower.executor.FlowerExecutor"}
-ResultCallback = Callable[[ClientResult], None]
-
-
-class Executor:
-    """Base class: ``setup`` once per fit, ``run`` once per round, ``teardown`` at the end.
-
-    ``teardown`` runs on every exit of ``fit``, also when it raises (see :class:`ExecutorTeardown`),
-    and may run more than once: it must be idempotent.
-    """
-
-    def setup(self, task: pl.LightningModule, data: ClientData, config: ClientConfig, weighting: str) -> None:
-        raise NotImplementedError
-
-    def run(self, payload: RoundPayload, plans: Sequence[ClientPlan], on_result: ResultCallback | None = None) -> list[ClientResult]:
-        raise NotImplementedError
-
-    def teardown(self) -> None:
-        pass
-
-    def traffic(self) -> tuple[int, int] | None:
-        """Bytes ``(down, up)`` the last ``run`` really sent and received, for an executor that measures them
-        on its transport (Flower: serialized message sizes); None: ``comm/*`` counts the payloads' arrays."""
-        return None
-
-
-class SequentialExecutor(Executor):
-    """Runs clients one after another in the server process."""
-
-    def __init__(self) -> None:
-        self.runner: ClientRunner | None = None
-
-    def setup(self, task: pl.LightningModule, data: ClientData, config: ClientConfig, weighting: str) -> None:
-        self.runner = ClientRunner(task, data, config, weighting)
-
-    def run(self, payload: RoundPayload, plans: Sequence[ClientPlan], on_result: ResultCallback | None = None) -> list[ClientResult]:
-        if self.runner is None:
-            raise RuntimeError("SequentialExecutor.run called before setup")
-        results = []
-        for plan in plans:
-            result = self.runner.run(plan.payload or payload, plan)
-            if on_result is not None:
-                on_result(result)
-            results.append(result)
-        return results
-
-    def teardown(self) -> None:
-        self.runner = None
-
+from lightning_fedprune.federated.replica import make_replica, trainer_set
 
 # ------------------------------------------------------------------ process pool
 # Server <-> worker messages are length-prefixed frames of pickled ``(kind, object)`` tuples over a
@@ -151,7 +89,7 @@ def _recv_frame(sock: socket.socket) -> bytearray:
     return _recv_exact(sock, size)
 
 
-def _worker_main(sock: socket.socket, num_threads: int, server_end: socket.socket | None) -> None:
+def _worker_main(sock: socket.socket, num_threads: int, server_end: socket.socket | None, device: str | None = None) -> None:
     """A worker's life: load the task (first frame), report ready, then train one client per plan.
 
     The worker exits on ``stop``, when the server closes its end (EOF, broken pipe) or when the
@@ -175,7 +113,8 @@ def _worker_main(sock: socket.socket, num_threads: int, server_end: socket.socke
     try:
         init = receive()
         try:
-            runner = ClientRunner(*pickle.loads(init))
+            task, data, config = pickle.loads(init)
+            runner = ClientRunner(task, data, config, device=device)
         except Exception:
             _send_frame(sock, _dumps(("failed", traceback.format_exc())))
             _leave(1)
@@ -332,20 +271,6 @@ def _shutdown(workers: list[_Worker]) -> None:
         w.close()
 
 
-class ExecutorTeardown(pl.Callback):
-    """Tears the module's executor down when ``fit`` raises.
-
-    Lightning calls no LightningModule hook on an exception (``teardown`` is skipped), only
-    ``Callback.on_exception``; :class:`FederatedLightningModule` returns this callback from
-    ``configure_callbacks`` so worker processes never outlive a failed fit.
-    """
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        executor = getattr(pl_module, "executor", None)
-        if isinstance(executor, Executor):
-            executor.teardown()
-
-
 class ProcessPoolExecutor(Executor):
     """Runs clients in ``num_workers`` persistent worker processes.
 
@@ -374,13 +299,17 @@ class ProcessPoolExecutor(Executor):
         client_timeout: seconds one client may take from dispatch to result; a client over it
             fails and its worker is killed and restarted. ``None`` (default): no limit (a worker that
             dies is still noticed at once).
+        devices: the device of every worker, round-robin over the slots (e.g. ``["cuda:0", "cuda:1"]``: one
+            worker per GPU of the machine; ``["cuda:0"] * 4``: four workers sharing one GPU); default: the
+            device of the server's model. CUDA workers need ``start_method`` ``"forkserver"`` or ``"spawn"``
+            (CUDA cannot be used in a forked child).
         startup_attempts: attempts to start a worker (at setup, or to replace a dead one) before
             :class:`WorkerStartupError` is raised.
     """
 
     def __init__(self, num_workers: int = 2, start_method: str = DEFAULT_START_METHOD, threads_per_worker: int | None = None,
                  startup_timeout: float = 180.0, client_timeout: float | None = None, startup_attempts: int = 3,
-                 preload: Sequence[str] = PRELOAD) -> None:
+                 preload: Sequence[str] = PRELOAD, devices: Sequence[str] | None = None) -> None:
         if not _is_int(num_workers) or num_workers < 1:
             raise ValueError(f"`num_workers` must be a positive integer, got {num_workers!r}.")
         if start_method not in mp.get_all_start_methods():
@@ -395,13 +324,26 @@ class ProcessPoolExecutor(Executor):
             raise ValueError(f"`client_timeout` must be a positive number of seconds or None, got {client_timeout!r}.")
         if not _is_int(startup_attempts) or startup_attempts < 1:
             raise ValueError(f"`startup_attempts` must be a positive integer, got {startup_attempts!r}.")
+        if devices is not None:
+            if isinstance(devices, str) or not devices:
+                raise ValueError(f"`devices` must be a non-empty list of devices (e.g. ['cuda:0', 'cuda:1']), got {devices!r}.")
+            try:
+                parsed = [torch.device(d) for d in devices]
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"`devices`: {err}") from None
+            if start_method == "fork" and any(d.type == "cuda" for d in parsed):
+                raise ValueError("`start_method='fork'` cannot run CUDA workers (CUDA cannot be used in a forked child): "
+                                 "use 'forkserver' (the default) or 'spawn'.")
+            devices = [str(d) for d in parsed]
+        self.devices = None if devices is None else list(devices)
         self.num_workers = num_workers
         self.start_method = start_method
         self.threads_per_worker = threads_per_worker or max(1, torch.get_num_threads() // num_workers)
         self.startup_timeout = float(startup_timeout)
         self.client_timeout = None if client_timeout is None else float(client_timeout)
         self.startup_attempts = startup_attempts
-        self._init: bytes | None = None  # the first frame to every worker: pickled (task, data, config, weighting)
+        self._init: bytes | None = None  # the first frame to every worker: pickled (task, data, config)
+        self._config: ClientConfig | None = None
         self._payload: bytes | None = None  # the current round's payload frame (for workers started mid-round)
         self._pending: deque[tuple[int, ClientPlan]] = deque()  # the round's clients not handed out yet
         self._requeued: set[int] = set()  # clients given back once because their worker died before receiving them
@@ -415,25 +357,28 @@ class ProcessPoolExecutor(Executor):
         """Process ids of the current workers (e.g. to account their CPU time); empty when torn down."""
         return [w.proc.pid for w in self._workers]
 
-    def setup(self, task: pl.LightningModule, data: ClientData, config: ClientConfig, weighting: str) -> None:
+    def setup(self, task: pl.LightningModule, data: ClientData, config: ClientConfig) -> None:
         self.teardown()
         if getattr(mp.current_process(), "_inheriting", False):
             # this process is a worker still importing the main script, which started training again
             sys.stderr.write(f"lightning_fedprune: {UNGUARDED_MAIN_MESSAGE}\n")
             sys.stderr.flush()
             os._exit(_EXIT_UNGUARDED_MAIN)  # not SystemExit: a forkserver child would turn it into exit code 1
-        trainer = task._trainer
-        task._trainer = None
+        if self.start_method == "fork" and torch.device(config.device).type == "cuda":
+            raise ValueError("`start_method='fork'` cannot run CUDA workers (CUDA cannot be used in a forked child): "
+                             "use 'forkserver' (the default) or 'spawn'.")
+        self._config = config
+        # the workers get the task's values on the CPU (they move them to their own device)
+        on_cpu = all(t.device.type == "cpu" for t in [*task.parameters(), *task.buffers()])
         try:
-            self._init = _dumps((task, data, config, weighting))
+            with trainer_set(task, None):
+                self._init = _dumps((task if on_cpu else make_replica(task).cpu(), data, config))
         except Exception as err:
             raise TypeError(
                 "ProcessPoolExecutor must pickle the task and the client datasets to send them to worker processes "
                 f"and could not: {err}. Define the task and dataset classes at module level (not inside a function), "
                 "or use executor='sequential'."
             ) from err
-        finally:
-            task._trainer = trainer
         try:
             for slot in range(self.num_workers):
                 self._workers.append(self._start(slot, attempt=1))
@@ -489,8 +434,9 @@ class ProcessPoolExecutor(Executor):
         parent_sock, child_sock = socket.socketpair()
         try:
             server_end = parent_sock if self.start_method == "fork" else None  # spawn/forkserver: not inherited
-            proc = ctx.Process(target=_worker_main, args=(child_sock, self.threads_per_worker, server_end), daemon=True,
-                               name=f"fedprune-worker-{slot}")
+            device = self.devices[slot % len(self.devices)] if self.devices else self._config.device
+            proc = ctx.Process(target=_worker_main, args=(child_sock, self.threads_per_worker, server_end, device),
+                               daemon=True, name=f"fedprune-worker-{slot}")
             proc.start()
         except Exception as err:
             parent_sock.close()
@@ -614,14 +560,3 @@ def _start_forkserver(preload: Sequence[str]) -> None:
     forkserver.ensure_running()
 
 
-def make_executor(executor: str | Executor, num_workers: int = 2, start_method: str = DEFAULT_START_METHOD) -> Executor:
-    if isinstance(executor, Executor):
-        return executor
-    if executor == "sequential":
-        return SequentialExecutor()
-    if executor == "process":
-        return ProcessPoolExecutor(num_workers=num_workers, start_method=start_method)
-    if executor in OPTIONAL_EXECUTORS:
-        module, _, name = OPTIONAL_EXECUTORS[executor].rpartition(".")
-        return getattr(importlib.import_module(module), name)()
-    raise ValueError(f"`executor` must be one of {EXECUTORS} or an Executor instance, got {executor!r}.")
