@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_fedprune._compat import PARSE_CKPT_PATH, require_cli_hook
 from lightning_fedprune.federated.checkpoint import export_task_checkpoint, validate_checkpoint_file
 from lightning_fedprune.federated.module import FederatedLightningModule
 from lightning_fedprune.validation import check_int
@@ -36,6 +37,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {"save_dir": "runs", "name": "fedprune"},
     },
 }
+
+
+require_cli_hook(LightningCLI, PARSE_CKPT_PATH)  # FedPruneCLI._parse_ckpt_path overrides it
 
 
 class FedPruneCLI(LightningCLI):

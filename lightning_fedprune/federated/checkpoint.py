@@ -31,10 +31,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from lightning_fedprune._compat import _WrappingCheckpointIO
 from lightning_fedprune.pruning.state import PruningState
 
 # The functions below take the federated module (``fed``) as a LightningModule with a ``pruning`` state:

@@ -34,13 +34,7 @@ from typing import Any, Protocol
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import convert_to_tensors, move_data_to_device
-from lightning.pytorch.core.optimizer import (
-    _configure_optimizers,
-    _configure_schedulers_automatic_opt,
-    _configure_schedulers_manual_opt,
-)
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
-from lightning.pytorch.trainer.connectors.logger_connector.fx_validator import _FxValidator
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerState, TrainerStatus
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
@@ -49,6 +43,12 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_fedprune._compat import (
+    _configure_optimizers,
+    _configure_schedulers_automatic_opt,
+    _configure_schedulers_manual_opt,
+    _FxValidator,
+)
 from lightning_fedprune.federated.replica import make_replica, state_names
 from lightning_fedprune.federated.protocol import (
     ClientConfig,

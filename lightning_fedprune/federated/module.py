@@ -21,13 +21,13 @@ from typing import IO, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.types import _MAP_LOCATION_TYPE, _PATH
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.model_helpers import _restricted_classmethod, is_overridden
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from typing_extensions import Self
 
+from lightning_fedprune._compat import _MAP_LOCATION_TYPE, _PATH, _restricted_classmethod
 from lightning_fedprune.federated.checkpoint import (
     RESUME_CONFIG_CHANGES,
     install_checkpoint_validation,
