@@ -91,7 +91,12 @@ class FederatedLightningModule(pl.LightningModule):
             optimisation); give this or ``local_epochs``.
         local_epochs: passes over the client's data per round (default 1 if neither is given).
         server_optimizer: ``"sgd"`` (``server_lr=1`` is FedAvg), ``"sgdm"`` (FedAvgM) or ``"adam"`` (FedAdam).
-        server_lr, server_momentum, server_betas, server_eps: server optimiser settings.
+        server_lr: the server optimiser's learning rate on the pseudo-gradient (> 0); ``"sgd"`` with
+            ``server_lr=1`` makes the new global model the clients' weighted average (FedAvg).
+        server_momentum: ``"sgdm"``'s momentum, in ``[0, 1)`` (checked, and unused, with the others).
+        server_betas: ``"adam"``'s two betas, each in ``[0, 1)`` (checked, and unused, with the others).
+        server_eps: ``"adam"``'s epsilon, > 0 (1e-3 as in FedAdam's paper; checked, and unused, with
+            the others).
         strategy: a :class:`~lightning_fedprune.federated.strategy.Strategy` instance (e.g. ``FedAdam(server_lr=0.01)``
             or your own subclass; in YAML a ``class_path``), used instead of ``server_optimizer`` and its
             settings: how the server aggregates a round and steps.
@@ -104,12 +109,16 @@ class FederatedLightningModule(pl.LightningModule):
         start_method: multiprocessing start method for ``executor="process"`` (default ``"forkserver"``
             where the platform has it: workers forked from a server that imported torch once; see
             :class:`~lightning_fedprune.federated.executors.ProcessPoolExecutor`).
-        client_gradient_clip_val / client_gradient_clip_algorithm: gradient clipping inside client
-            training (``"norm"`` or ``"value"``). ``Trainer(gradient_clip_val=...)`` means the same
+        client_gradient_clip_val: clip every client's gradients before each of its optimiser steps at
+            this value (> 0; ``None``: no clipping). ``Trainer(gradient_clip_val=...)`` means the same
             (give one of the two); ``Trainer(accumulate_grad_batches=...)`` accumulates inside
             every client, and ``Trainer(precision=...)`` is the clients' precision too.
+        client_gradient_clip_algorithm: how ``client_gradient_clip_val`` clips, as Lightning's
+            ``gradient_clip_algorithm``: ``"norm"`` (the gradients' total 2-norm is scaled down to at
+            most the value) or ``"value"`` (every entry is clamped to ``[-value, value]``).
         compact_clients: let clients train physically smaller sub-models where the pruning
-            pattern allows it (row/column patterns on ``nn.Linear``).
+            pattern allows it: ``nn.Linear`` layers with the row, column, half_row or half_column
+            pattern (any pattern with a compact forward, ``COMPACT_PATTERNS``); the rest masked-dense.
         payload_bits: ``None`` (default: values travel as they are), ``8`` or ``4``: the kept values of the
             floating-point parameters travel as ``payload_bits``-bit codes with a scale per row, both
             ways. Down: rounded to nearest, with the rounding error fed back into the next round's
