@@ -146,6 +146,10 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FedPruneCLI:
             "description": "Federated pruning with PyTorch Lightning: LightningCLI over FederatedLightningModule.",
             "epilog": _epilog(),
             "formatter_class": _HelpFormatter,
+            # options by their full names only (jsonargparse's coming default): a renamed option must not
+            # be read as an abbreviation of another
+            "allow_abbrev": False,
+            **{sub: {"allow_abbrev": False} for sub in ("fit", "validate", "test", "predict")},
         },
         args=args,
         run=run,
@@ -168,12 +172,15 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
     """The argparse parsers of the commands ``main`` runs itself: ``export`` and ``ablate``."""
     from lightning_fedprune.ablation.command import _parser as ablate_parser
 
-    return {"export": export_parser(), "ablate": ablate_parser()}
+    parsers = {"export": export_parser(), "ablate": ablate_parser()}
+    for parser in parsers.values():
+        parser.allow_abbrev = False  # an option is its full name: a renamed option is not read as a shorter one
+    return parsers
 
 
 def export_main(args: list[str]) -> None:
     """``fedprune export --ckpt_path X --output Y``: the plain pruned task of checkpoint X, written to Y."""
-    ns = export_parser().parse_args(args)
+    ns = command_parsers()["export"].parse_args(args)
     out = export_task_checkpoint(ns.ckpt_path, ns.output)
     print(f"wrote {out}")
 
