@@ -1,30 +1,104 @@
-"""The private Lightning APIs this package relies on, in one place, so a Lightning upgrade breaks here only.
+"""The private Lightning APIs this package relies on, in one place.
 
-Each name has a test (tests/test_compat.py) that checks it still does what the package needs on the installed
-Lightning.
+Lightning does not promise to keep names that start with ``_``. Every one the package uses is
+imported (or checked) here, and ``tests/test_compat.py`` checks that each still does what the
+package needs on the installed Lightning, so a Lightning upgrade that moves or changes one fails
+here, with a message naming it, and in that test file -- not somewhere deep in a run.
+
+* `_restricted_classmethod`: `FederatedLightningModule.load_from_checkpoint` keeps Lightning's
+  "call it on the class" check;
+* `_FxValidator`: client-side `self.log` -- which hooks may log, and each hook's default
+  `on_step`/`on_epoch`;
+* `_WrappingCheckpointIO`: the CheckpointIO that validates a file before loading it;
+* `_configure_optimizers`, `_configure_schedulers_automatic_opt`, `_configure_schedulers_manual_opt`:
+  a client normalises `configure_optimizers`' return value exactly as the Trainer does;
+* `_PATH`, `_MAP_LOCATION_TYPE`: the annotations of `load_from_checkpoint` (defined here when
+  Lightning has none);
+* `LightningCLI._parse_ckpt_path`: `fedprune`'s checkpoint check and hyperparameter rules
+  (`lightning_fedprune.cli.FedPruneCLI` overrides it; `require_cli_hook` checks it exists);
+* the manual-optimisation loop's step progress (`count_optimizer_step`): a federated round is one Trainer
+  step whose update the strategy makes itself, counted as `LightningOptimizer.step` counts one.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Callable, Union
 
-import lightning.pytorch as pl
-from lightning.pytorch.core.optimizer import _configure_optimizers as configure_optimizers  # noqa: F401
-from lightning.pytorch.core.optimizer import (  # noqa: F401
-    _configure_schedulers_automatic_opt as configure_schedulers_automatic,
-)
-from lightning.pytorch.core.optimizer import _configure_schedulers_manual_opt as configure_schedulers_manual  # noqa: F401
-from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO as WrappingCheckpointIO  # noqa: F401
-from lightning.pytorch.trainer.connectors.logger_connector.fx_validator import _FxValidator as FxValidator  # noqa: F401
-from lightning.pytorch.utilities.model_helpers import _restricted_classmethod as restricted_classmethod  # noqa: F401
-
-__all__ = ["FxValidator", "WrappingCheckpointIO", "configure_optimizers", "configure_schedulers_automatic",
-           "configure_schedulers_manual", "count_optimizer_step", "restricted_classmethod"]
+import lightning
+import torch
 
 
-def count_optimizer_step(trainer: pl.Trainer) -> None:
-    """Count one optimiser step of a manually optimised module, as ``LightningOptimizer.step`` would: a federated
-    round is one Trainer step (``trainer.global_step``) whose update the strategy makes itself."""
-    progress: Any = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+def _missing(what: str, err: BaseException) -> ImportError:
+    return ImportError(
+        f"lightning-fedprune uses Lightning's private `{what}`, which lightning {lightning.__version__} does not "
+        f"provide ({type(err).__name__}: {err}). Install a Lightning release this package supports, or update "
+        "lightning_fedprune/_compat.py."
+    )
+
+
+try:
+    from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
+except ImportError as err:  # pragma: no cover - depends on the installed Lightning
+    raise _missing("lightning.pytorch.utilities.model_helpers._restricted_classmethod", err) from err
+
+try:
+    from lightning.pytorch.trainer.connectors.logger_connector.fx_validator import _FxValidator
+except ImportError as err:  # pragma: no cover
+    raise _missing("lightning.pytorch.trainer.connectors.logger_connector.fx_validator._FxValidator", err) from err
+
+try:
+    from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+except ImportError as err:  # pragma: no cover
+    raise _missing("lightning.pytorch.plugins.io.wrapper._WrappingCheckpointIO", err) from err
+
+try:
+    from lightning.pytorch.core.optimizer import (
+        _configure_optimizers,
+        _configure_schedulers_automatic_opt,
+        _configure_schedulers_manual_opt,
+    )
+except ImportError as err:  # pragma: no cover
+    raise _missing("lightning.pytorch.core.optimizer._configure_*", err) from err
+
+try:
+    from lightning.fabric.utilities.types import _MAP_LOCATION_TYPE, _PATH
+except ImportError:  # pragma: no cover - annotations only: the same meaning, defined here
+    _PATH = Union[str, "os.PathLike[str]"]  # type: ignore[misc]
+    _MAP_LOCATION_TYPE = Union[  # type: ignore[misc]
+        None, str, torch.device, int, Callable[[Any, str], Any], dict[Any, Any]
+    ]
+
+#: The LightningCLI method that reads ``--ckpt_path`` between parsing and instantiation.
+PARSE_CKPT_PATH = "_parse_ckpt_path"
+
+
+def require_cli_hook(cli_class: type, name: str = PARSE_CKPT_PATH) -> None:
+    """Raise ``ImportError`` when ``cli_class`` (LightningCLI) no longer has the method ``name`` that a
+    subclass overrides: the override would otherwise be skipped without a word."""
+    if not callable(getattr(cli_class, name, None)):
+        raise _missing(f"{cli_class.__module__}.{cli_class.__qualname__}.{name}",
+                       AttributeError(f"{cli_class.__qualname__} has no method {name!r}"))
+
+
+def count_optimizer_step(trainer: Any) -> None:
+    """Count one optimiser step of a manually optimised module (``trainer.global_step`` + 1), as
+    ``LightningOptimizer.step`` does through the manual-optimisation loop's step progress."""
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
     progress.increment_ready()
     progress.increment_completed()
+
+
+__all__ = [
+    "PARSE_CKPT_PATH",
+    "count_optimizer_step",
+    "_FxValidator",
+    "_MAP_LOCATION_TYPE",
+    "_PATH",
+    "_WrappingCheckpointIO",
+    "_configure_optimizers",
+    "_configure_schedulers_automatic_opt",
+    "_configure_schedulers_manual_opt",
+    "_restricted_classmethod",
+    "require_cli_hook",
+]

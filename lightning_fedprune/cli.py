@@ -7,10 +7,13 @@
     fedprune ablate --config examples/ablation/grid.yaml --jobs 2
 
 The task is a nested ``class_path`` (``--model.task.class_path``), data modules are chosen with
-``--data.class_path``, and every callback is a ``--trainer.callbacks+=...`` entry. ``export`` is not a
+``--data.class_path``, and every callback is a ``--trainer.callbacks+=...`` entry. Unless the config
+configures a ``ModelCheckpoint`` or disables checkpointing, ``fit`` saves ``ModelCheckpoint(save_last=True)``
+checkpoints: Lightning's default one plus ``<log dir>/checkpoints/last.ckpt``. ``export`` is not a
 LightningCLI subcommand: it writes the plain pruned task of a checkpoint for serving
 (:func:`lightning_fedprune.federated.checkpoint.export_task_checkpoint`). Nor is ``ablate``: it runs a grid
 of ``fedprune fit`` cells and writes the results page (:mod:`lightning_fedprune.ablation`, docs/ablation.md).
+``fedprune --help`` lists both; ``fedprune export --help`` and ``fedprune ablate --help`` give their options.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
+from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_fedprune._compat import PARSE_CKPT_PATH, require_cli_hook
 from lightning_fedprune.federated.checkpoint import (
     export_task_checkpoint,
     federated_hyperparameters,
@@ -40,6 +47,27 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {"save_dir": "runs", "name": "fedprune"},
     },
 }
+
+#: The commands ``main`` runs itself, before LightningCLI (name -> one line for ``fedprune --help``).
+OTHER_COMMANDS = {
+    "export": "Write the plain, pruned task of a federated checkpoint as a Lightning checkpoint (for serving).",
+    "ablate": "Run a grid of `fedprune fit` cells and write results.json, the results page and its figure.",
+}
+
+
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """Keeps the line breaks of the epilog that lists :data:`OTHER_COMMANDS`."""
+
+
+def _epilog() -> str:
+    lines = ["more subcommands (add one followed by --help for its options):"]
+    for name, text in OTHER_COMMANDS.items():
+        wrapped = textwrap.wrap(text, 54)
+        lines += [f"    {name:<20}{wrapped[0]}", *(" " * 24 + rest for rest in wrapped[1:])]
+    return "\n".join(lines)
+
+
+require_cli_hook(LightningCLI, PARSE_CKPT_PATH)  # FedPruneCLI._parse_ckpt_path overrides it
 
 
 class FedPruneCLI(LightningCLI):
@@ -85,9 +113,11 @@ class FedPruneCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """Uses :class:`FederatedProgressBar` as the default progress bar (unless the progress bar is
-        disabled or a progress bar callback is configured)."""
-        from lightning.pytorch.callbacks import ProgressBar
+        """Adds two defaults: :class:`FederatedProgressBar` as the progress bar (unless the progress bar
+        is disabled or a progress bar callback is configured) and ``ModelCheckpoint(save_last=True)``, so
+        ``<log dir>/checkpoints/last.ckpt`` exists after ``fit`` (unless checkpointing is disabled or a
+        ``ModelCheckpoint`` is configured: that one is used as it is)."""
+        from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 
         from lightning_fedprune.observers.progress import FederatedProgressBar
 
@@ -96,7 +126,11 @@ class FedPruneCLI(LightningCLI):
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         enabled = kwargs.get("enable_progress_bar", trainer_cfg.get("enable_progress_bar"))
         if enabled is not False and not any(isinstance(cb, ProgressBar) for cb in callbacks):
-            kwargs["callbacks"] = [*callbacks, FederatedProgressBar()]
+            callbacks.append(FederatedProgressBar())
+        checkpointing = kwargs.get("enable_checkpointing", trainer_cfg.get("enable_checkpointing"))
+        if checkpointing is not False and not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
+            callbacks.append(ModelCheckpoint(save_last=True))
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
 
@@ -111,20 +145,46 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FedPruneCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={
+            "prog": "fedprune",
+            "description": "Federated pruning with PyTorch Lightning: LightningCLI over FederatedLightningModule.",
+            "epilog": _epilog(),
+            "formatter_class": _HelpFormatter,
+            # options by their full names only (jsonargparse's coming default): a renamed option must not
+            # be read as an abbreviation of another
+            "allow_abbrev": False,
+            **{sub: {"allow_abbrev": False} for sub in ("fit", "validate", "test", "predict")},
+        },
         args=args,
         run=run,
     )
 
 
-def export_main(args: list[str]) -> None:
-    """``fedprune export --ckpt_path X --output Y``: the plain pruned task of checkpoint X, written to Y."""
+def export_parser() -> argparse.ArgumentParser:
+    """The parser of ``fedprune export``."""
     parser = argparse.ArgumentParser(
         prog="fedprune export",
         description="Write the plain, pruned task of a FederatedLightningModule checkpoint as a Lightning checkpoint "
                     "that `Task.load_from_checkpoint(output)` reads (for serving).")
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint of a federated run (e.g. .../last.ckpt)")
-    parser.add_argument("--output", required=True, help="where to write the task's checkpoint")
-    ns = parser.parse_args(args)
+    parser.add_argument("--ckpt_path", required=True,
+                        help="checkpoint of a federated run (e.g. runs/fedprune/version_0/checkpoints/last.ckpt)")
+    parser.add_argument("--output", required=True, help="where to write the task's checkpoint (a file path)")
+    return parser
+
+
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The argparse parsers of the commands ``main`` runs itself: ``export`` and ``ablate``."""
+    from lightning_fedprune.ablation.command import _parser as ablate_parser
+
+    parsers = {"export": export_parser(), "ablate": ablate_parser()}
+    for parser in parsers.values():
+        parser.allow_abbrev = False  # an option is its full name: a renamed option is not read as a shorter one
+    return parsers
+
+
+def export_main(args: list[str]) -> None:
+    """``fedprune export --ckpt_path X --output Y``: the plain pruned task of checkpoint X, written to Y."""
+    ns = command_parsers()["export"].parse_args(args)
     out = export_task_checkpoint(ns.ckpt_path, ns.output)
     print(f"wrote {out}")
 

@@ -15,6 +15,17 @@ class GaussianMixtureDataset(Dataset):
     """A seeded classification problem: ``num_classes`` Gaussian blobs in ``dim`` dimensions.
 
     Samples are ``(x, y)`` tuples; ``targets`` lists the labels (used by Dirichlet partitioning).
+    The class centres depend only on ``centers_seed``, so datasets made with different ``seed``
+    values (a training and a validation set) are samples of the same problem.
+
+    Args:
+        num_samples: number of ``(x, y)`` samples.
+        dim: dimension of ``x``.
+        num_classes: number of classes (blobs), >= 2.
+        noise: standard deviation of the Gaussian noise around each class centre (>= 0; the centres
+            are drawn with standard deviation 2 per dimension, so ``noise=2.0`` makes classes overlap).
+        seed: seed of the labels and the noise.
+        centers_seed: seed of the class centres.
     """
 
     def __init__(self, num_samples: int = 2000, dim: int = 32, num_classes: int = 10, noise: float = 1.0, seed: int = 0,
@@ -43,9 +54,18 @@ class GaussianMixtureDataset(Dataset):
 class MLPClassifier(pl.LightningModule):
     """An ordinary Lightning classifier: nothing federated in it.
 
+    An MLP ``body`` (``depth`` x ``nn.Linear`` + ReLU) and a linear ``head``; logs ``train/loss``,
+    ``val/loss``, ``val/acc`` and ``test/acc``; ``predict_step`` returns the predicted classes.
+
     Args:
-        in_dim, hidden, num_classes, depth: architecture (``depth`` hidden layers).
-        lr, momentum, weight_decay: SGD settings of the (client) optimiser.
+        in_dim: input features.
+        hidden: width of every hidden layer.
+        num_classes: output classes.
+        depth: number of hidden layers (``body.0``, ``body.2``, ... are their ``nn.Linear``; 0: the head
+            only).
+        lr: SGD learning rate of the (client) optimiser.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
     """
 
     def __init__(self, in_dim: int = 32, hidden: int = 64, num_classes: int = 10, depth: int = 2, lr: float = 0.1,

@@ -29,7 +29,7 @@ if [ "${SKIP_MAIN_JOB:-0}" != "1" ]; then
   echo "[new-user] main job took $(( $(date +%s) - start )) s"
   summary=$(ls -t "$ROOT"/runs/fedprune/version_*/summary.json | head -1)
   cat "$summary"
-  # the issue's quality target: held-out-speaker WER of the pruned model <= 0.10 at 30 % sparsity
+  # the quality target: held-out-speaker WER of the pruned model <= 0.10 at 30 % sparsity
   python - "$summary" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))

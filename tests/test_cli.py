@@ -123,3 +123,49 @@ def test_quantised_payloads_from_yaml(tmp_path, monkeypatch):
         ratios[bits] = cli.trainer.callback_metrics["comm/ratio"].item()
         assert cli.model.client_config.payload_bits == bits
     assert ratios[8] < 0.35 * ratios[None]  # int8 codes instead of float32 values, both ways
+
+
+def test_fit_writes_last_ckpt_that_fedprune_export_reads(tmp_path, monkeypatch):
+    from lightning_fedprune.cli import main
+    from lightning_fedprune.demos import MLPClassifier
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", "--config", str(ROOT / "examples/quickstart.yaml"), "--quiet=true",
+                     f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=2",
+                     "--trainer.val_check_interval=2"])
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"  # the path the docs give
+    assert last.is_file()
+    main(["export", "--ckpt_path", str(last), "--output", str(tmp_path / "task.ckpt")])
+    task = MLPClassifier.load_from_checkpoint(tmp_path / "task.ckpt")
+    assert torch.equal(task.head.weight, cli.model.task.head.weight)
+
+
+def test_a_configured_model_checkpoint_is_used_as_it_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["--config", str(ROOT / "examples/quickstart.yaml"), "--trainer.logger=false"]
+    own = build_cli([*base, "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path}",
+                     "--trainer.callbacks.every_n_train_steps=5"], run=False)
+    (checkpoint,) = own.trainer.checkpoint_callbacks
+    assert checkpoint.dirpath == str(tmp_path) and not checkpoint.save_last
+    off = build_cli([*base, "--trainer.enable_checkpointing=false"], run=False)
+    assert off.trainer.checkpoint_callbacks == []
+
+
+def test_help_lists_every_subcommand_and_their_options(capsys):
+    import re
+
+    from lightning_fedprune.cli import command_parsers, main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "predict", "export", "ablate"):
+        assert re.search(rf"^ +{name} +\S", out, re.M), f"`fedprune --help` does not list {name}:\n{out}"
+    for name, parser in command_parsers().items():
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        assert options and all(o in out for o in options), (name, options)

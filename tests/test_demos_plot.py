@@ -64,3 +64,28 @@ def test_plot_run_and_its_argument_checks(run_dir: Path, tmp_path: Path):
     with pytest.raises(ValueError, match=r"^`metric` must be a non-empty string or None, got 3\.$"):
         plot_run(run_dir, tmp_path / "x.png", metric=3)
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("points, joined", [(2, False), (1, False), (3, True), (8, True)])
+def test_plot_draws_each_validation_as_a_marker_and_joins_only_a_series(points, joined):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_fedprune.observers.plot import make_figure
+
+    steps = [19 + 20 * i for i in range(points)]
+    values = [0.1 / (i + 1) for i in range(points)]
+    scalars = {"val/wer": list(zip(steps, values)), "prune/sparsity": [(r, min(0.3, r / 60)) for r in range(40)]}
+    fig = make_figure(scalars, "val/wer")
+    try:
+        ax = fig.axes[0]
+        (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "val/wer"]
+        assert line.get_marker() == "o" and list(line.get_xdata()) == steps
+        assert (line.get_linestyle() != "None") == joined  # two validations are two markers, not a line
+        labels = [t.get_text() for t in ax.texts if t.get_text().startswith("0.")]
+        assert labels == ([] if joined else [f"{v:.4g}" for v in values])
+    finally:
+        plt.close(fig)

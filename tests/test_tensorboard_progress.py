@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from helpers import GaussianMixtureDataset, MLPClassifier
@@ -124,15 +125,78 @@ def test_tensorboard_pruning_images(tb_run):
     assert tb_run.images.images_logged == 2 * len(updates)
 
 
-def test_pruning_images_without_tensorboard_logger(tmp_path):
+def _images_fit(logger, images, rounds=6):
     fed, dm = _fed()
-    images = PruningImages()
-    trainer = pl.Trainer(max_steps=4, logger=CSVLogger(str(tmp_path)), enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, log_every_n_steps=1,
-                         callbacks=[SparsityRampCallback(target_sparsity=0.5, start_round=1), images])
+    trainer = pl.Trainer(max_steps=rounds, logger=logger, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
+                         callbacks=[SparsityRampCallback(target_sparsity=0.5, start_round=1, end_round=3,
+                                                         schedule="linear", pattern="unstructured",
+                                                         parameters=r"body\..*\.weight"), images])
     trainer.fit(fed, datamodule=dm)
-    assert fed.pruning.masks and images.images_logged == 0
+    return fed
+
+
+@pytest.mark.parametrize("logger", ["csv", "none"])
+def test_pruning_images_warns_once_for_a_logger_without_images(tmp_path, logger):
+    images = PruningImages()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fed = _images_fit(CSVLogger(str(tmp_path)) if logger == "csv" else False, images)
+    mine = [str(w.message) for w in caught if "PruningImages" in str(w.message)]
+    assert fed.pruning.last_update_round == 3 and images.images_logged == 0  # masks changed 3 times, no picture
+    expected = "CSVLogger has no image method" if logger == "csv" else "the Trainer has no logger"
+    assert len(mine) == 1 and expected in mine[0], mine
+
+
+class ImageLogger(pl.loggers.Logger):
+    """A logger with W&B's image method: ``log_image(key, images, step)``."""
+
+    name, version = "images", 0
+    log_hyperparams = log_metrics = lambda self, *args, **kwargs: None
+
+    def __init__(self):
+        super().__init__()
+        self.logged = []
+
+    def log_image(self, key, images, step=None, **kwargs):
+        self.logged.append((key, step, images))
+
+
+class FakeMlflowClient:
+    def __init__(self):
+        self.logged = []
+
+    def log_image(self, run_id, image, artifact_file=None, key=None, step=None):
+        self.logged.append((run_id, key, step, image))
+
+
+class FakeMLFlowLogger(pl.loggers.MLFlowLogger):
+    """MLFlowLogger's interface (``experiment`` is an ``MlflowClient``, ``run_id``) without an MLflow server."""
+
+    def __init__(self):
+        self.client = FakeMlflowClient()
+
+    experiment = property(lambda self: self.client)
+    run_id = property(lambda self: "run-1")
+    name, version = "mlflow", 0
+    log_hyperparams = log_metrics = finalize = save = lambda self, *args, **kwargs: None
+
+
+def test_pruning_images_go_through_each_loggers_image_method():
+    wandb_like, mlflow_like = ImageLogger(), FakeMLFlowLogger()
+    images = PruningImages(max_layers=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _images_fit([wandb_like, mlflow_like], images)
+    assert not [w for w in caught if "PruningImages" in str(w.message)]
+    tags = ["prune/layer_sparsity_chart", "prune/mask/body.0.weight"]
+    assert [(key, step) for key, step, _ in wandb_like.logged] == [(t, r) for r in (1, 2, 3) for t in tags]
+    chart, mask = wandb_like.logged[0][2][0], wandb_like.logged[1][2][0]
+    assert chart.dtype == np.uint8 and chart.ndim == 3 and chart.shape[2] == 3
+    assert mask.dtype == np.uint8 and mask.shape == (64, 32) and set(np.unique(mask)) <= {0, 255}
+    assert [(run, key, step) for run, key, step, _ in mlflow_like.client.logged] == [
+        ("run-1", t, r) for r in (1, 2, 3) for t in tags]
+    assert images.images_logged == 2 * 2 * 3
 
 
 def test_mask_image_views_and_downsampling():

@@ -10,6 +10,7 @@ import argparse
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -71,6 +72,7 @@ def main():
         log_every_n_steps=10,
         enable_progress_bar=not args.quiet,
         enable_model_summary=not args.quiet,
+        callbacks=[ModelCheckpoint(save_last=True)],  # also keeps lightning_logs/version_N/checkpoints/last.ckpt
     )
     trainer.fit(model, train_dataloaders=DataLoader(train_set, batch_size=32, shuffle=True),
                 val_dataloaders=DataLoader(val_set, batch_size=256))

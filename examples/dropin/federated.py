@@ -10,6 +10,7 @@ import argparse
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -78,6 +79,7 @@ def main():
         enable_progress_bar=not args.quiet,
         enable_model_summary=not args.quiet,
         callbacks=[
+            ModelCheckpoint(save_last=True),  # also keeps lightning_logs/version_N/checkpoints/last.ckpt
             SparsityRampCallback(target_sparsity=0.5, start_round=rounds // 10, end_round=rounds * 4 // 10,
                                  every_n_rounds=5),
             MaskRefinementCallback(every_n_rounds=10),

@@ -38,12 +38,12 @@ from .tokenizer import CharTokenizer
 __all__ = ["PRESETS", "ConformerTransducer", "ConvSubsampling", "ConformerEncoder", "Predictor", "Joiner"]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU-sized: ~3.5 M parameters.
+    # CPU-sized: 3.5 M parameters.
     "tiny": dict(
         d_model=144, num_layers=4, num_heads=4, ffn_dim=576, conv_kernel_size=15,
         pred_dim=320, pred_layers=1, joint_dim=320, dropout=0.1,
     ),
-    # The article's model (Conformer-L sized, ~120 M parameters): 17 x 512, 8 heads, FFN 2048,
+    # The article's model (Conformer-L sized, 116.1 M parameters): 17 x 512, 8 heads, FFN 2048,
     # one 640-dim LSTM prediction layer, 2048-dim joint network. The Conformer paper's conv
     # kernel 32 is even; torchaudio needs an odd kernel, so 31.
     "paper": dict(
@@ -173,24 +173,34 @@ class ConformerTransducer(L.LightningModule):
     """Conformer-Transducer (or Conformer-CTC) character ASR task.
 
     Args:
-        preset: ``"tiny"`` (~3.5 M params, CPU) or ``"paper"`` (~120 M, the article's model).
-        d_model, num_layers, num_heads, ffn_dim, conv_kernel_size: override the preset's encoder
-            sizes (``None`` = preset value).
-        pred_dim, pred_layers, joint_dim, dropout: override the preset's prediction network,
-            joint network and dropout (``None`` = preset value).
+        preset: ``"tiny"`` (3.5 M parameters, for a CPU) or ``"paper"`` (116.1 M, the article's model:
+            17 x 512 Conformer layers); the arguments below that are ``None`` take the preset's value.
+        d_model: encoder width (``tiny`` 144, ``paper`` 512).
+        num_layers: Conformer layers (``tiny`` 4, ``paper`` 17).
+        num_heads: attention heads (``tiny`` 4, ``paper`` 8); must divide ``d_model``.
+        ffn_dim: hidden width of the Conformer feed-forward modules (``tiny`` 576, ``paper`` 2048).
+        conv_kernel_size: depthwise convolution kernel of the Conformer conv modules, odd (``tiny`` 15,
+            ``paper`` 31).
+        pred_dim: width of the LSTM prediction network (``tiny`` 320, ``paper`` 640).
+        pred_layers: LSTM layers of the prediction network (1 in both presets).
+        joint_dim: width of the joint network (``tiny`` 320, ``paper`` 2048).
+        dropout: dropout in the encoder and the prediction network (0.1 in both presets).
         n_mels: input feature dimension.
-        lr, weight_decay: AdamW settings (client optimiser under federated training).
+        lr: AdamW learning rate (the client optimiser under federated training).
+        weight_decay: AdamW weight decay.
         warmup_steps: linear LR warm-up over that many optimiser steps of the optimiser returned
             by ``configure_optimizers`` (0 = none, plain optimiser is returned).
         loss: ``"rnnt"`` (Transducer) or ``"ctc"`` (CTC head on the encoder, no
             predictor/joiner are built).
         decoder: ``"greedy"`` or ``"beam"`` (``RNNTBeamSearch``; RNN-T only) for val/test.
-        beam_size, max_symbols_per_frame: decoding settings.
+        beam_size: hypotheses kept by ``decoder="beam"``.
+        max_symbols_per_frame: most symbols greedy and beam decoding emit for one encoder frame.
         spec_augment: SpecAugment (2 freq masks, 2 time masks) on training batches.
         input_norm: per-utterance mean/variance normalisation of the features (over valid frames).
-        use_group_norm: GroupNorm instead of BatchNorm in the Conformer conv modules (default;
-            BatchNorm running statistics are buffers that federated averaging of parameters
-            would not carry).
+        use_group_norm: GroupNorm instead of BatchNorm in the Conformer conv modules (default).
+            GroupNorm keeps no running statistics; BatchNorm's running mean and variance are buffers,
+            which clients send back and the server averages every round like the weights, so
+            evaluation then uses an average of the clients' (speakers') statistics.
         subsampling_channels: Conv2d channels of the front-end (``None`` = d_model).
         joint_chunk_size: compute joint network + RNN-T loss in batch chunks of this many
             utterances with activation checkpointing (for big models: the (B, T, U, joint_dim)

@@ -161,7 +161,10 @@ class CorpusConfig:
             noise); ``ASRDataModule`` keeps it apart from its own ``seed``, so changing the training
             seed does not regenerate the corpus.
         splits: names of the one or two split directories (training, then test speakers).
-        min_words, max_words: words per utterance (``None`` = the vocabulary's default range).
+        min_words: fewest words in an utterance (``None``: the vocabulary's default, 3 for digits, 1
+            for commands).
+        max_words: most words in an utterance (``None``: the vocabulary's default, 7 for digits, 4 for
+            commands).
         word_alpha: if set, every speaker draws words from its own Dirichlet(``word_alpha``)
             preferences (label skew across clients); ``None`` = uniform words.
         noise_snr_db: white noise floor added to the audio, as a signal-to-noise ratio in dB

@@ -62,8 +62,10 @@ class FederatedDropout(FedAvg):
         exclude: optional regular expression of names to leave whole.
         server_optimizer: the server optimiser on the merged model's pseudo-gradient: ``"sgd"`` (default;
             with ``server_lr=1`` the merged model itself, Caldas et al.'s FedAvg), ``"sgdm"`` or ``"adam"``.
-        server_lr, server_momentum, server_betas, server_eps: its settings, as
-            :class:`~lightning_fedprune.FederatedLightningModule`'s of the same names (None: the defaults).
+        server_lr: the server optimiser's learning rate (None: 1.0 for ``"sgd"``/``"sgdm"``, 0.01 for ``"adam"``).
+        server_momentum: ``"sgdm"``'s momentum in ``[0, 1)`` (None: 0.9).
+        server_betas: ``"adam"``'s two betas, each in ``[0, 1)`` (None: ``(0.9, 0.99)``).
+        server_eps: ``"adam"``'s epsilon, > 0 (None: 1e-3).
         weighting: see :class:`~lightning_fedprune.federated.strategies.Strategy`.
     """
 

@@ -37,10 +37,10 @@ from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from lightning_fedprune._compat import _WrappingCheckpointIO
 from lightning_fedprune.federated.protocol import OptimState
 from lightning_fedprune.pruning.masking import pruned, pruned_values, restore_pruned
 from lightning_fedprune.pruning.state import PruningState

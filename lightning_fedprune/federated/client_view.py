@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_fedprune._compat import FxValidator
+from lightning_fedprune._compat import _FxValidator
 from lightning_fedprune.federated.metrics import reduce_values
 from lightning_fedprune.federated.protocol import ClientConfig, LoggedValue
 
@@ -156,7 +156,7 @@ class ClientLog:
         key = (self.fx, on_step, on_epoch)
         levels = self._levels.get(key)
         if levels is None:
-            levels = self._levels[key] = FxValidator.check_logging_and_get_default_levels(self.fx, on_step, on_epoch)
+            levels = self._levels[key] = _FxValidator.check_logging_and_get_default_levels(self.fx, on_step, on_epoch)
         self.options[name] = (levels[0], levels[1], _reduce_name(reduce_fx), bool(prog_bar),
                               None if logger is None else bool(logger))
         if isinstance(value, Metric):

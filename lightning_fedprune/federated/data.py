@@ -163,8 +163,11 @@ class FederatedDataModule(pl.LightningDataModule):
 
     Args:
         train_dataset: any map-style dataset of training examples.
-        val_dataset / test_dataset / predict_dataset: held-out examples, evaluated on (or predicted
-            by) the global model.
+        val_dataset: held-out examples on which the pruned global model is validated (during ``fit``
+            and by ``trainer.validate``); ``None``: no validation.
+        test_dataset: held-out examples on which ``trainer.test`` evaluates the pruned global model.
+        predict_dataset: examples whose predictions ``trainer.predict`` computes with the pruned
+            global model (needed for ``predict``).
         partition: ``"iid"``, ``"dirichlet"`` (label skew, needs labels and ``alpha``) or
             ``"by_key"`` (one client per distinct key, e.g. speaker id: natural clients).
         num_clients: number of clients for ``iid``/``dirichlet`` (``by_key`` derives it).

@@ -19,7 +19,26 @@ if TYPE_CHECKING:
 
 @dataclass
 class RoundSummary:
-    """What happened in one round (passed to ``on_fed_after_aggregate`` and ``on_fed_round_end``)."""
+    """What happened in one round (passed to ``on_fed_after_aggregate`` and ``on_fed_round_end``).
+
+    Attributes:
+        round: the round (``trainer.global_step`` when it started).
+        cohort: the client ids sampled for the round.
+        clients_ok: clients whose result was aggregated.
+        clients_failed: clients left out (an exception, NaN/Inf, a lost worker or node).
+        train_loss: the aggregated clients' mean training loss, weighted like their updates (NaN when
+            none succeeded).
+        seconds: wall time of the round on the server (set before ``on_fed_round_end``; 0 in
+            ``on_fed_after_aggregate``).
+        total_weight: sum of the aggregated clients' weights.
+        pseudo_gradient: ``w_before - w_new`` per parameter name (zero at pruned entries); empty when no
+            client succeeded.
+        metrics: the cohort's values of what the task logged in client training (set before
+            ``on_fed_round_end``).
+        bytes_down: bytes of the payloads sent to the cohort.
+        bytes_up: bytes of the clients' uploads.
+        dense_bytes: what plain dense FedAvg would send for this cohort, both ways.
+    """
 
     round: int
     cohort: list[int]

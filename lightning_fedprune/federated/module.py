@@ -18,13 +18,12 @@ from typing import IO, Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.types import _MAP_LOCATION_TYPE, _PATH
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from typing_extensions import Self
 
-from lightning_fedprune._compat import count_optimizer_step, restricted_classmethod
+from lightning_fedprune._compat import _MAP_LOCATION_TYPE, _PATH, _restricted_classmethod, count_optimizer_step
 from lightning_fedprune.federated.channel import Channel
 from lightning_fedprune.federated.checkpoint import (
     RESUME_CONFIG_CHANGES,
@@ -110,13 +109,16 @@ class FederatedLightningModule(TaskEvaluation):
         start_method: multiprocessing start method for ``executor="process"`` (default ``"forkserver"``
             where the platform has it: workers forked from a server that imported torch once; see
             :class:`~lightning_fedprune.federated.executors.ProcessPoolExecutor`).
-        client_gradient_clip_val: clip the gradients inside client training at this value (> 0; default
-            None: no clipping). ``Trainer(gradient_clip_val=...)`` means the same (give one of the two).
-        client_gradient_clip_algorithm: ``"norm"`` (default: the total gradient norm) or ``"value"`` (every
-            entry). ``Trainer(accumulate_grad_batches=...)`` accumulates inside every client, and
-            ``Trainer(precision=...)`` is the clients' precision too.
+        client_gradient_clip_val: clip every client's gradients before each of its optimiser steps at
+            this value (> 0; ``None``: no clipping). ``Trainer(gradient_clip_val=...)`` means the same
+            (give one of the two); ``Trainer(accumulate_grad_batches=...)`` accumulates inside
+            every client, and ``Trainer(precision=...)`` is the clients' precision too.
+        client_gradient_clip_algorithm: how ``client_gradient_clip_val`` clips, as Lightning's
+            ``gradient_clip_algorithm``: ``"norm"`` (the gradients' total 2-norm is scaled down to at
+            most the value) or ``"value"`` (every entry is clamped to ``[-value, value]``).
         compact_clients: let clients train physically smaller sub-models where the pruning
-            pattern allows it (structured patterns on ``nn.Linear``; see docs/concepts.md).
+            pattern allows it: ``nn.Linear`` layers with the row, column, half_row or half_column
+            pattern (any pattern with a compact forward, ``COMPACT_PATTERNS``); the rest masked-dense.
         payload_bits: ``None`` (default: values travel as they are), ``8`` or ``4``: the kept values of the
             floating-point parameters travel as ``payload_bits``-bit codes with a scale per row, both
             ways (:class:`~lightning_fedprune.federated.channel.Channel`). Down: rounded to nearest, with the
@@ -420,7 +422,7 @@ class FederatedLightningModule(TaskEvaluation):
         self._reapply_plan = restore_federated_state(self, checkpoint)
         self.task.on_load_checkpoint(checkpoint)
 
-    @restricted_classmethod
+    @_restricted_classmethod
     def load_from_checkpoint(
         cls,
         checkpoint_path: _PATH | IO,

@@ -20,8 +20,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 
-from lightning_fedprune._compat import configure_optimizers as _configure_optimizers
-from lightning_fedprune._compat import configure_schedulers_automatic, configure_schedulers_manual
+from lightning_fedprune._compat import (
+    _configure_optimizers,
+    _configure_schedulers_automatic_opt,
+    _configure_schedulers_manual_opt,
+)
 from lightning_fedprune.federated.protocol import OptimState
 
 __all__ = ["adopt_position", "configure_task_optimizers", "load_optim_state", "optim_state_copy", "optim_state_of",
@@ -87,9 +90,9 @@ def configure_task_optimizers(task: pl.LightningModule) -> tuple[list[torch.opti
                 "A task with automatic optimisation may return only one optimiser (as in Lightning 2.x); "
                 "use manual optimisation for several."
             )
-        configs = configure_schedulers_automatic(schedulers, monitor)
+        configs = _configure_schedulers_automatic_opt(schedulers, monitor)
     else:
-        configs = configure_schedulers_manual(schedulers)
+        configs = _configure_schedulers_manual_opt(schedulers)
     return optimizers, configs
 
 

@@ -155,6 +155,18 @@ class ClientResult:
     ``self.log`` during local training, reduced over the client's steps; ``optim`` where its
     optimisers and schedulers ended (see :class:`OptimState`). ``error`` is set when the client
     failed (an exception, or a non-finite loss); then there is no payload.
+
+    Attributes:
+        client_id: the client.
+        round: the round it trained in.
+        payload: its trained parameters and buffers in wire form (kept entries only); None when it failed.
+        num_samples: its dataset size (FedAvg's aggregation weight).
+        num_examples: examples it processed in the round.
+        loss: its mean training loss.
+        logged: what the task logged with ``self.log``, reduced over the client's steps.
+        optim: where its optimisers and schedulers ended.
+        seconds: wall time of its local training.
+        error: why it failed (None: it succeeded).
     """
 
     client_id: int

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from lightning_fedprune.validation import check_path, check_str
 
 #: what :func:`plot_run` plots when no ``metric`` is given: the first of these that is logged
 DEFAULT_METRICS = ("val/wer", "val/acc", "val/loss")
+#: a metric with fewer points than this is drawn as markers only, each labelled with its value (a line
+#: through two validations would suggest a course between them that nobody measured)
+MIN_POINTS_FOR_LINE = 3
 
 
 def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -37,11 +41,6 @@ def plot_run(log_dir: str | Path, out: str | Path, metric: str | None = None, ti
     out = check_path(out, "out", kind="file", optional=False)
     check_str(metric, "metric", optional=True)
     check_str(title, "title", optional=True, empty=True)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scalars = read_scalars(log_dir)
     if metric is None:
         metric = next((m for m in DEFAULT_METRICS if m in scalars), None)
@@ -50,9 +49,39 @@ def plot_run(log_dir: str | Path, out: str | Path, metric: str | None = None, ti
                              f"`metric`, one of the logged scalars {sorted(scalars)}.")
     elif metric not in scalars:
         raise ValueError(f"`metric` {metric!r} is not logged in {str(log_dir)!r}; logged scalars: {sorted(scalars)}.")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(scalars, metric, title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def make_figure(scalars: dict[str, list[tuple[int, float]]], metric: str, title: str | None = None) -> Any:
+    """The figure of :func:`plot_run` from ``scalars`` (tag -> [(step, value)], as :func:`read_scalars` gives).
+
+    ``metric`` is drawn with a marker at every logged point; the markers are joined by a line only from
+    :data:`MIN_POINTS_FOR_LINE` points on, and fewer points are labelled with their values.
+    ``prune/sparsity`` (logged every round) is a line on a second axis, ``prune/phase`` changes are
+    dotted vertical lines.
+    """
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     steps, values = zip(*scalars[metric])
-    ax.plot(steps, values, "o-", color="tab:blue", label=metric)
+    joined = len(steps) >= MIN_POINTS_FOR_LINE
+    ax.plot(steps, values, "o-" if joined else "o", color="tab:blue", label=metric)
+    if not joined:
+        for step, value in zip(steps, values):
+            ax.annotate(f"{value:.4g}", (step, value), textcoords="offset points", xytext=(0, 7), ha="center",
+                        fontsize=8, color="tab:blue")
+        low, high = min(values), max(values)
+        pad = 0.15 * (high - low) if high > low else 0.1 * abs(high) or 0.1
+        ax.set_ylim(low - pad, high + 2 * pad)
     ax.set_xlabel("federated round")
     ax.set_ylabel(metric, color="tab:blue")
     if "prune/sparsity" in scalars:
@@ -71,10 +100,7 @@ def plot_run(log_dir: str | Path, out: str | Path, metric: str | None = None, ti
     ax.set_title(title or f"{metric} and sparsity over rounds")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,14 +1,16 @@
-"""TensorBoard pictures of the pruning: a per-layer sparsity bar chart and mask images."""
+"""Pictures of the pruning (a per-layer sparsity bar chart and mask images) for TensorBoard and the
+other loggers that take images."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import numpy as np
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from torch import Tensor
 
 from lightning_fedprune.pruning.plan import Phase
@@ -19,9 +21,13 @@ CHART_TAG = "prune/layer_sparsity_chart"
 MASK_TAG = "prune/mask/"
 
 
+#: ``sink(tag, image, step)``: writes one image to one logger.
+ImageSink = Callable[[str, np.ndarray, int], None]
+
+
 class PruningImages(pl.Callback):
-    """Logs images of the masks to every attached :class:`~lightning.pytorch.loggers.TensorBoardLogger`
-    whenever the masks change (a ramp step, a refinement, the first masks after a resume).
+    """Logs images of the masks to the Trainer's loggers whenever the masks change (a ramp step, a
+    refinement, the first masks after a resume).
 
     * ``prune/layer_sparsity_chart``: a horizontal bar chart of every masked parameter's actual
       sparsity, with the overall sparsity as a dashed line (drawn with matplotlib's Agg canvas, so
@@ -31,8 +37,13 @@ class PruningImages(pl.Callback):
       A mask larger than ``max_size`` pixels along a side is shrunk by averaging (grey = the kept
       fraction of the cell), a tiny one is enlarged by repeating pixels.
 
+    Each logger gets them through its own image method: ``TensorBoardLogger`` (``add_image``), a logger
+    with a ``log_image(key, images, step)`` method (``WandbLogger``) and ``MLFlowLogger``
+    (``MlflowClient.log_image`` with ``key`` and ``step``). A logger without one (e.g. ``CSVLogger``),
+    or no logger at all, gets a warning naming it, once, and no pictures.
+
     Change detection is cheap: the callback compares ``pl_module.pruning.last_update_round`` at the
-    end of every round with the last round it drew. Without a TensorBoardLogger it does nothing.
+    end of every round with the last round it drew.
 
     Args:
         max_layers: number of parameters whose mask is drawn (in the masks' order: the order of
@@ -53,6 +64,7 @@ class PruningImages(pl.Callback):
         self.bar_chart = check_bool(bar_chart, "bar_chart")
         self.dpi = check_int(dpi, "dpi", min=10, max=600)
         self._drawn_round: int | None = None
+        self._warned: set[str] = set()
         self.images_logged = 0
 
     # ------------------------------------------------------------------ hooks
@@ -63,24 +75,39 @@ class PruningImages(pl.Callback):
         if state.last_update_round == self._drawn_round:
             return
         self._drawn_round = state.last_update_round
-        loggers = tensorboard_loggers(trainer)
-        if not loggers or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
             return
-        self.log_images(loggers, state, step=int(summary.round), round=int(summary.round))
+        sinks = []
+        for logger in trainer.loggers:
+            sink = image_sink(logger)
+            if sink is not None:
+                sinks.append(sink)
+            else:
+                self._warn_once(f"PruningImages: {type(logger).__name__} has no image method, so it gets no pictures of "
+                                "the masks (TensorBoardLogger, WandbLogger and MLFlowLogger do).")
+        if not trainer.loggers:
+            self._warn_once("PruningImages: the Trainer has no logger (logger=False), so no pictures of the masks are "
+                            "logged.")
+        if sinks:
+            self.log_images(sinks, state, step=int(summary.round), round=int(summary.round))
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ drawing
-    def log_images(self, loggers: list[TensorBoardLogger], state: PruningState, step: int, round: int) -> None:
-        images: dict[str, tuple[np.ndarray, str]] = {}
+    def log_images(self, sinks: list[ImageSink], state: PruningState, step: int, round: int) -> None:
+        """Draw the chart and the selected masks once and write them to every sink (see :func:`image_sink`)."""
+        images: dict[str, np.ndarray] = {}
         if self.bar_chart:
-            images[CHART_TAG] = (sparsity_chart(state, round=round, dpi=self.dpi), "HWC")
+            images[CHART_TAG] = sparsity_chart(state, round=round, dpi=self.dpi)
         for name in self.selected_layers(state):
-            images[MASK_TAG + name] = (mask_image(state.masks[name], self.max_size), "HW")
-        for logger in loggers:
-            writer = logger.experiment
-            for tag, (img, fmt) in images.items():
-                writer.add_image(tag, img, global_step=step, dataformats=fmt)
-            writer.flush()
-        self.images_logged += len(images) * len(loggers)
+            images[MASK_TAG + name] = mask_image(state.masks[name], self.max_size)
+        for sink in sinks:
+            for tag, img in images.items():
+                sink(tag, img, step)
+        self.images_logged += len(images) * len(sinks)
 
     def selected_layers(self, state: PruningState) -> list[str]:
         names = list(state.masks)
@@ -89,8 +116,32 @@ class PruningImages(pl.Callback):
         return names[: self.max_layers]
 
 
-def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
-    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+def _uint8(img: np.ndarray) -> np.ndarray:
+    return img if img.dtype == np.uint8 else (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def image_sink(logger: Logger) -> ImageSink | None:
+    """How ``logger`` takes an image (``(H, W)`` float in ``[0, 1]`` or ``(H, W, 3)`` uint8), or None when it
+    cannot: TensorBoard's ``add_image``, a ``log_image(key, images, step)`` method (``WandbLogger``), or
+    ``MlflowClient.log_image`` for ``MLFlowLogger``."""
+    if isinstance(logger, TensorBoardLogger):
+        def tensorboard(tag: str, img: np.ndarray, step: int) -> None:
+            writer = logger.experiment
+            writer.add_image(tag, img, global_step=step, dataformats="HW" if img.ndim == 2 else "HWC")
+            writer.flush()
+
+        return tensorboard
+    if isinstance(logger, MLFlowLogger):
+        def mlflow(tag: str, img: np.ndarray, step: int) -> None:
+            logger.experiment.log_image(logger.run_id, _uint8(img), key=tag, step=step)
+
+        return mlflow
+    if callable(getattr(logger, "log_image", None)):
+        def log_image(tag: str, img: np.ndarray, step: int) -> None:
+            logger.log_image(key=tag, images=[_uint8(img)], step=step)
+
+        return log_image
+    return None
 
 
 def mask_image(mask: Tensor, max_size: int = 256, min_size: int = 64) -> np.ndarray:

@@ -174,8 +174,8 @@ class PruningState:
             stats[name] = Statistics(self.gradient.get(name), momentum.get(name) if momentum else None,
                                      self.sq_gradient.get(name))
             if need is not None and stats[name].get(need) is None:
-                what = {"gradient": "a server-side gradient", "momentum": "a momentum",
-                        "sq_gradient": "an accumulated squared gradient"}[need]
+                what = {"gradient": "server-side gradient", "momentum": "momentum",
+                        "sq_gradient": "accumulated squared gradient"}.get(need, need)
                 raise RuntimeError(f"importance {importance.name!r} has no {what} for {name!r} yet: no round has been "
                                    "aggregated; start pruning at round >= 1.")
         patterns = {n: get_pattern(self.patterns.get(n, sel.pattern)) for n in self.targets}

@@ -55,7 +55,15 @@ class ServerAdam(torch.optim.Adam):
 
 @dataclass(frozen=True)
 class RoundContext:
-    """What a strategy sees of the server in one round (read-only; tensors on the model's device)."""
+    """What a strategy sees of the server in one round (read-only; tensors on the model's device).
+
+    Attributes:
+        round: the round.
+        params: the global parameters, by name in the task.
+        buffers: the global persistent buffers.
+        masks: the round's masks (True = kept) of the pruned parameters.
+        patterns: the pattern of every masked parameter.
+    """
 
     round: int
     params: Mapping[str, Tensor]  # the global parameters
@@ -66,7 +74,12 @@ class RoundContext:
 
 @dataclass(frozen=True)
 class SubModel:
-    """The sub-model one client trains: masks and patterns of every tensor that travels pruned."""
+    """The sub-model one client trains.
+
+    Attributes:
+        masks: the mask of every tensor that travels pruned (True = kept).
+        patterns: the pattern of each of them.
+    """
 
     masks: Mapping[str, Tensor]
     patterns: Mapping[str, str]
@@ -74,14 +87,23 @@ class SubModel:
 
 @dataclass
 class Aggregate:
-    """What :meth:`Strategy.aggregate` makes of one round's results (indices are cohort positions)."""
+    """What :meth:`Strategy.aggregate` makes of one round's results (indices are cohort positions).
 
-    average: dict[str, Tensor] = field(default_factory=dict)  # the new target of parameters and buffers
-    ok: list[int] = field(default_factory=list)  # the results in the average
-    failed: dict[int, str] = field(default_factory=dict)  # the results left out, with the reason
-    weight: float = 0.0  # the total weight of the results in the average
-    train_loss: float = math.nan  # their weighted mean loss
-    logged: dict[str, LoggedValue] = field(default_factory=dict)  # the cohort's value of each name the task logged
+    Attributes:
+        average: the new target of the parameters and buffers (what :meth:`Strategy.apply` steps towards).
+        ok: the results in the average.
+        failed: the results left out, with the reason.
+        weight: the total weight of the results in the average.
+        train_loss: their weighted mean loss.
+        logged: the cohort's value of each name the task logged.
+    """
+
+    average: dict[str, Tensor] = field(default_factory=dict)
+    ok: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    weight: float = 0.0
+    train_loss: float = math.nan
+    logged: dict[str, LoggedValue] = field(default_factory=dict)
 
 
 def weighted_average(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float],
