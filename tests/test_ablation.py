@@ -222,7 +222,8 @@ def _shift(delta: float, jitter: float = 1.0) -> list[float]:
     return [s + delta + jitter * j for s, j in zip(SEED_EFFECT, JITTER)]
 
 
-def _tested(planned: list[Planned], summary: dict, st: Statistics = Statistics()) -> dict[str, dict]:
+def _tested(planned: list[Planned], summary: dict, st: Statistics | None = None) -> dict[str, dict]:
+    st = st or Statistics()
     comps = [A.paired_comparison(p, summary, st) for p in planned]
     A.adjust(comps, st)
     return {c["id"]: c for c in comps}
@@ -352,7 +353,7 @@ def fake_run(tmp_path_factory):
 
 
 def test_runner_runs_warm_starts_first_in_parallel_and_resumes(fake_run, fast_poll):
-    tmp_path, grid, stats, lines = fake_run
+    _, grid, stats, lines = fake_run
     assert stats.cells_run == N_CELLS and stats.warm_starts_run == 20 and stats.cells_failed == 0
     assert f"{N_CELLS} cells (14 configurations x 10 seeds), 0 finished before, {N_CELLS} to run after 20 warm " \
            "start(s) with 6 job(s)" in lines[0]

@@ -23,13 +23,12 @@ from lightning_fedprune.ablation.analysis import (
     HIGHER,
     INSUFFICIENT,
     LOWER,
-    NOT_RUN,
     UNDECIDED,
 )
 from lightning_fedprune.ablation.grid import Grid, apply_overrides
 from lightning_fedprune.ablation.runner import machine_info
 
-__all__ = ["make_figure", "machine_info", "readme_block", "write_page", "write_readme"]
+__all__ = ["machine_info", "make_figure", "readme_block", "write_page", "write_readme"]
 
 VERDICT_MARK = {"supported": "**supported**", "contradicted": "**contradicted**",
                 "no conclusion": "**no conclusion**", "not run": "*not run yet*"}
