@@ -1,9 +1,14 @@
-"""``fedprune ablate``: run a grid of ``fedprune fit`` cells, analyse them, write results.json, the page and the figure.
+"""``fedprune ablate``: run a grid of ``fedprune fit`` cells, analyse them, write results.json, the page, the
+figure and the README block.
 
     fedprune ablate --config examples/ablation/grid.yaml --jobs 2
     fedprune ablate --config examples/ablation/grid.yaml --full --jobs 16
-    fedprune ablate --config examples/ablation/grid.yaml --report_only      # re-render from the finished cells
+    fedprune ablate --config examples/ablation/grid.yaml --report_only      # re-render, run nothing
     fedprune ablate --config examples/ablation/grid.yaml --dry_run          # list the cells, run nothing
+
+``--report_only`` analyses the finished cells in the grid's ``out`` folder; a cell whose folder is absent
+(a fresh checkout: ``runs/`` is not committed) is taken from the existing results.json when it is recorded
+there with the same config hash, so the page, figure and README block can be regenerated from results.json.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from lightning_fedprune.ablation.analysis import analyse
 from lightning_fedprune.ablation.grid import load_grid
-from lightning_fedprune.ablation.report import machine_info, make_figure, write_page
-from lightning_fedprune.ablation.runner import GridRunner, RunStats, cell_done, read_json
+from lightning_fedprune.ablation.report import make_figure, readme_block, write_page, write_readme
+from lightning_fedprune.ablation.runner import GridRunner, RunStats, cell_done, machine_info, read_json
 from lightning_fedprune.validation import check_float, check_int
 
 
@@ -36,10 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--page", default=None, help="the results page to write (default: the grid's `page`; "
                                                      "results.json goes next to it)")
     parser.add_argument("--figure", default=None, help="the figure to write (default: the grid's `figure`)")
-    parser.add_argument("--only", default=None, help="run only cells whose '<configuration>/seed<k>' contains this")
-    parser.add_argument("--min_difference", type=float, default=0.005,
-                        help="smallest metric difference that can count as clear (default 0.005)")
-    parser.add_argument("--report_only", action="store_true", help="run nothing; re-render from the finished cells")
+    parser.add_argument("--only", default=None, help="run only cells whose '<configuration>/seed<k>' contains this "
+                                                     "(and the warm starts they need)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="run nothing; re-render the page, figure and README block from the finished cells (or, "
+                             "for cells whose folder is absent, from the existing results.json)")
     parser.add_argument("--dry_run", action="store_true", help="list the cells and what is finished; run nothing")
     return parser
 
@@ -69,16 +76,16 @@ def ablate_main(args: list[str]) -> int:
     jobs = check_int(ns.jobs if ns.jobs is not None else grid.jobs, "--jobs", min=1)
     timeout = check_float(ns.cell_timeout if ns.cell_timeout is not None else grid.cell_timeout, "--cell_timeout",
                           min=0, min_open=True)
-    min_difference = check_float(ns.min_difference, "--min_difference", min=0)
     command = "fedprune ablate " + " ".join(args)
     if ns.dry_run:
-        from lightning_fedprune.ablation.grid import config_hash
-
         cells = grid.cells()
-        for cell in cells:
-            done = cell_done(cell, config_hash(grid.cell_config(cell)))
+        warm = grid.warm_cells()
+        for cell in [*warm, *cells]:
+            done = cell_done(cell, grid.cell_digest(cell))
             print(f"{'done ' if done else 'to do'}  {cell.key}")
-        print(f"{len(cells)} cells ({len(grid.configurations)} configurations x {len(grid.seeds)} seeds) in {grid.out}")
+        print(f"{len(cells)} cells ({len(grid.configurations)} configurations x {len(grid.seeds)} seeds)"
+              + (f" and {len(warm)} warm starts ({grid.warm_start.rounds} rounds each)" if warm else "")
+              + f" in {grid.out}")
         return 0
     runs_path = grid.out / "runs.json"
     runs = (read_json(runs_path) or {}).get("runs", [])
@@ -90,14 +97,23 @@ def ablate_main(args: list[str]) -> int:
         runs.append({**stats.to_dict(), "machine": machine_info()})
         _write_json(runs_path, {"runs": runs})
         code = 130 if stats.interrupted else 1 if stats.cells_failed else 0
-    results = analyse(grid, min_difference=min_difference)
-    results.update(generated=dt.datetime.now().astimezone().isoformat(timespec="seconds"), command=command, runs=runs)
+    results_path = grid.page.with_suffix(".json")
+    results = analyse(grid, previous=read_json(results_path))
+    config = os.path.relpath(grid.path)
+    results.update(generated=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                   command=f"fedprune ablate --config {config}" + (" --full" if grid.full else ""), config=config,
+                   rendered_by=command, runs=runs)
     figure = make_figure(grid, results, grid.figure)
     write_page(grid, results, runs, command, grid.page, figure)
-    results_path = grid.page.with_suffix(".json")
     _write_json(results_path, results)
+    wrote = [str(grid.page), str(results_path)] + ([str(figure)] if figure else [])
+    if grid.readme is not None:
+        page = os.path.relpath(grid.page, grid.readme.parent)
+        if write_readme(grid.readme, grid.name, readme_block(json.loads(results_path.read_text()), page)):
+            wrote.append(f"the {grid.name} block of {grid.readme}")
+        else:
+            print(f"warning: {grid.readme} has no `<!-- results:{grid.name}:begin -->` ... `end -->` block: not written")
     for f in results["findings"]:
-        print(f"finding {f['number']}: {f['verdict']:<12} {f['claim']}")
-    print(f"wrote {grid.page}, {results_path}" + (f" and {figure}" if figure else "")
-          + (f"; {len(results['missing'])} cell(s) missing" if results["missing"] else ""))
+        print(f"finding {f['number']}: {f['verdict']:<14} {f['claim']}")
+    print("wrote " + ", ".join(wrote) + (f"; {len(results['missing'])} cell(s) missing" if results["missing"] else ""))
     return code

@@ -3,9 +3,13 @@
 A cell's folder holds ``config.yaml`` (the complete fit config), ``log.txt`` (its output),
 ``summary.json`` (:class:`~lightning_fedprune.observers.summary.RunSummary`), ``record.json``
 (:class:`~lightning_fedprune.ablation.record.CellRecord`), ``logs/`` (TensorBoard) and ``cell.json``
-(status, config hash, wall time). A cell is finished when ``cell.json`` says ``done`` for the same
-config hash and both JSON files exist: finished cells are never run again, so an interrupted grid
+(status, config hash, wall time, the machine). A cell is finished when ``cell.json`` says ``done`` for the
+same config hash and both JSON files exist: finished cells are never run again, so an interrupted grid
 resumes where it stopped, and a changed configuration reruns only its own cells.
+
+With a shared warm start (:class:`~lightning_fedprune.ablation.grid.WarmStart`) the warm-start cells run
+first; a cell starts once the warm start it resumes from is finished, and is reported failed (and run
+again next time) when that warm start failed.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from lightning_fedprune.ablation.grid import Cell, Grid, config_hash
+from lightning_fedprune.ablation.grid import WARM_CHECKPOINT, Cell, Grid
 from lightning_fedprune.validation import check_float, check_int
 
 #: seconds a cell gets to exit after SIGTERM before it is killed
@@ -42,10 +46,39 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def cell_done(cell: Cell, digest: str) -> bool:
-    """Whether ``cell`` finished with the config whose hash is ``digest``."""
+    """Whether ``cell`` finished with the config whose hash is ``digest`` (a warm-start cell: and its
+    checkpoint exists)."""
     info = read_json(cell.dir / "cell.json")
     return (info is not None and info.get("status") == "done" and info.get("hash") == digest
-            and (cell.dir / "summary.json").is_file() and (cell.dir / "record.json").is_file())
+            and (cell.dir / "summary.json").is_file() and (cell.dir / "record.json").is_file()
+            and (not cell.warm or (cell.dir / WARM_CHECKPOINT).is_file()))
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine the cells run on: CPU model, cores, memory, accelerator, OS, Python and torch versions."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = round(int(line.split()[1]) / 1024 ** 2, 1)
+                break
+    except (OSError, ValueError):
+        pass
+    import torch
+
+    accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory, "accelerator": accelerator,
+            "os": platform.platform(terse=True), "python": platform.python_version(), "torch": torch.__version__}
 
 
 @dataclass
@@ -70,6 +103,7 @@ class RunStats:
     cells_run: int = 0
     cells_failed: int = 0
     cells_skipped: int = 0
+    warm_starts_run: int = 0
     interrupted: bool = False
     cpu_seconds: float = 0.0  # CPU time of the cells (children)
 
@@ -141,19 +175,27 @@ class GridRunner:
         self.fit_command = list(fit_command)
 
     def prepare(self) -> list[tuple[Cell, str]]:
-        """Write every cell's ``config.yaml``; return the cells to run with their config hash."""
-        todo = []
+        """Write the ``config.yaml`` of every cell to run; return them with their config hash: the
+        unfinished warm-start cells the selected cells need first, then the unfinished cells (seed-major)."""
+        todo, warm = [], {}
+        self.finished = 0
         for cell in self.grid.cells():
-            cfg = self.grid.cell_config(cell)
-            digest = config_hash(cfg)
+            digest = self.grid.cell_digest(cell)
             if cell_done(cell, digest):
+                self.finished += 1
                 continue
             if self.only is not None and self.only not in cell.key:
                 continue
-            cell.dir.mkdir(parents=True, exist_ok=True)
-            (cell.dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            source = self.grid.warm_cell(cell)
+            if source is not None and source.key not in warm:
+                source_digest = self.grid.cell_digest(source)
+                if not cell_done(source, source_digest):
+                    warm[source.key] = (source, source_digest)
             todo.append((cell, digest))
-        return todo
+        for cell, _ in [*warm.values(), *todo]:
+            cell.dir.mkdir(parents=True, exist_ok=True)
+            (cell.dir / "config.yaml").write_text(yaml.safe_dump(self.grid.cell_config(cell), sort_keys=False))
+        return [*warm.values(), *todo]
 
     def _start(self, cell: Cell, digest: str) -> _Running:
         for stale in ("summary.json", "record.json"):
@@ -169,12 +211,13 @@ class GridRunner:
         return _Running(cell, process, log, started, digest)
 
     def _write_cell(self, cell: Cell, digest: str, status: str, **extra: Any) -> None:
-        info = {"configuration": cell.configuration, "seed": cell.seed, "hash": digest, "status": status, **extra}
+        info = {"configuration": cell.configuration, "seed": cell.seed, "warm_start_cell": cell.warm, "hash": digest,
+                "status": status, **extra}
         (cell.dir / "cell.json").write_text(json.dumps(info, indent=2) + "\n")
 
     def _previous_seconds(self) -> list[float]:
         out = []
-        for cell in self.grid.cells():
+        for cell in self.grid.cells():  # the measured cells (warm starts are shorter)
             info = read_json(cell.dir / "cell.json")
             if info and info.get("status") == "done" and isinstance(info.get("seconds"), (int, float)):
                 out.append(float(info["seconds"]))
@@ -184,21 +227,43 @@ class GridRunner:
         """Run the unfinished cells; progress goes to ``print_fn``, one line per finished cell."""
         total = len(self.grid.cells())
         todo = self.prepare()
-        stats.cells_skipped = total - len(todo)
+        warm_todo = sum(1 for cell, _ in todo if cell.warm)
+        stats.cells_skipped = self.finished
+        left_out = total - self.finished - (len(todo) - warm_todo)
         self.print(f"fedprune ablate: {self.grid.name}: {total} cells ({len(self.grid.configurations)} configurations x "
-                   f"{len(self.grid.seeds)} seeds), {stats.cells_skipped} finished before, {len(todo)} to run with "
-                   f"{self.jobs} job(s); cells in {self.grid.out}")
+                   f"{len(self.grid.seeds)} seeds), {stats.cells_skipped} finished before, "
+                   f"{f'{left_out} not selected by --only, ' if left_out else ''}{len(todo) - warm_todo} to run"
+                   f"{f' after {warm_todo} warm start(s)' if warm_todo else ''} with {self.jobs} job(s); "
+                   f"cells in {self.grid.out}")
         durations = self._previous_seconds()
         pending = list(todo)
         running: list[_Running] = []
+        failed_warm: set[str] = set()
         done_now = 0
         start = time.time()
         cpu_before = os.times()
         stats.load.append(_load())
+        machine = machine_info()
         try:
             while pending or running:
-                while pending and len(running) < self.jobs:
-                    running.append(self._start(*pending.pop(0)))
+                while len(running) < self.jobs:
+                    ready = self._next_ready(pending, running, failed_warm)
+                    if ready is None:
+                        break
+                    cell, digest = ready
+                    blocked = self.grid.warm_cell(cell)
+                    if blocked is not None and blocked.key in failed_warm:
+                        done_now += 1
+                        stats.cells_failed += 1
+                        self._write_cell(cell, digest, "failed", error=f"its warm start {blocked.key} failed")
+                        self.print(f"[{done_now:>{len(str(len(todo)))}}/{len(todo)}] {cell.key:<32} FAILED: its warm "
+                                   f"start {blocked.key} failed")
+                        continue
+                    running.append(self._start(cell, digest))
+                if not running:
+                    if pending:  # pragma: no cover (a pending cell waits only on a pending or running warm start)
+                        raise RuntimeError(f"cells wait on warm starts that are not scheduled: {[c.key for c, _ in pending]}")
+                    continue
                 time.sleep(POLL_S)
                 for job in list(running):
                     elapsed = time.time() - job.started
@@ -217,9 +282,13 @@ class GridRunner:
                     error = None if ok else (f"timed out after {self.cell_timeout:.0f} s" if timed_out
                                              else f"exit code {code}") + "\n" + _tail(job.cell.dir / "log.txt")
                     self._write_cell(job.cell, job.digest, status, started=job.started, seconds=round(elapsed, 1),
-                                     error=error, load=_load())
+                                     error=error, load=_load(), machine=machine)
                     stats.load.append(_load())
-                    if ok:
+                    if job.cell.warm:
+                        stats.warm_starts_run += ok
+                        if not ok:
+                            failed_warm.add(job.cell.key)
+                    elif ok:
                         stats.cells_run += 1
                         durations.append(elapsed)
                     else:
@@ -239,6 +308,17 @@ class GridRunner:
             stats.wall_seconds = round(time.time() - start, 1)
         return stats
 
+    def _next_ready(self, pending: list[tuple[Cell, str]], running: list[_Running],
+                    failed_warm: set[str]) -> tuple[Cell, str] | None:
+        """Take the first pending cell that can start: a warm-start cell, or a cell whose warm start is
+        finished (or failed: it is then reported failed); None when every pending cell waits."""
+        waiting = {c.key for c, _ in pending if c.warm} | {r.cell.key for r in running if r.cell.warm}
+        for i, (cell, digest) in enumerate(pending):
+            warm = self.grid.warm_cell(cell)
+            if warm is None or warm.key in failed_warm or warm.key not in waiting:
+                return pending.pop(i)
+        return None
+
     def _progress(self, job: _Running, ok: bool, elapsed: float, done_now: int, todo: int, pending: list,
                   running: list[_Running], durations: list[float]) -> str:
         mean = sum(durations) / len(durations) if durations else float("nan")
@@ -248,6 +328,7 @@ class GridRunner:
         summary = read_json(job.cell.dir / "summary.json") or {}
         value = (summary.get("metrics") or {}).get(self.grid.metric)
         result = f"{self.grid.metric} {value:.4f}" if ok and isinstance(value, (int, float)) else \
-            ("FAILED (see " + str(job.cell.dir / "log.txt") + ")" if not ok else "no metric")
+            ("FAILED (see " + str(job.cell.dir / "log.txt") + ")" if not ok else
+             "warm start saved" if job.cell.warm else "no metric")
         return (f"[{done_now:>{len(str(todo))}}/{todo}] {job.cell.key:<32} {result:<20} {_format_seconds(elapsed):>8} | "
                 f"{left} left, ~{_format_seconds(eta)} to go (load {_load():.1f})")
