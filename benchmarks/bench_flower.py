@@ -19,7 +19,7 @@ medians over the repetitions, and the ratios are printed.
 
     python benchmarks/bench_flower.py
     python benchmarks/bench_flower.py --quick
-    python benchmarks/bench_flower.py --model small   # MLP 32-128-10: the per-client overhead goal (issue 14)
+    python benchmarks/bench_flower.py --model small   # MLP 32-128-10: the per-client overhead goal
 
 A fourth run, the plain loop (the same steps, nothing else), is the compute floor: each engine's overhead
 per client outside the local steps is (its round - the plain round) / 10, paired by repetition.

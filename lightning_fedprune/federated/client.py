@@ -345,7 +345,7 @@ class ClientRunner:
             if compacted is not None:
                 compacted.restore(copy_back=True)  # trained values back in full coordinates, zeros where pruned
             self._restore_param_groups()
-        loss = (loss_sum / num_losses) if num_losses else math.nan
+        loss = float(loss_sum) / num_losses if num_losses else math.nan  # the client's one read of its losses
         if not math.isfinite(loss):  # the values are checked once, on the server's average
             return ClientResult(plan.client_id, plan.round, loss=loss, error=f"non-finite loss {loss}")
         # what travels up: the kept entries only; encoding copies the replica's live tensors (the next client
@@ -406,8 +406,9 @@ class ClientRunner:
             batch = self.call("on_after_batch_transfer", batch, 0)
         return batch
 
-    def _loop(self, plan: ClientPlan, base_epoch: int) -> tuple[float, int, int, int]:
-        """The local epochs of one client: returns (sum of losses, number of losses, examples, epochs run)."""
+    def _loop(self, plan: ClientPlan, base_epoch: int) -> tuple[Tensor | None, int, int, int]:
+        """The local epochs of one client: returns (sum of losses, on the device; number of losses, examples,
+        epochs run). Nothing here waits for the device."""
         task, cfg, view, hooks, log = self.replica, self.config, self.view, self.hooks, self.log
         loader = self.data.client_loader(plan.client_id, plan.seed)
         view.train_dataloader = loader
@@ -472,8 +473,9 @@ class ClientRunner:
             epochs_run += 1
             if view.should_stop:
                 break
-        loss_value = float(torch.stack(losses).to(torch.float64).sum()) if losses else math.nan
-        return loss_value, len(losses), num_examples, epochs_run
+        # the losses stay on the device: read once, by the caller, when the client is done
+        loss_sum = torch.stack(losses).to(torch.float64).sum() if losses else None
+        return loss_sum, len(losses), num_examples, epochs_run
 
     def _automatic_step(self, batch: Any, batch_idx: int, epoch: int, is_last: bool) -> tuple[Any, Tensor | None]:
         """One batch of automatic optimisation, as Lightning's ``_AutomaticOptimization`` runs it."""
