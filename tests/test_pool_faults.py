@@ -191,7 +191,7 @@ def _assert_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def test_idle_worker_killed_between_rounds_is_replaced_and_no_client_fails():
     ref, ref_trace = _fit("sequential")
     with pytest.warns(UserWarning, match=r"died while idle \(killed by SIGKILL\)"):
-        fed, trace = _fit(ProcessPoolExecutor(num_workers=2), callbacks=[KillIdleWorker()])
+        fed, trace = _fit(ProcessPoolExecutor(wait_for_workers=True, num_workers=2), callbacks=[KillIdleWorker()])
     assert trace.failed == ref_trace.failed == {0: [], 1: [], 2: []}
     _assert_identical(fed, ref)
     assert len(trace.pids) == 3  # two workers, one replaced
@@ -202,7 +202,7 @@ def test_worker_killed_before_it_received_its_client_loses_no_client():
     # hidden=1024: a ~4 MB payload, more than a socket buffer holds, so part of it stays unsent
     ref, ref_trace = _fit("sequential", hidden=1024)
     with pytest.warns(UserWarning, match=r"died before it received client \d+ \(killed by SIGKILL\)"):
-        fed, trace = _fit(ProcessPoolExecutor(num_workers=2, start_method="fork"), callbacks=[KillWorkerWhileSending()],
+        fed, trace = _fit(ProcessPoolExecutor(wait_for_workers=True, num_workers=2, start_method="fork"), callbacks=[KillWorkerWhileSending()],
                           hidden=1024)
     assert trace.failed == ref_trace.failed == {0: [], 1: [], 2: []}
     _assert_identical(fed, ref)
@@ -211,14 +211,14 @@ def test_worker_killed_before_it_received_its_client_loses_no_client():
 def test_worker_killed_while_training_fails_only_its_client():
     ref, ref_trace = _fit("sequential", FaultTask, fault="raise", at=(1, 2))
     with pytest.warns(UserWarning, match=r"died while training client 2 in round 1 \(killed by SIGKILL\)"):
-        fed, trace = _fit(ProcessPoolExecutor(num_workers=2, start_method="fork"), FaultTask, fault="kill", at=(1, 2))
+        fed, trace = _fit(ProcessPoolExecutor(wait_for_workers=True, num_workers=2, start_method="fork"), FaultTask, fault="kill", at=(1, 2))
     assert trace.failed == ref_trace.failed == {0: [], 1: [2], 2: []}
     _assert_identical(fed, ref)
 
 
 def test_client_timeout_kills_a_stuck_client_and_the_round_goes_on():
     ref, ref_trace = _fit("sequential", FaultTask, fault="raise", at=(1, 3))
-    pool = ProcessPoolExecutor(num_workers=2, start_method="fork", client_timeout=4)
+    pool = ProcessPoolExecutor(wait_for_workers=True, num_workers=2, start_method="fork", client_timeout=4)
     with pytest.warns(UserWarning, match=r"Client 3 ran past client_timeout=4 s in round 1"):
         fed, trace = _fit(pool, FaultTask, fault="hang", at=(1, 3))
     assert trace.failed == ref_trace.failed == {0: [], 1: [3], 2: []}
@@ -238,9 +238,10 @@ def test_bad_arguments_are_rejected_naming_the_argument(kwargs, argument):
 
 # ------------------------------------------------------------------ start-up
 def _start(fault: str, **pool_kwargs) -> ProcessPoolExecutor:
-    pool = ProcessPoolExecutor(num_workers=1, start_method="fork", **pool_kwargs)
+    pool = ProcessPoolExecutor(wait_for_workers=True, num_workers=1, start_method="fork", **pool_kwargs)
     pool.setup(StartupFaultTask(fault, in_dim=8, hidden=16, num_classes=3), _data().client_data(),
                ClientConfig(local_steps=1))
+    pool.wait_ready()  # start-up faults surface here (or in the first round, which waits for a worker as needed)
     return pool
 
 
@@ -269,7 +270,7 @@ def test_a_task_that_cannot_be_loaded_fails_at_once_with_the_workers_traceback()
 def test_pool_is_torn_down_when_fit_raises():
     fds_before = _pipes_and_sockets()
     raising = RaiseInRound(2)
-    pool = ProcessPoolExecutor(num_workers=2, start_method="fork")
+    pool = ProcessPoolExecutor(wait_for_workers=True, num_workers=2, start_method="fork")
     with pytest.raises(RuntimeError, match="callback fault"):
         _fit(pool, callbacks=[raising])
     assert len(raising.pids) == 2
@@ -336,14 +337,14 @@ if __name__ == "__mp_main__":  # a spawned worker importing this script while it
         os.kill(os.getpid(), signal.SIGKILL)
 ''' + SCRIPT + '''
 if __name__ == "__main__":
-    pool = fit(ProcessPoolExecutor(num_workers=1))
+    pool = fit(ProcessPoolExecutor(wait_for_workers=True, num_workers=1))
     ref = fit("sequential")
     same = all(torch.equal(a, b) for a, b in zip(pool.state_dict().values(), ref.state_dict().values()))
     print("IDENTICAL" if same else "DIFFERENT")
 '''
 
 UNGUARDED = SCRIPT + '''
-fit(ProcessPoolExecutor(num_workers=1))
+fit(ProcessPoolExecutor(wait_for_workers=True, num_workers=1))
 '''
 
 
@@ -373,3 +374,32 @@ def test_unguarded_main_script_fails_with_a_clear_error(tmp_path):
     assert last.startswith("lightning_fedprune.federated.executors.pool.WorkerStartupError: A worker process re-ran the "
                            "training script")
     assert 'if __name__ == "__main__":' in last and 'executor="sequential"' in last and 'start_method="fork"' in last
+
+
+# ------------------------------------------------------------------ a fit never waits for start-up
+class SlowStart(MLPClassifier):
+    """Unpickling it in a worker takes a while (a task whose modules are slow to import)."""
+
+    def __setstate__(self, state):
+        if mp.parent_process() is not None:
+            time.sleep(3.0)
+        super().__setstate__(state)
+
+
+class ReadyAtRoundStart(FederatedCallback):
+    def __init__(self) -> None:
+        self.ready: list[int] = []
+
+    def on_fed_round_start(self, trainer, pl_module, round, cohort):
+        self.ready.append(sum(w.ready for w in pl_module.executor._workers))
+
+
+def test_the_server_trains_clients_itself_until_a_worker_has_started_and_the_result_is_the_same():
+    ref, _ = _fit("sequential", task_cls=SlowStart)
+    watch = ReadyAtRoundStart()
+    start = time.perf_counter()
+    fed, trace = _fit(ProcessPoolExecutor(num_workers=2), task_cls=SlowStart, callbacks=[watch], rounds=3)
+    assert watch.ready[0] == 0  # round 0 started at once, no worker ready yet: the server trained its clients
+    assert trace.failed == {0: [], 1: [], 2: []}
+    _assert_identical(fed, ref)
+    assert time.perf_counter() - start < 30

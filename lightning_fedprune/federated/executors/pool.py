@@ -274,8 +274,8 @@ def _shutdown(workers: list[_Worker]) -> None:
 class ProcessPoolExecutor(Executor):
     """Runs clients in ``num_workers`` persistent worker processes.
 
-    The workers start in parallel at ``setup``; each receives the pickled task and client data over
-    its own socket and reports ready. Faults are contained: a worker that dies (killed, crashed,
+    The workers start in parallel at ``setup``, in the background; each receives the pickled task and client
+    data over its own socket and reports ready (until the first one is, the server trains clients itself). Faults are contained: a worker that dies (killed, crashed,
     out of memory) while idle, receiving, training or sending is restarted with the task and the
     round's payload, and only the client it was training fails (it is left out of the aggregate
     like any failed client). No wait is unbounded: every wait also watches the workers' processes,
@@ -303,13 +303,17 @@ class ProcessPoolExecutor(Executor):
             worker per GPU of the machine; ``["cuda:0"] * 4``: four workers sharing one GPU); default: the
             device of the server's model. CUDA workers need ``start_method`` ``"forkserver"`` or ``"spawn"``
             (CUDA cannot be used in a forked child).
+        wait_for_workers: ``setup`` blocks until every worker has started (default False: workers start in the
+            background, and until the first is ready the server trains the round's clients itself with the same
+            client loop, so a fit never waits for start-up and the results are the same).
         startup_attempts: attempts to start a worker (at setup, or to replace a dead one) before
             :class:`WorkerStartupError` is raised.
     """
 
     def __init__(self, num_workers: int = 2, start_method: str = DEFAULT_START_METHOD, threads_per_worker: int | None = None,
                  startup_timeout: float = 180.0, client_timeout: float | None = None, startup_attempts: int = 3,
-                 preload: Sequence[str] = PRELOAD, devices: Sequence[str] | None = None) -> None:
+                 preload: Sequence[str] = PRELOAD, devices: Sequence[str] | None = None,
+                 wait_for_workers: bool = False) -> None:
         if not _is_int(num_workers) or num_workers < 1:
             raise ValueError(f"`num_workers` must be a positive integer, got {num_workers!r}.")
         if start_method not in mp.get_all_start_methods():
@@ -344,6 +348,9 @@ class ProcessPoolExecutor(Executor):
         self.startup_attempts = startup_attempts
         self._init: bytes | None = None  # the first frame to every worker: pickled (task, data, config)
         self._config: ClientConfig | None = None
+        self.wait_for_workers = bool(wait_for_workers)
+        self._local_args: tuple | None = None  # (task, data, config) for the server's own runner until workers start
+        self._local: ClientRunner | None = None
         self._payload: bytes | None = None  # the current round's payload frame (for workers started mid-round)
         self._pending: deque[tuple[int, ClientPlan]] = deque()  # the round's clients not handed out yet
         self._requeued: set[int] = set()  # clients given back once because their worker died before receiving them
@@ -379,9 +386,20 @@ class ProcessPoolExecutor(Executor):
                 f"and could not: {err}. Define the task and dataset classes at module level (not inside a function), "
                 "or use executor='sequential'."
             ) from err
+        # until a worker is ready, the server trains clients itself (run): a fit never waits for start-up
+        self._local_args = (task, data, config)
         try:
             for slot in range(self.num_workers):
                 self._workers.append(self._start(slot, attempt=1))
+            if self.wait_for_workers:
+                self.wait_ready()
+        except BaseException:
+            self.teardown()
+            raise
+
+    def wait_ready(self) -> None:
+        """Block until every worker has started (raises :class:`WorkerStartupError` when one cannot)."""
+        try:
             while not all(w.ready for w in self._workers):
                 self._poll()
         except BaseException:
@@ -404,6 +422,7 @@ class ProcessPoolExecutor(Executor):
     def teardown(self) -> None:
         _shutdown(self._workers)
         self._init = None
+        self._local_args = self._local = None
 
     # ------------------------------------------------------------------ internals
     def _run_round(self, payload: RoundPayload, plans: Sequence[ClientPlan], on_result: ResultCallback | None) -> list[ClientResult]:
@@ -422,11 +441,25 @@ class ProcessPoolExecutor(Executor):
                     w.job = self._pending.popleft()
                     w.queue(_dumps(("plan", w.job[1])))
                     w.deadline = None if self.client_timeout is None else time.monotonic() + self.client_timeout
-            for index, result in self._poll():
+            if self._pending and self._local_args is not None and not any(w.ready for w in self._workers):
+                # no worker has started yet: the server trains the next client itself (the same client loop, so
+                # the same result), then looks at the workers without waiting
+                index, plan = self._pending.popleft()
+                done = [(index, self._local_runner().run(plan.payload or payload, plan))] + self._poll(block=False)
+            else:
+                done = self._poll()
+            for index, result in done:
                 results[index] = result
                 if on_result is not None:
                     on_result(result)
+        if self._local_args is not None and all(w.ready for w in self._workers):
+            self._local_args = self._local = None  # every worker has started: the server's replica is not needed
         return results  # type: ignore[return-value]  # every position was filled
+
+    def _local_runner(self) -> ClientRunner:
+        if self._local is None:
+            self._local = ClientRunner(*self._local_args)
+        return self._local
 
     def _start(self, slot: int, attempt: int) -> _Worker:
         """Start a worker process and queue its first frame (and the round's payload, mid-round)."""
@@ -452,8 +485,9 @@ class ProcessPoolExecutor(Executor):
             worker.queue(self._payload)
         return worker
 
-    def _poll(self) -> list[tuple[int, ClientResult]]:
-        """Wait for socket I/O, a worker's exit or the nearest deadline, and handle what happened.
+    def _poll(self, block: bool = True) -> list[tuple[int, ClientResult]]:
+        """Wait for socket I/O, a worker's exit or the nearest deadline (``block=False``: only look), and handle what
+        happened.
 
         Returns the clients that finished as ``(position in the cohort, result)``, including those
         that failed because their worker died or ran past ``client_timeout``.
@@ -461,6 +495,8 @@ class ProcessPoolExecutor(Executor):
         done: list[tuple[int, ClientResult]] = []
         deadlines = [w.deadline for w in self._workers if w.deadline is not None]
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        if not block:
+            timeout = 0.0
         with selectors.DefaultSelector() as selector:
             for slot, w in enumerate(self._workers):
                 selector.register(w.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if w.sending else 0), slot)
