@@ -17,7 +17,9 @@ here, with a message naming it, and in that test file -- not somewhere deep in a
 * `LightningCLI._parse_ckpt_path`: `fedprune`'s checkpoint check and hyperparameter rules
   (`lightning_fedprune.cli.FedPruneCLI` overrides it; `require_cli_hook` checks it exists);
 * the manual-optimisation loop's step progress (`count_optimizer_step`): a federated round is one Trainer
-  step whose update the strategy makes itself, counted as `LightningOptimizer.step` counts one.
+  step whose update the strategy makes itself, counted as `LightningOptimizer.step` counts one;
+* the logger connector's callback / progress-bar metrics and `log_metrics` (`log_step_metrics`): a round's
+  own scalars reach the loggers without `self.log`'s per-value bookkeeping (a few hundred microseconds each).
 """
 
 from __future__ import annotations
@@ -81,6 +83,20 @@ def require_cli_hook(cli_class: type, name: str = PARSE_CKPT_PATH) -> None:
                        AttributeError(f"{cli_class.__qualname__} has no method {name!r}"))
 
 
+def log_step_metrics(trainer: Any, values: dict[str, float], prog_bar: Any = ()) -> None:
+    """Log plain numbers of the current training step as ``self.log(name, value, on_step=True, on_epoch=False)``
+    would, without its per-call bookkeeping: into ``trainer.callback_metrics`` (tensors) and, for the names in
+    ``prog_bar``, ``trainer.progress_bar_metrics``; to every logger when Lightning logs this step
+    (``log_every_n_steps``), at the step Lightning's own step metrics get (the logger connector's ``log_metrics``).
+    """
+    connector = trainer._logger_connector
+    tensors = {name: torch.tensor(float(value)) for name, value in values.items()}
+    connector._callback_metrics.update(tensors)
+    connector._progress_bar_metrics.update({name: float(values[name]) for name in prog_bar if name in values})
+    if trainer.loggers and connector.should_update_logs:
+        connector.log_metrics(tensors)
+
+
 def count_optimizer_step(trainer: Any) -> None:
     """Count one optimiser step of a manually optimised module (``trainer.global_step`` + 1), as
     ``LightningOptimizer.step`` does through the manual-optimisation loop's step progress."""
@@ -92,6 +108,7 @@ def count_optimizer_step(trainer: Any) -> None:
 __all__ = [
     "PARSE_CKPT_PATH",
     "count_optimizer_step",
+    "log_step_metrics",
     "_FxValidator",
     "_MAP_LOCATION_TYPE",
     "_PATH",

@@ -190,3 +190,26 @@ def test_count_optimizer_step_advances_global_step_once_per_call():
     fed = FederatedLightningModule(MLPClassifier(in_dim=8, hidden=8, num_classes=2), clients_per_round=1, local_steps=1)
     quiet_trainer(max_steps=3, callbacks=[Watch()], limit_val_batches=0).fit(fed, datamodule=dm)
     assert steps == [1, 2, 3]
+
+
+def test_log_step_metrics_logs_a_rounds_scalars_at_lightnings_step(tmp_path):
+    """The round's own scalars skip self.log's bookkeeping but land where self.log would put them: the loggers
+    (at the step Lightning gives the task's step values, every log_every_n_steps), callback_metrics, the bar."""
+    import csv
+
+    from helpers import GaussianMixtureDataset, MLPClassifier
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_fedprune import FederatedDataModule, FederatedLightningModule
+
+    dm = FederatedDataModule(GaussianMixtureDataset(40, dim=8, num_classes=2), num_clients=2, batch_size=10)
+    fed = FederatedLightningModule(MLPClassifier(in_dim=8, hidden=8, num_classes=2), clients_per_round=2, local_steps=1)
+    trainer = Trainer(max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=2, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(fed, datamodule=dm)
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    ours = sorted(int(r["step"]) for r in rows if r.get("round/clients_ok"))
+    task = sorted(int(r["step"]) for r in rows if r.get("train/loss"))  # the task's own name, through self.log
+    assert ours == task == [1, 3]  # log_every_n_steps=2: the steps Lightning logs
+    assert float(trainer.callback_metrics["round/clients_ok"]) == 2.0
+    assert "round/train_loss" in trainer.progress_bar_metrics and "round/clients_ok" not in trainer.progress_bar_metrics

@@ -1,7 +1,9 @@
 """What a round logs: ``round/*``, ``comm/*``, ``prune/*`` and the cohort's values of what the task logged.
 
-Every value goes through the module's ``self.log`` (every logger sees it; ``callback_metrics`` and the
-progress bar follow), once per round: a round is one Trainer step.
+A round is one Trainer step. Its own scalars are logged as ``self.log(..., on_step=True, on_epoch=False)``
+would log them (every logger at ``log_every_n_steps``, ``callback_metrics``, the progress bar), in one call
+(:func:`~lightning_fedprune._compat.log_step_metrics`); the names the task logged in client training go through
+``self.log`` with the task's own options (epoch reductions included).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_fedprune._compat import log_step_metrics
 from lightning_fedprune.federated.executors import Executor
 from lightning_fedprune.federated.hooks import RoundSummary
 from lightning_fedprune.federated.protocol import ClientResult, RoundPayload
@@ -18,7 +21,7 @@ from lightning_fedprune.pruning.state import PruningState
 
 __all__ = ["log_round", "round_summary"]
 
-_STEP = dict(on_step=True, on_epoch=False, batch_size=1)
+_PROG_BAR = ("round/train_loss", "prune/sparsity")
 
 
 def round_summary(rnd: int, cohort: list[int], sent: list[RoundPayload], results: list[ClientResult], agg: Aggregate,
@@ -45,7 +48,7 @@ def log_round(module: pl.LightningModule, summary: RoundSummary, agg: Aggregate,
     """
     values: dict[str, Any] = {}
     if agg.ok:
-        module.log("round/train_loss", summary.train_loss, prog_bar=True, **_STEP)
+        values["round/train_loss"] = summary.train_loss
     values["round/clients_ok"] = float(summary.clients_ok)
     values["round/clients_failed"] = float(summary.clients_failed)
     values["round/seconds"] = summary.seconds
@@ -58,14 +61,14 @@ def log_round(module: pl.LightningModule, summary: RoundSummary, agg: Aggregate,
         # every value every round (flips are 0 without a recomputation): Lightning repeats a step value until it
         # is logged again, so a value logged only in some rounds would look stale in the others
         change = pruning.last_change
-        module.log("prune/sparsity", pruning.sparsity() if pruning.masks else 0.0, prog_bar=True, **_STEP)
+        values["prune/sparsity"] = pruning.sparsity() if pruning.masks else 0.0
         values["prune/target_sparsity"] = pruning.target_sparsity
         values["prune/phase"] = float(pruning.phase)
         values["prune/mask_flips"] = float(change.flips)
         values["prune/restored"] = float(change.restored)
         for name, value in pruning.actual_layer_sparsity().items():
             values[f"prune/layer_sparsity/{name}"] = value
-    module.log_dict(values, **_STEP)
+    log_step_metrics(module.trainer, values, prog_bar=_PROG_BAR)
     for name, v in agg.logged.items():
         module.log(name, v.value, on_step=v.on_step, on_epoch=v.on_epoch, reduce_fx=v.reduce_fx, prog_bar=v.prog_bar,
                    logger=v.logger, batch_size=max(1, int(round(v.weight))))
