@@ -136,11 +136,15 @@ class ValidatingCheckpointIO(_WrappingCheckpointIO):
 
     ``trainer.fit/validate/test(ckpt_path=...)`` load the file through the strategy's CheckpointIO
     after the module's ``setup``; the module installs this wrapper there
-    (:func:`install_checkpoint_validation`), which delegates everything else.
+    (:func:`install_checkpoint_validation`), which delegates everything else. The file is read to the host
+    (``map_location="cpu"`` unless given): Lightning moves the state where the model is, so a checkpoint written
+    on a GPU resumes on a machine without one.
     """
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         validate_checkpoint_file(path)
+        if not args:
+            kwargs.setdefault("map_location", "cpu")
         return super().load_checkpoint(path, *args, **kwargs)
 
     def teardown(self) -> None:

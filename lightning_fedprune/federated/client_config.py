@@ -22,7 +22,7 @@ from lightning_fedprune.federated.precision import CLIENT_PRECISIONS
 from lightning_fedprune.federated.protocol import ClientConfig
 from lightning_fedprune.validation import check_bool, check_choice, check_float, check_int
 
-__all__ = ["ClientSettings", "TrainerClientSettings", "adopt_trainer_settings", "client_config_for"]
+__all__ = ["ClientSettings", "TrainerClientSettings", "adopt_trainer_settings", "check_one_device", "client_config_for"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,17 @@ def adopt_trainer_settings(trainer: pl.Trainer, settings: ClientSettings, manual
     if isinstance(interval, int) and trainer.check_val_every_n_epoch is not None and interval > rounds_per_epoch:
         trainer.check_val_every_n_epoch = None  # `val_check_interval=N` means "every N rounds", across epochs too
     return TrainerClientSettings(adopted_clip, adopted_algorithm, int(accumulate))
+
+
+def check_one_device(trainer: Any) -> None:
+    """A federated run is one server process on one device: refuse ``Trainer(devices>1)`` / ``num_nodes>1`` with
+    what to use instead."""
+    if trainer.num_devices > 1 or trainer.num_nodes > 1:
+        raise ValueError(
+            f"A federated run uses one Trainer device (got devices={trainer.num_devices}, num_nodes="
+            f"{trainer.num_nodes}): the server is one process. To train clients on several GPUs of this machine use "
+            "`executor=ProcessPoolExecutor(devices=['cuda:0', 'cuda:1', ...])` (one worker per GPU); across "
+            "machines, executor='flower' (docs/flower.md, docs/gpu.md).")
 
 
 def client_config_for(settings: ClientSettings, adopted: TrainerClientSettings, trainer: pl.Trainer, datamodule: Any,

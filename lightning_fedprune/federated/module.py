@@ -36,7 +36,12 @@ from lightning_fedprune.federated.checkpoint import (
     task_spec,
     validate_checkpoint_file,
 )
-from lightning_fedprune.federated.client_config import ClientSettings, adopt_trainer_settings, client_config_for
+from lightning_fedprune.federated.client_config import (
+    ClientSettings,
+    adopt_trainer_settings,
+    check_one_device,
+    client_config_for,
+)
 from lightning_fedprune.federated.client_view import ClientTrainerView
 from lightning_fedprune.federated.delegation import TaskEvaluation
 from lightning_fedprune.federated.failures import FailureGuard
@@ -274,12 +279,7 @@ class FederatedLightningModule(TaskEvaluation):
                 "FederatedLightningModule needs a FederatedDataModule (or a data module with `client_data()`): "
                 "call `trainer.fit(fed, datamodule=FederatedDataModule(...))`."
             )
-        if trainer.num_devices > 1 or trainer.num_nodes > 1:
-            raise ValueError(
-                f"A federated run uses one Trainer device (got devices={trainer.num_devices}, num_nodes="
-                f"{trainer.num_nodes}): the server is one process. To train clients on several GPUs of this machine use "
-                "`executor=ProcessPoolExecutor(devices=['cuda:0', 'cuda:1', ...])` (one worker per GPU); across "
-                "machines, executor='flower' (docs/flower.md).")
+        check_one_device(trainer)
         population = len(dm.population)
         if self.clients_per_round > population:
             raise ValueError(f"`clients_per_round` ({self.clients_per_round}) is larger than the number of clients "
