@@ -193,7 +193,7 @@ class ClientLog:
         for name, entries in self.values.items():
             reduce = self.options[name][2]
             weights = [float(w) for _, w in entries]
-            value = reduce_values([float(v) for v, _ in entries], weights, reduce)
+            value = reduce_values(_floats([v for v, _ in entries]), weights, reduce)
             out[name] = LoggedValue(value, math.fsum(weights) if reduce == "mean" else float(num_examples),
                                     *self.options[name])
         for name, metric in self.metrics.items():
@@ -201,3 +201,13 @@ class ClientLog:
         for metric in self._seen_metrics:
             metric.reset()
         return out
+
+
+def _floats(values: list[Any]) -> list[float]:
+    """The logged values as floats, tensors read from their device at once (one synchronisation per name, not
+    one per logged step)."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(torch.stack([t.reshape(()).to(torch.float64) for t in tensors]).tolist())
+    return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
