@@ -73,10 +73,11 @@ def payload_record(payload: Payload) -> tuple[ArrayRecord, bytes]:
     return ArrayRecord(arrays), zlib.compress(json.dumps(spec, separators=(",", ":")).encode())
 
 
-def payload_from_record(record: Any, packed_spec: Any) -> Payload:
-    """The payload of an ArrayRecord and its packed spec; :class:`RejectedReply` names what does not fit."""
+def payload_from_record(record: Any, packed_spec: Any, key: str = ARRAYS) -> Payload:
+    """The payload of an ArrayRecord (the record ``key``) and its packed spec; :class:`RejectedReply` names what
+    does not fit."""
     if not isinstance(record, ArrayRecord):
-        raise RejectedReply(f"no ArrayRecord {ARRAYS!r}")
+        raise RejectedReply(f"no ArrayRecord {key!r}")
     if not isinstance(packed_spec, bytes):
         raise RejectedReply("no payload spec")
     try:
@@ -282,7 +283,8 @@ def read_reply(reply: Message, plan: ClientPlan, node_id: int, expected: Expecte
     expected.check(upload)
     statistics = {}
     for stat, names in plan.statistics.items():
-        statistics[stat] = payload_from_record(content.get(STATISTICS + stat), cfg.get(STATISTICS_SPEC + stat))
+        statistics[stat] = payload_from_record(content.get(STATISTICS + stat), cfg.get(STATISTICS_SPEC + stat),
+                                               STATISTICS + stat)
         expected.check_statistics(stat, names, statistics[stat])
     return ClientResult(plan.client_id, plan.round, payload=upload, num_samples=num_samples, num_examples=num_examples,
                         loss=loss,
