@@ -70,6 +70,7 @@ def _quickstart(tmp_path, flower_helpers):
 
 def test_flower_carries_statistics_and_scales_as_in_process(tmp_path, flower_modules):
     import flower_helpers
+
     from lightning_fedprune.federated.flower import messages
 
     tf = flower_modules
@@ -90,6 +91,7 @@ def test_flower_carries_statistics_and_scales_as_in_process(tmp_path, flower_mod
 
 def test_a_reply_without_the_statistics_asked_for_fails_its_client(tmp_path, flower_modules):
     import flower_helpers
+
     from lightning_fedprune.federated.flower import messages
 
     dropped = []

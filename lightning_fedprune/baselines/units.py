@@ -215,8 +215,11 @@ def find_units(module: nn.Module) -> list[UnitGroup]:
     Example:
         >>> from torch import nn
         >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> [(g.units, [(a.name, a.dim) for a in g.members], g.reader) for g in find_units(mlp)]
-        [(8, [('0.weight', 0), ('0.bias', 0), ('2.weight', 1)], '2.weight')]
+        >>> (group,) = find_units(mlp)
+        >>> group.units, group.reader
+        (8, '2.weight')
+        >>> {a.name: a.dim for a in group.members}
+        {'0.weight': 0, '0.bias': 0, '2.weight': 1}
     """
     groups: list[UnitGroup] = []
     for path, child in module.named_modules():

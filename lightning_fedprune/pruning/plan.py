@@ -266,7 +266,8 @@ def frozen_at(round: int, plan: PruningPlan) -> bool:
     """Whether the masks are frozen in ``round``: from the :class:`Freeze` part's ``start_round`` on (a round
     after the ramp outside refinement is in the fine-tuning phase, but frozen only from there).
 
-    >>> plan = PruningPlan(Ramp(0.5, start_round=2, end_round=2), refinement=Refinement(5), freeze=Freeze(20))
+    >>> plan = PruningPlan(Ramp(0.5, start_round=2, end_round=2), refinement=Refinement(5, start_round=7),
+    ...                    freeze=Freeze(20))
     >>> [(r, phase_at(r, plan).label, frozen_at(r, plan)) for r in (3, 7, 20)]
     [(3, 'fine-tune', False), (7, 'refine', False), (20, 'fine-tune', True)]
     """
