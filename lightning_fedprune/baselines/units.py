@@ -212,6 +212,9 @@ def _heads(path: str, mha: nn.MultiheadAttention) -> UnitGroup | None:
 def find_units(module: nn.Module) -> list[UnitGroup]:
     """The unit groups of ``module`` read from its structure (see the module docstring), in module order.
 
+    Args:
+        module: the model (its ``nn.Sequential`` blocks and ``nn.MultiheadAttention`` layers are read).
+
     Example:
         >>> from torch import nn
         >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -381,7 +381,6 @@ class ClientRunner:
         trained = {name: t.detach() for name, t in self._targets}
         upload = self.channel.upload(trained, state, round_masks, patterns, plan.seed)
         return ClientResult(
-            statistics=self.channel.upload_statistics(statistics.values) if statistics is not None else {},
             client_id=plan.client_id,
             round=plan.round,
             payload=upload,
@@ -390,6 +389,7 @@ class ClientRunner:
             loss=loss,
             logged=logged,
             optim=optim,
+            statistics=self.channel.upload_statistics(statistics.values) if statistics is not None else {},
         )
 
     def _batches(self, loader: Iterable[Any], budget: int | None, client_id: int) -> Iterator[tuple[int, Any, bool]]:
