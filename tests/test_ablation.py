@@ -30,7 +30,7 @@ from lightning_fedprune.ablation.analysis import (
     analyse,
 )
 from lightning_fedprune.ablation.command import ablate_main
-from lightning_fedprune.ablation.grid import Statistics, apply_overrides, config_hash, load_grid
+from lightning_fedprune.ablation.grid import HARNESS_CALLBACKS, Statistics, apply_overrides, config_hash, load_grid
 from lightning_fedprune.ablation.report import README_BEGIN, README_END, readme_block
 from lightning_fedprune.ablation.runner import GridRunner, RunStats
 from lightning_fedprune.cli import main as cli_main
@@ -548,6 +548,27 @@ def test_the_shipped_grids_expand_and_state_their_tests_and_seeds():
     assert set(default.findings) == {"sparsity", "refinement"}
     assert set(full.findings) == {"importance", "adaptive", "patterns", "sparsity", "refinement"}
     assert default.readme == Path("README.md") and full.readme == Path("README.md") and default.name != full.name
+
+
+def test_the_pilot_runs_the_grids_baselines_and_allocations():
+    """examples/ablation/pilot.yaml (the numbers in docs/ablation.md): its baselines and adaptive allocations are
+    the cells the grids run, on calibration seeds only."""
+    path = REPO / "examples" / "ablation"
+    pilot, grid, full = (load_grid(path / "pilot.yaml"), load_grid(path / "grid.yaml"),
+                         load_grid(path / "grid.yaml", full=True))
+    assert set(pilot.seeds) <= set(grid.calibration_seeds)
+
+    def config(g, name):  # what the cell trains: the model, the data, the pruning callbacks (no seeds, no paths)
+        cfg = g.cell_config(next(c for c in g.cells() if c.configuration == name))
+        model = {k: v for k, v in cfg["model"].items() if k != "seed"}
+        callbacks = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].rpartition(".")[2] not in HARNESS_CALLBACKS]
+        trainer = {k: v for k, v in cfg["trainer"].items() if k not in ("callbacks", "logger", "default_root_dir")}
+        return model, cfg["data"], callbacks, trainer
+
+    for name in ("federated_dropout", "prunefl", "column_0.5"):
+        assert config(pilot, name) == config(grid, name), name
+    assert config(pilot, "adaptive_power_t1") == config(full, "column_0.5_adaptive_power")
+    assert config(pilot, "adaptive_global") == config(full, "column_0.5_adaptive_global")
 
 
 # ---------------------------------------------------------------------------------------------- the smoke grid

@@ -15,7 +15,7 @@ from lightning_fedprune.cli import build_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 # the ablation grids are not fit configs (tests/test_ablation.py runs and checks them); their base config is
-GRIDS = {"examples/ablation/grid.yaml", "examples/ablation/smoke.yaml"}
+GRIDS = {"examples/ablation/grid.yaml", "examples/ablation/smoke.yaml", "examples/ablation/pilot.yaml"}
 CONFIGS = sorted(c for p in (ROOT / "examples").rglob("*.yaml") if (c := p.relative_to(ROOT).as_posix()) not in GRIDS)
 
 # fast settings for a couple of rounds; everything else exactly as shipped

@@ -31,9 +31,9 @@ CHOICES = [
     (AdaptiveLayerSparsity, "normalize", {"fan_in", "none"}),
     (AdaptiveLayerSparsity, "method", {"power", "global"}),
     (FederatedDataModule, "partition", {"iid", "dirichlet", "by_key"}),
-    (FederatedDropout, "pattern", {"unstructured", "row", "column", "half_row", "half_column"}),
     (FederatedDropout, "server_optimizer", {"sgd", "sgdm", "adam"}),
     (PruneFL, "pattern", {"unstructured", "row", "column", "half_row", "half_column"}),
+    (PruneFL, "statistics", {"clients", "server"}),
 ]
 
 

@@ -125,7 +125,8 @@ def _build(row: dict):
     dm = FederatedDataModule(GaussianMixtureDataset(96, dim=8, num_classes=4), partition="iid", num_clients=6,
                              batch_size=8)
     if row["algorithm"] == "federated_dropout":  # a strategy of its own, with its server optimiser
-        server = {"strategy": FederatedDropout(rate=0.25, pattern=row["pattern"], parameters=r"body\..*\.weight",
+        # the hidden units of body.0 -> body.2 (rows of the one, columns of the other), on top of the row's pruning
+        server = {"strategy": FederatedDropout(rate=0.25, parameters=r"body\..*\.weight",
                                                server_optimizer=row["server_optimizer"])}
     else:
         server = {"server_optimizer": row["server_optimizer"]}

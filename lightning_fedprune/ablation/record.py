@@ -66,7 +66,7 @@ class CellRecord(pl.Callback):
         total = sum(p.numel() for p in params.values())
         state = pl_module.pruning
         kept = []
-        ctx = RoundContext(round, params, pl_module.global_buffers(), state.masks, state.patterns)
+        ctx = RoundContext(round, params, pl_module.global_buffers(), state.masks, state.patterns, pl_module.task)
         seeds = [derive_seed(pl_module.seed, round, cid) for cid in cohort]
         for sub in pl_module.strategy.configure(ctx, cohort, seeds):  # pure: the sub-models the round gives
             masks, patterns = (state.masks, state.patterns) if sub is None else (sub.masks, sub.patterns)

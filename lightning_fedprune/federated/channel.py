@@ -12,7 +12,9 @@ kept values of the floating-point parameters travel as integer codes with a scal
   seeded by the client's seed), which :meth:`Channel.read_upload` adds to the server's own weights (so the
   rounding of the broadcast does not stay in the global model).
 
-Masks and indices are exact; pruned entries stay exact zeros; buffers travel as they are. The executors,
+Masks and indices are exact; pruned entries stay exact zeros; buffers travel as they are. Client statistics
+(:attr:`~lightning_fedprune.federated.protocol.ClientPlan.statistics`) travel up as dense float32 tensors, one
+payload per statistic (:meth:`Channel.upload_statistics`, :meth:`Channel.read_statistics`). The executors,
 the Flower bridge, the server and the clients call a channel; nothing else encodes or decodes. Decoding
 lands on the device of the tensor the values meet (the server's weights, the client's replica): only the
 kept values cross from the host.
@@ -103,6 +105,17 @@ class Channel:
         generator = torch.Generator().manual_seed(derive_seed(seed, QUANT_STREAM))
         return encode_state(values, masks, patterns, send_index=False, bits=bits, quantized=self.quantized,
                             generator=generator, relative=True, trusted=True)
+
+    @staticmethod
+    def upload_statistics(statistics: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Payload]:
+        """What a client's statistics send up: ``{statistic: payload}``, every tensor dense and as it is (float32
+        sums over the client's local steps; every entry, pruned ones included). Encoding copies them."""
+        return {stat: encode_state(dict(values)) for stat, values in statistics.items()}
+
+    @staticmethod
+    def read_statistics(statistics: Mapping[str, Payload], like: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """A client's statistics from its upload, ``{statistic: {name: tensor}}``, on the devices of ``like``."""
+        return {stat: decode_state(payload, like=like) for stat, payload in statistics.items()}
 
     # ------------------------------------------------------------------ state (the server's residual)
     def to(self, device: torch.device | str) -> Channel:

@@ -317,6 +317,8 @@ def _refusals(changes: list[tuple[str, Any, Any]], saved_pruning: dict[str, Any]
         needed = get_importance(ramp["importance"]).needs
         if needed == "momentum" and ramp["momentum_source"] == "server_optimizer":
             needed = None
+        if "ClientStatistics" in now:  # the clients upload it before the next recomputation
+            needed = None
         if needed is not None:
             missing = [t for t in ramp["targets"] if t not in saved_pruning.get(needed, {})]
             if missing:

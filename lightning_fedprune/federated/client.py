@@ -14,6 +14,12 @@ small, explicit stand-in for what Lightning provides during training:
   ``optimizer_zero_grad``, ``backward`` and ``configure_gradient_clipping`` work), with gradient
   accumulation, clipping and the Trainer's precision (autocast / dtype) as Lightning applies them.
 
+A plan may ask the client for **statistics** it accumulates over its local steps (``ClientPlan.statistics``,
+e.g. PruneFL's squared gradients): they are added up on the device once per optimiser step, after the backward
+pass and before the gradients of pruned entries are masked (so those count too: the tensors concerned train
+masked-dense, never compact), and travel up with the update. ``ClientPlan.forward_scales`` makes the forward
+read some parameters scaled (:mod:`~lightning_fedprune.federated.forward_scales`).
+
 Every client gets **fresh optimiser state** (FedAvg: no momentum carried between clients or rounds)
 bound to the parameters it really trains (compact sub-layers included), whatever the task's
 ``configure_optimizers`` returns (objects created in ``__init__`` included). Hyper-parameters and
@@ -39,12 +45,14 @@ from torch import Tensor
 
 from lightning_fedprune.federated.channel import Channel
 from lightning_fedprune.federated.client_view import ClientLog, ClientTrainerView
+from lightning_fedprune.federated.forward_scales import ForwardScales
 from lightning_fedprune.federated.optim_state import configure_task_optimizers, load_optim_state, optim_state_of
 from lightning_fedprune.federated.precision import client_precision_plugin
 from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, ClientResult, OptimState, RoundPayload
 from lightning_fedprune.federated.replica import make_replica, state_names
 from lightning_fedprune.pruning.compact import CompactedModule, MaskedDense, compact_module
 from lightning_fedprune.pruning.patterns import COMPACT_PATTERNS
+from lightning_fedprune.pruning.statistics import StatisticAccumulators
 
 __all__ = ["CLIENT_HOOKS", "ClientData", "ClientOptimizer", "ClientRunner"]
 
@@ -78,6 +86,7 @@ class ClientOptimizer:
         self._optimizer = optimizer
         self._runner = runner
         self._masked = MaskedDense()
+        self._statistics = StatisticAccumulators({}, {})
         self._closure_once = _evaluates_closure_once(optimizer)  # the optimiser's class never changes
 
     @property
@@ -87,9 +96,15 @@ class ClientOptimizer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._optimizer, name)
 
-    def set_masks(self, masked: MaskedDense) -> None:
-        """This client's masked-dense parameters that this optimiser trains."""
-        self._masked = masked.subset(p for group in self._optimizer.param_groups for p in group["params"])
+    def set_masks(self, masked: MaskedDense, statistics: StatisticAccumulators | None = None) -> None:
+        """This client's masked-dense parameters that this optimiser trains (and the statistics of its parameters
+        the plan asked for)."""
+        params = [p for group in self._optimizer.param_groups for p in group["params"]]
+        self._masked = masked.subset(params)
+        self._statistics = statistics.subset(params) if statistics else StatisticAccumulators({}, {})
+
+    def accumulate_statistics(self) -> None:
+        self._statistics.update_()
 
     def mask_gradients(self) -> None:
         self._masked.mask_grads_()
@@ -240,7 +255,9 @@ class ClientRunner:
             self.call("on_after_backward")
 
     def after_closure(self, opt: ClientOptimizer) -> None:
-        """Between the closure and the update: mask gradients, ``on_before_optimizer_step``, clipping (automatic)."""
+        """Between the closure and the update: the client statistics (every entry's gradient), mask gradients,
+        ``on_before_optimizer_step``, clipping (automatic)."""
+        opt.accumulate_statistics()
         opt.mask_gradients()
         if "on_before_optimizer_step" in self.hooks:
             self.call("on_before_optimizer_step", opt.optimizer)
@@ -292,7 +309,8 @@ class ClientRunner:
             for name, tensor in self._targets:
                 tensor.copy_(state[name])
 
-    def _fresh_optimizers(self, optim: OptimState, compacted: CompactedModule | None, masked: MaskedDense) -> None:
+    def _fresh_optimizers(self, optim: OptimState, compacted: CompactedModule | None, masked: MaskedDense,
+                          statistics: StatisticAccumulators | None = None) -> None:
         """Empty optimiser state, the schedule position of ``optim``, params = what this client trains."""
         remap: dict[int, list[Tensor]] = {}
         if compacted is not None:
@@ -305,7 +323,7 @@ class ClientRunner:
             opt.state.clear()
             for group, params in zip(opt.param_groups, groups):
                 group["params"] = [q for p in params for q in remap.get(id(p), (p,))] if remap else params
-            wrapped.set_masks(masked)
+            wrapped.set_masks(masked, statistics)
         load_optim_state(optim, self.optimizers, self.sched_configs)
 
     def _restore_param_groups(self) -> None:
@@ -321,18 +339,26 @@ class ClientRunner:
         task.train()
         masks = round_masks
         compacted = None
-        if self.config.compact and any(patterns.get(n) in COMPACT_PATTERNS for n in masks):
+        # the tensors whose statistics the plan asks for keep every entry: a compact layer has no pruned entry to
+        # take a gradient of
+        dense = {n for names in plan.statistics.values() for n in names}
+        compactable = {n: m for n, m in masks.items() if n not in dense}
+        if self.config.compact and any(patterns.get(n) in COMPACT_PATTERNS for n in compactable):
             # a physically smaller replica: structured-pruned nn.Linear layers hold only their kept slice
-            compacted = compact_module(task, masks, patterns, release=True)
-            masks = compacted.fallback_masks
+            compacted = compact_module(task, compactable, patterns, release=True)
+            masks = {**compacted.fallback_masks, **{n: m for n, m in masks.items() if n in dense}}
+        scales = None
         try:
             params_now = dict(task.named_parameters()) if compacted is not None else self._params
             masked = MaskedDense((params_now[n], m) for n, m in masks.items())  # everything not compacted
             masked.apply_()
+            statistics = StatisticAccumulators(plan.statistics, params_now) if plan.statistics else None
+            if plan.forward_scales:
+                scales = ForwardScales(task, plan.forward_scales, compacted)
             # the server's schedule position (a payload without one, e.g. built by hand, starts where
             # `configure_optimizers` started)
             start = payload.optim if payload.optim.param_groups else self._initial_optim
-            self._fresh_optimizers(start, compacted, masked)
+            self._fresh_optimizers(start, compacted, masked, statistics)
             view = self.view
             view.fed_round, view.client_id = plan.round, plan.client_id
             view.base_step, view.local_steps, view.should_stop = start.global_step, 0, False
@@ -342,6 +368,8 @@ class ClientRunner:
             logged = self.log.results(num_examples)
             optim = optim_state_of(self.optimizers, self.sched_configs, view.global_step, start.epoch + epochs)
         finally:
+            if scales is not None:
+                scales.remove()
             if compacted is not None:
                 compacted.restore(copy_back=True)  # trained values back in full coordinates, zeros where pruned
             self._restore_param_groups()
@@ -361,6 +389,7 @@ class ClientRunner:
             loss=loss,
             logged=logged,
             optim=optim,
+            statistics=self.channel.upload_statistics(statistics.values) if statistics is not None else {},
         )
 
     def _batches(self, loader: Iterable[Any], budget: int | None, client_id: int) -> Iterator[tuple[int, Any, bool]]:

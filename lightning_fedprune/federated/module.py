@@ -349,15 +349,17 @@ class FederatedLightningModule(TaskEvaluation):
         # 1. the plan: this round's masks (the pruning callbacks contributed the plan), then the round-start hooks
         self.pruning.begin_round(rnd, params, self._server_momentum())
         self._call_fed_hook("on_fed_round_start", rnd, cohort)
-        ctx = RoundContext(rnd, params, buffers, self.pruning.masks, self.pruning.patterns)
+        ctx = RoundContext(rnd, params, buffers, self.pruning.masks, self.pruning.patterns, self.task)
         # 2. what each client gets (the strategy) and the broadcasts in wire form (the channel)
         seeds = [derive_seed(self.seed, rnd, cid) for cid in cohort]
         sub_models = self.strategy.configure(ctx, cohort, seeds)
         state = {**{n: p.detach() for n, p in params.items()}, **buffers}
         optim = optim_state_of(*self._template, self.client_clock.global_step, self.client_clock.epoch)
         payload = RoundPayload(rnd, self.channel.broadcast(state, ctx.masks, ctx.patterns), optim)
+        request = self.pruning.client_statistics(rnd)  # statistics the clients accumulate and upload (PruneFL)
         plans = [ClientPlan(cid, rnd, seed, None if sub is None else RoundPayload(
-                     rnd, self.channel.broadcast(state, sub.masks, sub.patterns, feedback=False), optim))
+                     rnd, self.channel.broadcast(state, sub.masks, sub.patterns, feedback=False), optim),
+                     statistics=request, forward_scales={} if sub is None else dict(sub.forward_scales))
                  for cid, seed, sub in zip(cohort, seeds, sub_models)]
         # 3. the clients train (the executor decides where)
         results = self.executor.run(payload, plans, on_result=lambda r: self._call_fed_hook("on_fed_client_result", r))
@@ -370,7 +372,10 @@ class FederatedLightningModule(TaskEvaluation):
         summary = round_summary(rnd, cohort, [p.payload or payload for p in plans], results, agg, self.executor)
         if agg.ok:
             summary.pseudo_gradient = self.strategy.apply(ctx, agg, params, buffers)
-            self.pruning.end_round(summary.pseudo_gradient)
+            client_stats = self.strategy.aggregate_statistics(results, [
+                self.channel.read_statistics(r.statistics, state) if r.ok and r.statistics else None for r in results],
+                agg.ok) if request else None
+            self.pruning.end_round(summary.pseudo_gradient, client_stats)
             self.client_clock = adopt_position([results[i].optim for i in agg.ok], *self._template, self.client_clock)
         count_optimizer_step(self.trainer)  # the round is one Trainer step, also when every client failed
         self._call_fed_hook("on_fed_after_aggregate", summary)

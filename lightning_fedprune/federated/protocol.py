@@ -136,12 +136,23 @@ class RoundPayload:
 class ClientPlan:
     """One client's job in a round. ``payload`` is a broadcast of its own when the strategy gives this
     client a different sub-model (e.g. Federated Dropout, :meth:`Strategy.configure
-    <lightning_fedprune.federated.strategies.Strategy.configure>`); None means the round's broadcast."""
+    <lightning_fedprune.federated.strategies.Strategy.configure>`); None means the round's broadcast.
+
+    ``statistics`` asks the client for statistics it accumulates over its local steps and uploads with its
+    update, ``{statistic: parameter names}`` (a name of :data:`~lightning_fedprune.pruning.statistics.CLIENT_STATISTICS`,
+    e.g. ``{"sq_gradient": (...)}``: PruneFL's importance); those parameters train masked-dense (a compact layer
+    has no pruned entries to take a gradient of). ``forward_scales`` (``{parameter name: factor}``) makes the
+    client's forward read those parameters multiplied by the factor, the stored values unchanged: the gradient
+    reaching them is multiplied by it too, exactly as if the parameter's input were scaled (Federated Dropout's
+    inverted-dropout scaling of the kept units, ``1 / (1 - p)``, on the weights that read them).
+    """
 
     client_id: int
     round: int
     seed: int
     payload: RoundPayload | None = None
+    statistics: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    forward_scales: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,7 +160,9 @@ class ClientResult:
     """What one client returns.
 
     ``payload`` is the client's trained parameters and buffers in wire form — the kept entries only
-    (the server knows the masks, so no index travels up); the server decodes it. ``num_samples`` is the
+    (the server knows the masks, so no index travels up); the server decodes it. ``statistics`` holds what the
+    plan asked for (:attr:`ClientPlan.statistics`): per statistic a payload of dense float32 tensors, one per
+    parameter, counted in :attr:`bytes_up`. ``num_samples`` is the
     client's dataset size, ``num_examples`` the examples it processed (the strategy chooses which one
     weighs the client in the aggregate), ``loss`` its mean training loss. ``logged`` holds what the task logged with
     ``self.log`` during local training, reduced over the client's steps; ``optim`` where its
@@ -167,6 +180,7 @@ class ClientResult:
         optim: where its optimisers and schedulers ended.
         seconds: wall time of its local training.
         error: why it failed (None: it succeeded).
+        statistics: the statistics the plan asked for, ``{statistic: payload}`` (wire form).
     """
 
     client_id: int
@@ -179,6 +193,7 @@ class ClientResult:
     optim: OptimState | None = None
     seconds: float = 0.0
     error: str | None = None
+    statistics: dict[str, Payload] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -186,5 +201,6 @@ class ClientResult:
 
     @property
     def bytes_up(self) -> int:
-        """Bytes of the upload (what the payload's arrays hold)."""
-        return self.payload.nbytes if self.payload is not None else 0
+        """Bytes of the upload: what the payload's arrays hold, and the statistics' arrays."""
+        update = self.payload.nbytes if self.payload is not None else 0
+        return update + sum(p.nbytes for p in self.statistics.values())

@@ -23,7 +23,8 @@ from typing import Any
 
 from lightning_fedprune.pruning.schedules import Schedule
 
-__all__ = ["Allocation", "Freeze", "Phase", "PruningPlan", "Ramp", "Refinement", "Selection", "phase_at", "update_at"]
+__all__ = ["Allocation", "ClientStatistics", "Freeze", "Phase", "PruningPlan", "Ramp", "Refinement", "Selection",
+           "frozen_at", "phase_at", "update_at"]
 
 
 class Phase(IntEnum):
@@ -123,12 +124,26 @@ class Allocation:
     method: str = "power"
 
 
+@dataclass(frozen=True)
+class ClientStatistics:
+    """The statistic the importance needs comes from the clients, not from the server's aggregated updates:
+    in the ``window`` rounds before every mask recomputation each client of the round accumulates it over its
+    local steps for every pruned tensor (pruned entries included: those tensors train masked-dense in these
+    rounds) and uploads the sums with its update; the server merges them with the strategy's client weights,
+    sums them over the window, and the recomputation scores the masks from that sum
+    (:mod:`lightning_fedprune.pruning.statistics`). Contributed by
+    :class:`~lightning_fedprune.baselines.PruneFL`."""
+
+    window: int = 1
+
+
 #: The callback that contributes each part (named in messages and in the checkpoint's configuration).
 CONTRIBUTORS = {
     "ramp": "SparsityRampCallback",
     "refinement": "MaskRefinementCallback",
     "allocation": "AdaptiveLayerSparsity",
     "freeze": "FineTuneFreeze",
+    "statistics": "ClientStatistics",
 }
 
 
@@ -141,6 +156,7 @@ class PruningPlan:
     refinement: Refinement | None = None
     allocation: Allocation | None = None
     freeze: Freeze | None = None
+    statistics: ClientStatistics | None = None
 
     def with_part(self, **parts: Any) -> PruningPlan:
         """This plan with more parts; a part may be given once (one callback of each kind per Trainer)."""
@@ -164,7 +180,7 @@ class PruningPlan:
     def validate(self) -> None:
         """Reject parts without a ramp and schedules that contradict each other, naming the rounds."""
         if self.ramp is None:
-            for name in ("refinement", "allocation", "freeze"):
+            for name in ("refinement", "allocation", "freeze", "statistics"):
                 if getattr(self, name) is not None:
                     reason = " (it refines its masks)" if name == "refinement" else ""
                     raise ValueError(f"{CONTRIBUTORS[name]} needs a SparsityRampCallback in the same Trainer{reason}.")
@@ -215,7 +231,7 @@ class PruningPlan:
         out: dict[str, dict[str, Any]] = {}
         if self.ramp is not None:
             out["SparsityRampCallback"] = {**dataclasses.asdict(self.ramp), **dataclasses.asdict(self.selection)}
-        for name in ("refinement", "allocation", "freeze"):
+        for name in ("refinement", "allocation", "freeze", "statistics"):
             part = getattr(self, name)
             if part is not None:
                 out[CONTRIBUTORS[name]] = dataclasses.asdict(part)
@@ -246,6 +262,18 @@ def phase_at(round: int, plan: PruningPlan) -> Phase:
     return Phase.FINETUNE
 
 
+def frozen_at(round: int, plan: PruningPlan) -> bool:
+    """Whether the masks are frozen in ``round``: from the :class:`Freeze` part's ``start_round`` on (a round
+    after the ramp outside refinement is in the fine-tuning phase, but frozen only from there).
+
+    >>> plan = PruningPlan(Ramp(0.5, start_round=2, end_round=2), refinement=Refinement(5, start_round=7),
+    ...                    freeze=Freeze(20))
+    >>> [(r, phase_at(r, plan).label, frozen_at(r, plan)) for r in (3, 7, 20)]
+    [(3, 'fine-tune', False), (7, 'refine', False), (20, 'fine-tune', True)]
+    """
+    return plan.ramp is not None and plan.freeze is not None and round >= plan.freeze.start_round
+
+
 def update_at(round: int, plan: PruningPlan, current_target: float) -> float | None:
     """The sparsity the masks are recomputed at in ``round``, or None when they stay as they are.
 
@@ -268,7 +296,6 @@ def update_at(round: int, plan: PruningPlan, current_target: float) -> float | N
         return ramp.sparsity_at(round) if due else None
     if phase == Phase.REFINE and (round - plan.refine_start()) % plan.refinement.every_n_rounds == 0:
         return ramp.target_sparsity
-    frozen = phase == Phase.FINETUNE and plan.freeze is not None
-    if phase in (Phase.REFINE, Phase.FINETUNE) and not frozen and current_target != ramp.target_sparsity:
+    if phase in (Phase.REFINE, Phase.FINETUNE) and not frozen_at(round, plan) and current_target != ramp.target_sparsity:
         return ramp.target_sparsity
     return None

@@ -24,8 +24,9 @@ from lightning_fedprune.pruning.allocation import Layer, get_allocation, uniform
 from lightning_fedprune.pruning.importance import Importance, Statistics, get_importance
 from lightning_fedprune.pruning.masking import zero_pruned_
 from lightning_fedprune.pruning.patterns import check_pattern, get_pattern, shape_2d
-from lightning_fedprune.pruning.plan import Phase, PruningPlan, Selection, phase_at, update_at
+from lightning_fedprune.pruning.plan import Phase, PruningPlan, Selection, frozen_at, phase_at, update_at
 from lightning_fedprune.pruning.select import mask_from_scores
+from lightning_fedprune.pruning.statistics import CLIENT_STATISTIC_NAMES
 
 
 @dataclass
@@ -50,12 +51,16 @@ class PruningState:
         self.phase: Phase = Phase.DENSE
         self.frozen: bool = False
         self.permanent: bool = False
-        # server-side importance statistics (no traffic): last pseudo-gradient and its EMA, and the squared
-        # pseudo-gradients accumulated since the masks last changed (``sq_gradient_l1``, PruneFL's score)
+        # importance statistics: last pseudo-gradient and its EMA (server-side, no traffic), and the squared
+        # gradients (``sq_gradient_l1``, PruneFL's score): server-side, the squared pseudo-gradients accumulated since
+        # the masks last changed; with a ClientStatistics part, the sums the clients uploaded in the last window
         self.gradient: dict[str, Tensor] = {}
         self.momentum: dict[str, Tensor] = {}
         self.sq_gradient: dict[str, Tensor] = {}
         self.last_update_round: int = -1
+        # client statistics (a plan with a ClientStatistics part): the next merged upload starts a new window
+        # (replaces the sums) instead of adding to the current one
+        self.statistics_window_open: bool = False
         self.last_change = MaskChange()  # what this round's recomputation did (zeros when none ran)
         # configuration: the plan (the callbacks' parts) and the names its selection resolved to at setup
         self.plan = PruningPlan()
@@ -80,6 +85,25 @@ class PruningState:
     @property
     def momentum_source(self) -> str:
         return self.plan.selection.momentum_source
+
+    @property
+    def client_statistic(self) -> str | None:
+        """The statistic the clients accumulate and upload (the importance's ``needs``) when the plan asks the
+        clients for it (a :class:`~lightning_fedprune.pruning.plan.ClientStatistics` part), else None."""
+        return self.needs_statistics if self.plan.active and self.plan.statistics is not None else None
+
+    def client_statistics(self, round: int) -> dict[str, tuple[str, ...]]:
+        """What the clients of ``round`` accumulate and upload: ``{statistic: pruned tensor names}`` in the
+        ``window`` rounds before a mask recomputation (after :meth:`begin_round` of ``round``), else ``{}``."""
+        stat = self.client_statistic
+        if stat is None or self.permanent:
+            return {}
+        plan = self.plan
+        window = plan.statistics.window
+        if any(update_at(round + k, plan, self.target_sparsity) is not None and not frozen_at(round + k, plan)
+               for k in range(1, window + 1)):
+            return {stat: tuple(self.targets)}
+        return {}
 
     def configure(self, targets: list[str], pattern: str, importance: str, momentum_beta: float = 0.9,
                   momentum_source: str = "ema") -> None:
@@ -107,6 +131,14 @@ class PruningState:
         self.targets = targets
         if not self.patterns:
             self.patterns = {n: sel.pattern for n in targets}
+        if plan.statistics is not None:
+            need = self.needs_statistics
+            if need not in CLIENT_STATISTIC_NAMES:
+                raise ValueError(f"ClientStatistics: importance {sel.importance!r} needs "
+                                 f"{'no statistic' if need is None else repr(need)}, which clients cannot accumulate "
+                                 f"(client statistics: {tuple(CLIENT_STATISTIC_NAMES)}).")
+            if not isinstance(plan.statistics.window, int) or plan.statistics.window < 1:
+                raise ValueError(f"ClientStatistics: `window` must be an int >= 1, got {plan.statistics.window!r}.")
 
     def reapply_plan(self, round: int, params: dict[str, Tensor], server_momentum: dict[str, Tensor] | None = None) -> None:
         """Make a changed plan take effect now (a resume with ``resume_config_change="apply"``): the
@@ -127,7 +159,7 @@ class PruningState:
         if not plan.active:
             return self.last_change
         self.phase = phase_at(round, plan)
-        self.frozen = self.phase == Phase.FINETUNE and plan.freeze is not None
+        self.frozen = frozen_at(round, plan)
         sparsity = update_at(round, plan, self.target_sparsity)
         if sparsity is not None and not self.permanent:
             self.last_change = self.recompute(params, sparsity, round, server_momentum)
@@ -135,11 +167,26 @@ class PruningState:
             self.make_permanent(params)
         return self.last_change
 
-    def end_round(self, pseudo_gradient: dict[str, Tensor]) -> None:
-        """After the server step: update the server-side importance statistics the importance needs."""
+    def end_round(self, pseudo_gradient: dict[str, Tensor],
+                  client_statistics: dict[str, dict[str, Tensor]] | None = None) -> None:
+        """After the server step: update the importance statistics the importance needs — from the server's
+        pseudo-gradient, or, when the plan asks the clients for it, from ``client_statistics`` (the round's
+        merged uploads, ``{statistic: {name: tensor}}``): the first upload after a mask recomputation replaces
+        the sums, later ones of the same window add to them."""
         if not self.plan.active:
             return
         need = self.needs_statistics
+        stat = self.client_statistic
+        if stat is not None:
+            sums = (client_statistics or {}).get(stat)
+            if sums:
+                current = getattr(self, stat)
+                for name in self.targets:
+                    value = sums[name].detach()
+                    current[name] = value.clone() if not self.statistics_window_open or name not in current \
+                        else current[name] + value
+                self.statistics_window_open = True
+            return
         if need == "gradient" or (need == "momentum" and self.momentum_source == "ema"):
             self.observe_pseudo_gradient(pseudo_gradient, self.targets)
         elif need == "sq_gradient":
@@ -161,10 +208,11 @@ class PruningState:
 
         Uniform allocation gives every layer ``sparsity``; adaptive allocation (when configured)
         distributes it by layer importance. Kept and pruned entries are ranked together, so a
-        pruned entry whose (stale) score now beats a kept one comes back. The accumulated squared
-        gradients (``sq_gradient_l1``) restart from zero for the entries kept by the new masks; pruned
-        entries keep the sum of the window in which they were last kept. Masks are made on the
-        parameters' device.
+        pruned entry whose (stale) score now beats a kept one comes back. The server-side accumulated
+        squared pseudo-gradients (``sq_gradient_l1``) restart from zero for the entries kept by the new masks;
+        pruned entries keep the sum of the window in which they were last kept. Client statistics (a
+        ``ClientStatistics`` part) cover every entry, so the next upload replaces them all. Masks are made on
+        the parameters' device.
         """
         importance, sel = self.importance, self.selection
         momentum = server_momentum if sel.momentum_source == "server_optimizer" else self.momentum
@@ -176,6 +224,10 @@ class PruningState:
             if need is not None and stats[name].get(need) is None:
                 what = {"gradient": "server-side gradient", "momentum": "momentum",
                         "sq_gradient": "accumulated squared gradient"}.get(need, need)
+                if self.client_statistic is not None:
+                    raise RuntimeError(f"importance {importance.name!r} has no {what} for {name!r}: no client uploaded "
+                                       f"its {need} statistics before round {round} (the clients of the rounds before a "
+                                       "mask recomputation upload them; did every client of those rounds fail?).")
                 raise RuntimeError(f"importance {importance.name!r} has no {what} for {name!r} yet: no round has been "
                                    "aggregated; start pruning at round >= 1.")
         patterns = {n: get_pattern(self.patterns.get(n, sel.pattern)) for n in self.targets}
@@ -200,8 +252,11 @@ class PruningState:
             new_masks[name] = mask
             new_kept[name] = kept_new
         change.flips = change.restored + change.pruned
-        self.sq_gradient = {n: acc.masked_fill(new_masks[n].to(acc.device), 0) if n in new_masks else acc
-                            for n, acc in self.sq_gradient.items()}
+        if self.client_statistic is not None:
+            self.statistics_window_open = False  # the clients' next upload starts a new window (every entry fresh)
+        else:
+            self.sq_gradient = {n: acc.masked_fill(new_masks[n].to(acc.device), 0) if n in new_masks else acc
+                                for n, acc in self.sq_gradient.items()}
         self.masks = new_masks
         self._kept = new_kept
         self.patterns = {n: patterns[n].name for n in self.targets}
@@ -289,6 +344,7 @@ class PruningState:
             "sq_gradient": {n: t.clone() for n, t in self.sq_gradient.items()},
             "momentum_beta": self.selection.momentum_beta,  # (informational: the plan's; compared as configuration)
             "last_update_round": self.last_update_round,
+            "statistics_window_open": self.statistics_window_open,
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | str | None = None) -> None:
@@ -308,3 +364,4 @@ class PruningState:
         self.momentum = {n: t(x) for n, x in state["momentum"].items()}
         self.sq_gradient = {n: t(x) for n, x in state.get("sq_gradient", {}).items()}  # older checkpoints: none
         self.last_update_round = int(state["last_update_round"])
+        self.statistics_window_open = bool(state.get("statistics_window_open", False))  # older checkpoints: none

@@ -7,12 +7,16 @@ A client's job is a ``train`` message (``group_id`` = the round) whose :class:`~
     "fedprune.config"  ConfigRecord  round, client-id, seed, payload-id (which broadcast this is),
                                      spec (the payload's JSON spec, zlib-compressed), optim (OptimState,
                                      torch.save bytes), client-config (ClientConfig as JSON: local
-                                     steps/epochs, precision, clipping, ...), and "app.*": how
-                                     the node builds the task and its data (the fedprune YAML, overrides)
+                                     steps/epochs, precision, clipping, ...), "app.*": how the
+                                     node builds the task and its data (the fedprune YAML, overrides),
+                                     and, when the plan has them, statistics ({statistic: [names]},
+                                     JSON) and forward-scales ({name: factor}, JSON)
 
 The reply holds the same three records: the upload's arrays (kept entries only, as in-process),
 ``"fedprune.metrics"`` (MetricRecord: num-examples, num-samples, loss, seconds) and ``"fedprune.config"``
-(round, client-id, spec, logged (JSON), optim (bytes), and ``error`` when the client failed on the node).
+(round, client-id, spec, logged (JSON), optim (bytes), and ``error`` when the client failed on the node);
+with statistics, one more ArrayRecord per statistic, ``"fedprune.statistics.<statistic>"`` (its payload: one
+dense float32 tensor per parameter), whose spec is ``"statistics-spec.<statistic>"`` in the config.
 
 Nothing here names a pattern or a dtype: a payload is mapped through its arrays and spec, so every kind
 :mod:`~lightning_fedprune.federated.wire` encodes travels unchanged. Optimiser and scheduler states travel as
@@ -41,6 +45,8 @@ from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, Clie
 from lightning_fedprune.federated.wire import Payload, decode_tensor
 
 ARRAYS = "fedprune.arrays"
+STATISTICS = "fedprune.statistics."  # + the statistic's name: one ArrayRecord per statistic in a reply
+STATISTICS_SPEC = "statistics-spec."
 CONFIG = "fedprune.config"
 METRICS = "fedprune.metrics"
 TRAIN = "train"  # Flower's message type of a client's job
@@ -67,10 +73,11 @@ def payload_record(payload: Payload) -> tuple[ArrayRecord, bytes]:
     return ArrayRecord(arrays), zlib.compress(json.dumps(spec, separators=(",", ":")).encode())
 
 
-def payload_from_record(record: Any, packed_spec: Any) -> Payload:
-    """The payload of an ArrayRecord and its packed spec; :class:`RejectedReply` names what does not fit."""
+def payload_from_record(record: Any, packed_spec: Any, key: str = ARRAYS) -> Payload:
+    """The payload of an ArrayRecord (the record ``key``) and its packed spec; :class:`RejectedReply` names what
+    does not fit."""
     if not isinstance(record, ArrayRecord):
-        raise RejectedReply(f"no ArrayRecord {ARRAYS!r}")
+        raise RejectedReply(f"no ArrayRecord {key!r}")
     if not isinstance(packed_spec, bytes):
         raise RejectedReply("no payload spec")
     try:
@@ -139,9 +146,13 @@ def instruction(arrays: ArrayRecord, spec: bytes, optim: bytes, plan: ClientPlan
                 setup: Mapping[str, Any]) -> RecordDict:
     """The content of a client's ``train`` message. ``arrays``/``spec``/``optim`` are its payload's (shared
     by every client of a broadcast); ``setup`` holds client-config and the ``app.*`` fields."""
-    config = ConfigRecord({"round": int(plan.round), "client-id": int(plan.client_id), "seed": int(plan.seed),
-                           "payload-id": payload_id, "spec": spec, "optim": optim, **setup})
-    return RecordDict({ARRAYS: arrays, CONFIG: config})
+    fields = {"round": int(plan.round), "client-id": int(plan.client_id), "seed": int(plan.seed),
+              "payload-id": payload_id, "spec": spec, "optim": optim, **setup}
+    if plan.statistics:
+        fields["statistics"] = json.dumps({k: list(v) for k, v in plan.statistics.items()})
+    if plan.forward_scales:
+        fields["forward-scales"] = json.dumps({k: float(v) for k, v in plan.forward_scales.items()})
+    return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(fields)})
 
 
 def setup_fields(config: ClientConfig, app: Mapping[str, Any]) -> dict[str, Any]:
@@ -156,7 +167,10 @@ def read_job(content: RecordDict) -> Job:
         raise ValueError(f"the message has no ConfigRecord {CONFIG!r}")
     payload = payload_from_record(content.get(ARRAYS), cfg.get("spec"))
     rnd = int(cfg["round"])
-    plan = ClientPlan(client_id=int(cfg["client-id"]), round=rnd, seed=int(cfg["seed"]))
+    statistics = {str(k): tuple(str(n) for n in v) for k, v in json.loads(str(cfg.get("statistics", "{}"))).items()}
+    scales = {str(k): float(v) for k, v in json.loads(str(cfg.get("forward-scales", "{}"))).items()}
+    plan = ClientPlan(client_id=int(cfg["client-id"]), round=rnd, seed=int(cfg["seed"]), statistics=statistics,
+                      forward_scales=scales)
     config = ClientConfig(**json.loads(str(cfg["client-config"])))
     app = {k[len(APP_PREFIX):]: v for k, v in cfg.items() if k.startswith(APP_PREFIX)}
     return Job(RoundPayload(rnd, payload, load_optim(cfg["optim"])), plan, config, app, str(cfg["payload-id"]))
@@ -174,7 +188,10 @@ def reply_content(result: ClientResult) -> RecordDict:
     arrays, spec = payload_record(result.payload)
     config.update(spec=spec, optim=dump_state(result.optim),
                   logged=json.dumps({name: asdict(v) for name, v in result.logged.items()}))
-    return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config), METRICS: MetricRecord(metrics)})
+    records: dict[str, Any] = {ARRAYS: arrays}
+    for stat, payload in result.statistics.items():
+        records[STATISTICS + stat], config[STATISTICS_SPEC + stat] = payload_record(payload)
+    return RecordDict({**records, CONFIG: ConfigRecord(config), METRICS: MetricRecord(metrics)})
 
 
 class Expected:
@@ -207,6 +224,25 @@ class Expected:
                 raise RejectedReply(f"{name!r} has non-zero values where the mask says pruned")
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise RejectedReply(f"non-finite values in {name!r}")
+
+    def check_statistics(self, stat: str, names: Sequence[str], payload: Payload) -> None:
+        """Raise :class:`RejectedReply` unless ``payload`` holds statistic ``stat`` of exactly ``names``, in that
+        order: dense float32 tensors of their parameters' shapes, finite."""
+        if list(payload.keys()) != list(names):
+            raise RejectedReply(f"the {stat!r} statistics are not those asked for (got {list(payload.keys())[:5]}, "
+                                f"asked {list(names)[:5]})")
+        for name, enc in payload.items():
+            shape = self.tensors[name][0] if name in self.tensors else None
+            if enc.kind != "dense" or tuple(enc.shape) != shape or enc.dtype != "float32" or enc.quant is not None:
+                raise RejectedReply(f"the {stat!r} statistic of {name!r} is {enc.kind} {enc.dtype}{list(enc.shape)}, "
+                                    f"expected dense float32{list(shape or ())}")
+            try:
+                value = decode_tensor(enc)
+            except Exception as err:  # a malformed array
+                raise RejectedReply(f"the {stat!r} statistic of {name!r} cannot be decoded ({type(err).__name__}: "
+                                    f"{err})") from None
+            if not bool(torch.isfinite(value).all()):
+                raise RejectedReply(f"non-finite values in the {stat!r} statistic of {name!r}")
 
 
 def read_reply(reply: Message, plan: ClientPlan, node_id: int, expected: Expected) -> ClientResult:
@@ -245,10 +281,15 @@ def read_reply(reply: Message, plan: ClientPlan, node_id: int, expected: Expecte
         raise RejectedReply(f"the reply's loss {loss!r} is not finite (a node reports a non-finite loss as an error)")
     upload = payload_from_record(content.get(ARRAYS), cfg.get("spec"))
     expected.check(upload)
+    statistics = {}
+    for stat, names in plan.statistics.items():
+        statistics[stat] = payload_from_record(content.get(STATISTICS + stat), cfg.get(STATISTICS_SPEC + stat),
+                                               STATISTICS + stat)
+        expected.check_statistics(stat, names, statistics[stat])
     return ClientResult(plan.client_id, plan.round, payload=upload, num_samples=num_samples, num_examples=num_examples,
                         loss=loss,
                         logged=_read_logged(cfg.get("logged")), optim=load_optim(cfg.get("optim")),
-                        seconds=_number(metrics, "seconds", 0.0))
+                        seconds=_number(metrics, "seconds", 0.0), statistics=statistics)
 
 
 def _number(record: MetricRecord, key: str, default: float | None = None) -> float:

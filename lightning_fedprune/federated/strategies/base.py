@@ -63,6 +63,8 @@ class RoundContext:
         buffers: the global persistent buffers.
         masks: the round's masks (True = kept) of the pruned parameters.
         patterns: the pattern of every masked parameter.
+        task: the global model (the task), for a strategy that reads its structure (Federated Dropout's units);
+            never written to. None where the caller has no module.
     """
 
     round: int
@@ -70,6 +72,7 @@ class RoundContext:
     buffers: Mapping[str, Tensor]  # the global persistent buffers
     masks: Mapping[str, Tensor]  # the round's masks (True = kept)
     patterns: Mapping[str, str]
+    task: torch.nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,13 @@ class SubModel:
     Attributes:
         masks: the mask of every tensor that travels pruned (True = kept).
         patterns: the pattern of each of them.
+        forward_scales: ``{parameter name: factor}`` the client's forward multiplies those parameters by
+            (:attr:`ClientPlan.forward_scales <lightning_fedprune.federated.protocol.ClientPlan.forward_scales>`).
     """
 
     masks: Mapping[str, Tensor]
     patterns: Mapping[str, str]
+    forward_scales: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -229,6 +235,26 @@ class Strategy(ABC):
             else math.nan
         agg.logged = cohort_logged([results[i] for i in ok])
         return agg
+
+    def aggregate_statistics(self, results: Sequence[ClientResult],
+                             statistics: Sequence[Mapping[str, Mapping[str, Tensor]] | None],
+                             ok: Sequence[int]) -> dict[str, dict[str, Tensor]]:
+        """The clients' statistics (``statistics[i]``: result ``i``'s, decoded, or None) merged as the updates are:
+        per statistic and tensor, the weighted mean (:meth:`weight_of`) over the results in ``ok`` (the aggregate's)
+        that carry it and whose values are finite. ``{}`` when none does."""
+        merged: dict[str, dict[str, Tensor]] = {}
+        stats = {s for i in ok if statistics[i] for s in statistics[i]}
+        for stat in sorted(stats):
+            carriers = [i for i in ok if statistics[i] and stat in statistics[i]]
+            sums = [torch.stack([t.sum() for t in statistics[i][stat].values()]).sum() for i in carriers]
+            finite = torch.isfinite(torch.stack(sums)).tolist() if sums else []  # one host sync per statistic
+            carriers = [i for i, good in zip(carriers, finite) if good]
+            if not carriers:
+                continue
+            names = list(statistics[carriers[0]][stat])
+            merged[stat] = weighted_average([statistics[i][stat] for i in carriers],
+                                            [self.weight_of(results[i]) for i in carriers], names)
+        return merged
 
     @staticmethod
     def _finite_average(states: Sequence[Mapping[str, Tensor] | None], weights: Sequence[float], ok: list[int],
