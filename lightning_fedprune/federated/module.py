@@ -36,12 +36,8 @@ from lightning_fedprune.federated.checkpoint import (
     task_spec,
     validate_checkpoint_file,
 )
-from lightning_fedprune.federated.client_config import (
-    ClientSettings,
-    adopt_trainer_settings,
-    check_one_device,
-    client_config_for,
-)
+from lightning_fedprune.federated.client_config import (ClientSettings, adopt_trainer_settings, check_one_device,
+                                                        client_config_for)
 from lightning_fedprune.federated.client_view import ClientTrainerView
 from lightning_fedprune.federated.delegation import TaskEvaluation
 from lightning_fedprune.federated.failures import FailureGuard
