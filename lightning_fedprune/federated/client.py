@@ -545,11 +545,11 @@ class ClientRunner:
 def _batch_size(batch: Any) -> int:
     """Examples in a batch: the fast common cases, else Lightning's own inference."""
     if isinstance(batch, Tensor):
-        return len(batch)
+        return batch.shape[0]
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) and batch[0].dim() > 0:
-        return len(batch[0])
+        return batch[0].shape[0]
     if isinstance(batch, dict):  # the first batched tensor (e.g. ASR: features, lengths, texts, ...)
         for value in batch.values():
             if isinstance(value, Tensor) and value.dim() > 0:
-                return len(value)
+                return value.shape[0]
     return extract_batch_size(batch)

@@ -204,10 +204,10 @@ class ClientLog:
 
 
 def _floats(values: list[Any]) -> list[float]:
-    """The logged values as floats, tensors read from their device at once (one synchronisation per name, not
-    one per logged step)."""
-    tensors = [v for v in values if isinstance(v, Tensor)]
-    if not tensors:
+    """The logged values as floats; tensors on an accelerator are read at once (one synchronisation per name, not
+    one per logged step), host values one by one (cheaper than a stack)."""
+    on_device = [v for v in values if isinstance(v, Tensor) and v.device.type != "cpu"]
+    if not on_device:
         return [float(v) for v in values]
-    read = iter(torch.stack([t.reshape(()).to(torch.float64) for t in tensors]).tolist())
-    return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
+    read = iter(torch.stack([t.reshape(()).to(torch.float64) for t in on_device]).tolist())
+    return [next(read) if isinstance(v, Tensor) and v.device.type != "cpu" else float(v) for v in values]
