@@ -22,6 +22,7 @@ from enum import IntEnum
 from typing import Any
 
 from lightning_fedprune.pruning.schedules import Schedule
+from lightning_fedprune.pruning.structure import Structure
 
 __all__ = ["Allocation", "Freeze", "Phase", "PruningPlan", "Ramp", "Refinement", "Selection", "phase_at", "update_at"]
 
@@ -44,8 +45,12 @@ class Phase(IntEnum):
 class Selection:
     """What is pruned and how it is scored (contributed by ``SparsityRampCallback``).
 
+    ``groups`` names groups of the task's ``pruning_groups()`` (e.g. ``("ffn", "attention")``);
     ``parameters``/``exclude`` are regular expressions over the task's parameter names
-    (``re.fullmatch``; default: every parameter with 2 or more dimensions).
+    (``re.fullmatch``). The selection is the union of the groups' parameters and the ``parameters``
+    matches, minus ``exclude``; with neither ``groups`` nor ``parameters``: every parameter with 2 or more
+    dimensions. ``structure`` is the task's groups and links (read from the task when fit starts; not a
+    setting, so not part of :meth:`PruningPlan.config`): the links derive the dependent masks.
     """
 
     pattern: str = "unstructured"
@@ -54,12 +59,34 @@ class Selection:
     exclude: str | None = None
     momentum_beta: float = 0.9
     momentum_source: str = "ema"
+    groups: tuple[str, ...] | None = None
+    structure: Structure | None = field(default=None, compare=False, repr=False)
 
     def resolve(self, named_shapes: list[tuple[str, tuple[int, ...]]]) -> list[str]:
         """The names this selection prunes, in the task's parameter order (raises naming the argument)."""
+        chosen: set[str] = set()
+        if self.groups is not None:
+            structure = self.structure or Structure()
+            available = structure.group_names
+            if not available:
+                raise ValueError(
+                    f"`groups={list(self.groups)!r}` needs a task that names its pruning groups (a `pruning_groups()` "
+                    "method, as the ConformerTransducer has); this task has none: select with `parameters=` (a regex).")
+            unknown = [g for g in self.groups if g not in available]
+            if unknown:
+                raise ValueError(f"`groups` has {unknown!r}, which this task does not have; its groups are "
+                                 f"{list(available)!r}.")
+            for g in self.groups:
+                chosen.update(structure.members(g))
         pattern = re.compile(self.parameters) if self.parameters is not None else None
-        selected = [n for n, shape in named_shapes if (len(shape) >= 2 if pattern is None else pattern.fullmatch(n))]
-        what = f"`parameters={self.parameters!r}`" if self.parameters is not None else "the default (tensors with >= 2 dims)"
+        if pattern is not None:
+            chosen.update(n for n, _ in named_shapes if pattern.fullmatch(n))
+        elif self.groups is None:
+            chosen.update(n for n, shape in named_shapes if len(shape) >= 2)
+        selected = [n for n, _ in named_shapes if n in chosen]
+        parts = ([f"`groups={list(self.groups)!r}`"] if self.groups is not None else []) + \
+            ([f"`parameters={self.parameters!r}`"] if self.parameters is not None else [])
+        what = " and ".join(parts) or "the default (tensors with >= 2 dims)"
         if not selected:
             sample = ", ".join(n for n, _ in named_shapes[:8])
             raise ValueError(f"{what} matches no parameter of the task. Some parameter names: {sample} ...")
@@ -71,6 +98,14 @@ class Selection:
                 f"{' ...' if len(selected) > 8 else ''}): nothing is left to prune."
             )
         return names
+
+    def settings(self) -> dict[str, Any]:
+        """The user's settings (everything but the task's structure; ``groups`` only when given, so a
+        configuration without groups reads as it did before groups existed)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("structure", "groups")}
+        if self.groups is not None:
+            out["groups"] = list(self.groups)
+        return out
 
 
 @dataclass(frozen=True)
@@ -214,7 +249,7 @@ class PruningPlan:
         """The plan by contributing callback (stored in checkpoints and compared on resume)."""
         out: dict[str, dict[str, Any]] = {}
         if self.ramp is not None:
-            out["SparsityRampCallback"] = {**dataclasses.asdict(self.ramp), **dataclasses.asdict(self.selection)}
+            out["SparsityRampCallback"] = {**dataclasses.asdict(self.ramp), **self.selection.settings()}
         for name in ("refinement", "allocation", "freeze"):
             part = getattr(self, name)
             if part is not None:

@@ -26,6 +26,7 @@ from lightning_fedprune.pruning.masking import zero_pruned_
 from lightning_fedprune.pruning.patterns import check_pattern, get_pattern, shape_2d
 from lightning_fedprune.pruning.plan import Phase, PruningPlan, Selection, phase_at, update_at
 from lightning_fedprune.pruning.select import mask_from_scores
+from lightning_fedprune.pruning.structure import Link, derive_masks, wire_pattern
 
 
 @dataclass
@@ -44,7 +45,10 @@ class PruningState:
     def __init__(self) -> None:
         self.masks: dict[str, Tensor] = {}
         self._kept: dict[str, int] = {}
+        # the pattern every mask travels with (the wire, the clients) and the pattern every target is scored
+        # with; they differ where the task's links add dependent rows/columns (see pruning/structure.py)
         self.patterns: dict[str, str] = {}
+        self.target_patterns: dict[str, str] = {}
         self.layer_sparsity: dict[str, float] = {}
         self.target_sparsity: float = 0.0
         self.phase: Phase = Phase.DENSE
@@ -81,6 +85,18 @@ class PruningState:
     def momentum_source(self) -> str:
         return self.plan.selection.momentum_source
 
+    @property
+    def links(self) -> tuple[Link, ...]:
+        """The task's links (the dependent masks), read from the plan's selection."""
+        structure = self.plan.selection.structure
+        return structure.links if structure is not None else ()
+
+    @property
+    def dependents(self) -> list[str]:
+        """The masked tensors that are not targets: masked only because a link removes their rows/columns."""
+        targets = set(self.targets)
+        return [n for n in self.masks if n not in targets]
+
     def configure(self, targets: list[str], pattern: str, importance: str, momentum_beta: float = 0.9,
                   momentum_source: str = "ema") -> None:
         """Prune ``targets`` with ``pattern`` scored by ``importance`` (direct use of the state, without the
@@ -92,6 +108,8 @@ class PruningState:
         self.targets = list(targets)
         if not self.patterns:
             self.patterns = {n: pattern for n in targets}
+        if not self.target_patterns:
+            self.target_patterns = {n: pattern for n in targets}
 
     def apply_plan(self, plan: PruningPlan, named_shapes: list[tuple[str, tuple[int, ...]]]) -> None:
         """Validate ``plan`` and take it; its selection is resolved against the task's ``named_shapes``."""
@@ -107,6 +125,8 @@ class PruningState:
         self.targets = targets
         if not self.patterns:
             self.patterns = {n: sel.pattern for n in targets}
+        if not self.target_patterns:
+            self.target_patterns = {n: sel.pattern for n in targets}
 
     def reapply_plan(self, round: int, params: dict[str, Tensor], server_momentum: dict[str, Tensor] | None = None) -> None:
         """Make a changed plan take effect now (a resume with ``resume_config_change="apply"``): the
@@ -114,6 +134,7 @@ class PruningState:
         if self.frozen or self.permanent or not self.plan.active:
             return
         self.patterns = {n: self.selection.pattern for n in self.targets}
+        self.target_patterns = dict(self.patterns)
         if self.masks or phase_at(round, self.plan) != Phase.DENSE:
             self.recompute(params, self.plan.ramp.sparsity_at(round), round, server_momentum)
 
@@ -161,8 +182,10 @@ class PruningState:
 
         Uniform allocation gives every layer ``sparsity``; adaptive allocation (when configured)
         distributes it by layer importance. Kept and pruned entries are ranked together, so a
-        pruned entry whose (stale) score now beats a kept one comes back. The accumulated squared
-        gradients (``sq_gradient_l1``) restart from zero for the entries kept by the new masks; pruned
+        pruned entry whose (stale) score now beats a kept one comes back. The task's links then add the
+        dependent masks (:func:`~lightning_fedprune.pruning.structure.derive_masks`): the sparsity is that of
+        the targets, the masks also cover the rows and columns the pruned ones make dead. The accumulated
+        squared gradients (``sq_gradient_l1``) restart from zero for the entries kept by the new masks; pruned
         entries keep the sum of the window in which they were last kept. Masks are made on the
         parameters' device.
         """
@@ -178,17 +201,27 @@ class PruningState:
                         "sq_gradient": "an accumulated squared gradient"}[need]
                 raise RuntimeError(f"importance {importance.name!r} has no {what} for {name!r} yet: no round has been "
                                    "aggregated; start pruning at round >= 1.")
-        patterns = {n: get_pattern(self.patterns.get(n, sel.pattern)) for n in self.targets}
+        patterns = {n: get_pattern(self.target_patterns.get(n) or self.patterns.get(n, sel.pattern)) for n in self.targets}
         scores = {n: importance.scores(patterns[n], params[n].detach(), stats[n]) for n in self.targets}
         per_layer = self._allocate(params, stats, scores, sparsity)
         change = MaskChange()
-        new_masks: dict[str, Tensor] = {}
+        primary: dict[str, Tensor] = {}
         new_kept: dict[str, int] = {}
         for name in self.targets:
             shape = params[name].shape
             keep = mask_from_scores(scores[name], per_layer[name])
-            mask = patterns[name].expand(keep, *shape_2d(shape)).reshape(shape).contiguous()
-            kept_new = int(keep.sum()) * (mask.numel() // keep.numel())  # every group has the same size
+            primary[name] = patterns[name].expand(keep, *shape_2d(shape)).reshape(shape).contiguous()
+            new_kept[name] = int(keep.sum()) * (primary[name].numel() // keep.numel())  # every group has the same size
+        new_masks, wire = primary, {n: patterns[n].name for n in self.targets}
+        if self.links:
+            new_masks = derive_masks(primary, self.links, {n: t.shape for n, t in params.items()})
+            for name, mask in new_masks.items():
+                if name in primary and torch.equal(mask, primary[name]):
+                    continue
+                wire[name] = wire_pattern(mask, wire.get(name))
+                new_kept[name] = int(mask.sum())
+        for name, mask in new_masks.items():
+            kept_new = new_kept[name]
             old = self.masks.get(name)
             if old is not None:
                 flips = int(torch.count_nonzero(mask ^ old.to(mask.device)))
@@ -197,14 +230,16 @@ class PruningState:
                 change.pruned += flips - restored
             else:
                 change.pruned += mask.numel() - kept_new
-            new_masks[name] = mask
-            new_kept[name] = kept_new
+        for name, old in self.masks.items():  # a dependent mask no longer needed: its entries all come back
+            if name not in new_masks:
+                change.restored += old.numel() - self._kept_count(name)
         change.flips = change.restored + change.pruned
         self.sq_gradient = {n: acc.masked_fill(new_masks[n].to(acc.device), 0) if n in new_masks else acc
                             for n, acc in self.sq_gradient.items()}
         self.masks = new_masks
         self._kept = new_kept
-        self.patterns = {n: patterns[n].name for n in self.targets}
+        self.patterns = wire
+        self.target_patterns = {n: patterns[n].name for n in self.targets}
         self.layer_sparsity = dict(per_layer)
         self.target_sparsity = float(sparsity)
         self.last_update_round = int(round)
@@ -270,6 +305,7 @@ class PruningState:
         return {
             "masks": {n: m.clone() for n, m in self.masks.items()},
             "patterns": dict(self.patterns),
+            "target_patterns": dict(self.target_patterns),
             "layer_sparsity": dict(self.layer_sparsity),
             "target_sparsity": self.target_sparsity,
             "phase": int(self.phase),
@@ -290,6 +326,8 @@ class PruningState:
         self.masks = {n: t(m).bool() for n, m in state["masks"].items()}
         self._kept = {}
         self.patterns = dict(state["patterns"])
+        # (older checkpoints have no dependent masks: every masked tensor is scored with its wire pattern)
+        self.target_patterns = dict(state.get("target_patterns", state["patterns"]))
         self.layer_sparsity = dict(state["layer_sparsity"])
         self.target_sparsity = float(state["target_sparsity"])
         self.phase = Phase(int(state["phase"]))
