@@ -563,13 +563,7 @@ class ClientRunner:
 
     def _fresh_optimizers(self, optim: OptimState, compacted: CompactedModule | None, masked: MaskedDense) -> None:
         """Empty optimiser state, the schedule position of ``optim``, params = what this client trains."""
-        remap: dict[int, list[Tensor]] = {}
-        if compacted is not None:
-            for name, original in compacted.originals.items():
-                layer = compacted.compacted[name]
-                remap[id(original.weight)] = list(layer.weight_blocks)
-                if original.bias is not None:
-                    remap[id(original.bias)] = [layer.bias]
+        remap: dict[int, list[Tensor]] = compacted.param_map() if compacted is not None else {}
         for opt, groups, wrapped in zip(self.optimizers, self._orig_groups, self.wrapped):
             opt.state.clear()
             for group, params in zip(opt.param_groups, groups):
