@@ -371,3 +371,17 @@ def test_the_process_pool_trains_the_compact_conformer_as_the_sequential_executo
     sequential, pool = _fit(True, rounds=3), _fit(True, executor="process", rounds=3)
     a, b = sequential.task.state_dict(), pool.task.state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_compact_module_reuses_its_decisions_only_for_the_same_masks_object():
+    torch.manual_seed(0)
+    model = FFN()
+    masks, patterns = _masks_for(model, model.pruning_links(), {"net.3.weight": _keep(10, 0.4, 1)[None].expand(5, 10).clone()})
+    for _ in range(2):  # a round's clients: the same replica, masks and patterns objects
+        handle = compact_module(model, masks, patterns)
+        assert model.net[3].weight_kept.shape == (5, 6)
+        handle.restore()
+    other, _ = _masks_for(model, model.pruning_links(), {"net.3.weight": _keep(10, 0.7, 2)[None].expand(5, 10).clone()})
+    handle = compact_module(model, other, patterns)  # the next round: new masks, new decisions
+    assert model.net[3].weight_kept.shape == (5, 3) and model.net[0].weight_kept.shape == (3, 6)
+    handle.restore()

@@ -334,8 +334,16 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _product(m2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(kept rows, kept columns)`` (bool) if the mask is exactly their product, else ``None``."""
+def _product(m2d: torch.Tensor, pattern: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(kept rows, kept columns)`` (bool) if the mask is exactly their product, else ``None``. A ``row`` or
+    ``column`` mask (a union of whole rows / columns, as every mask is of the pattern it travels with) is one
+    by construction and is read from one column / row."""
+    if pattern == "column":
+        cols = m2d[0].clone()
+        return torch.full_like(m2d[:, 0], bool(cols.any())), cols
+    if pattern == "row":
+        rows = m2d[:, 0].clone()
+        return rows, torch.full_like(m2d[0], bool(rows.any()))
     rows, cols = m2d.any(1), m2d.any(0)
     return (rows, cols) if torch.equal(m2d, rows[:, None] & cols[None, :]) else None
 
@@ -368,13 +376,14 @@ class _Sliced:
     scatter: bool = True
 
 
-def _analyse_linear(name: str, mod: nn.Module, masks: Mapping[str, torch.Tensor], masked: list[str]) -> _Sliced | str:
+def _analyse_linear(name: str, mod: nn.Module, masks: Mapping[str, torch.Tensor], masked: list[str],
+                    patterns: Mapping[str, str]) -> _Sliced | str:
     w = masks.get(_join(name, "weight"))
     b = masks.get(_join(name, "bias")) if mod.bias is not None else None
     O, I = mod.weight.shape[0], mod.weight.shape[1]
     if w is None:
         return "only its bias is masked"
-    prod = _product(w.reshape(O, I).to(mod.weight.device))
+    prod = _product(w.reshape(O, I).to(mod.weight.device), patterns.get(_join(name, "weight")))
     if prod is None:
         return "its weight mask is not whole rows and columns"
     rows, cols = prod
@@ -387,7 +396,8 @@ def _analyse_linear(name: str, mod: nn.Module, masks: Mapping[str, torch.Tensor]
     return _Sliced(name, mod, kind, masked, _kept(rows), _kept(cols), O, I)
 
 
-def _analyse_lstm(name: str, mod: nn.LSTM, masks: Mapping[str, torch.Tensor], masked: list[str]) -> _Sliced | str:
+def _analyse_lstm(name: str, mod: nn.LSTM, masks: Mapping[str, torch.Tensor], masked: list[str],
+                  patterns: Mapping[str, str]) -> _Sliced | str:
     if mod.bidirectional or mod.proj_size or mod.mode != "LSTM":
         return "a bidirectional or projected LSTM"
     H, L = mod.hidden_size, mod.num_layers
@@ -403,7 +413,7 @@ def _analyse_lstm(name: str, mod: nn.LSTM, masks: Mapping[str, torch.Tensor], ma
             m = masks.get(_join(name, local))
             m2d = torch.ones(p.shape[0], p.numel() // p.shape[0], dtype=torch.bool, device=device) if m is None \
                 else m.reshape(p.shape[0], -1).to(device)
-            prod = _product(m2d)
+            prod = _product(m2d, None if m is None else patterns.get(_join(name, local)))
             if prod is None:
                 return f"the mask of {local} is not whole rows and columns"
             gates = prod[0].reshape(4, H)
@@ -510,8 +520,8 @@ def plan_compaction(root: nn.Module, masks: Mapping[str, torch.Tensor], patterns
             if pattern not in STRUCTURED_PATTERNS:
                 reason = f"pattern {pattern!r} is not structured"
         if reason is None:
-            result = _analyse_lstm(mod_name, mod, masks, masked) if isinstance(mod, nn.LSTM) \
-                else _analyse_linear(mod_name, mod, masks, masked)
+            result = _analyse_lstm(mod_name, mod, masks, masked, patterns) if isinstance(mod, nn.LSTM) \
+                else _analyse_linear(mod_name, mod, masks, masked, patterns)
             if isinstance(result, str):
                 reason = result
             else:
@@ -582,8 +592,9 @@ def plan_compaction(root: nn.Module, masks: Mapping[str, torch.Tensor], patterns
         kind = {"linear": "SlicedLinear", "conv1d": "SlicedLinear(Conv1d)", "lstm": "SlicedLSTM"}[s.kind]
         decisions[name] = LayerDecision(name, kind, "compact", s.masked, shape=f"{shape}; {io}")
     ordered = [decisions[n] for n in sorted(decisions, key=order.__getitem__)]
+    state_keys = list(root.state_dict().keys())
     return ordered, {"sliced": sliced, "legacy": legacy, "replacements": replacements, "fallback": fallback,
-                     "modules": modules}
+                     "modules": modules, "owner": owner, "state_keys": state_keys}
 
 
 def _build_sliced(s: _Sliced) -> nn.Module:
@@ -617,6 +628,11 @@ def _build_sliced(s: _Sliced) -> nn.Module:
                         conv=s.kind == "conv1d", requires_grad=mod.weight.requires_grad)
 
 
+#: The last plan :func:`compact_module` made, with the (root, masks, patterns) objects it was made for: a
+#: client compacts the same replica with the same decoded masks for every client of a round.
+_LAST_PLAN: dict[str, Any] = {}
+
+
 def compact_module(
     root: nn.Module,
     masks: Mapping[str, torch.Tensor],
@@ -643,11 +659,20 @@ def compact_module(
     modules or modules with forward hooks, and ``root`` itself.
 
     With ``release=True`` the original full-size parameters' storage is freed while compacted (so only the
-    kept slices occupy memory) and re-created by ``restore(copy_back=True)``."""
-    decisions, plan = plan_compaction(root, masks, patterns, links)
-    result = CompactedModule(root=root, state_keys=list(root.state_dict().keys()), layers=decisions)
+    kept slices occupy memory) and re-created by ``restore(copy_back=True)``. Called again with the same
+    ``root``, ``masks`` and ``patterns`` objects (not copies) and default ``links``, it reuses its last
+    decisions: change masks by passing a new dict, not by editing one in place."""
+    cached = _LAST_PLAN.get("key")
+    if links is None and cached is not None and all(a is b for a, b in zip(cached, (root, masks, patterns))):
+        decisions, plan = _LAST_PLAN["plan"]  # the same replica and round (a client's case): the same decisions
+    else:
+        decisions, plan = plan_compaction(root, masks, patterns, links)
+        _LAST_PLAN.clear()
+        if links is None:
+            _LAST_PLAN.update(key=(root, masks, patterns), plan=(decisions, plan))
+    result = CompactedModule(root=root, state_keys=list(plan["state_keys"]), layers=decisions)
     result.fallback = dict(plan["fallback"])
-    owner = _owner_map(root)
+    owner = plan["owner"]
     for pname, reason in plan["fallback"].items():
         if pname in owner:
             result.fallback_masks[pname] = masks[pname]

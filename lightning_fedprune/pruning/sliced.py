@@ -42,14 +42,15 @@ def positions(kept: Tensor, within: Tensor) -> Tensor | None:
     return torch.searchsorted(within, kept)
 
 
-def full_like_layout(x: Tensor, width: int, dim: int, fill: float | None = 1.0) -> Tensor:
+def full_like_layout(x: Tensor, width: int, dim: int, fill: float | None = 1.0, dtype: torch.dtype | None = None) -> Tensor:
     """A tensor of ``x``'s shape with ``width`` entries along ``dim``, laid out in memory like ``x`` (the same
     dimension order): the tensor a full-width layer would have produced, for drawing a dropout mask. Filled
-    with ``fill`` (``None``: uninitialised)."""
+    with ``fill`` (``None``: uninitialised); ``dtype`` defaults to ``x``'s."""
     dim = dim % x.dim()
     order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))  # outermost first
     shape = [width if d == dim else x.shape[d] for d in order]
-    buf = x.new_empty(shape) if fill is None else x.new_full(shape, fill)
+    dtype = x.dtype if dtype is None else dtype
+    buf = x.new_empty(shape, dtype=dtype) if fill is None else x.new_full(shape, fill, dtype=dtype)
     return buf.permute([order.index(d) for d in range(x.dim())])
 
 
@@ -58,11 +59,12 @@ def dropout_kept(x: Tensor, p: float, width: int, dim: int, index: Tensor) -> Te
     for an ``x`` that holds only those features: the same random numbers, the same arithmetic.
 
     On the CPU ``F.dropout`` draws ``empty_like(input).bernoulli_(1 - p)``, divides it by ``1 - p`` and
-    multiplies; this draws the same full-width mask and does the rest on the kept features only. Other
-    devices (a fused dropout kernel) get the kept part of ``F.dropout`` applied to full-width ones."""
+    multiplies; this draws the same full-width mask (as bytes: the draws do not depend on the dtype, which
+    ``tests/test_compact_kinds.py`` checks) and does the rest on the kept features only. Other devices (a
+    fused dropout kernel) get the kept part of ``F.dropout`` applied to full-width ones."""
     if x.device.type == "cpu":
-        noise = full_like_layout(x, width, dim, None).bernoulli_(1 - p)
-        return x * noise.index_select(dim, index).div_(1 - p)
+        noise = full_like_layout(x, width, dim, None, torch.uint8).bernoulli_(1 - p)
+        return x * noise.index_select(dim, index).to(x.dtype).div_(1 - p)
     return x * F.dropout(full_like_layout(x, width, dim), p, True).index_select(dim, index)
 
 
