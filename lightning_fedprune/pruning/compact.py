@@ -21,9 +21,13 @@ read-only, differentiable full-shape view (the kept blocks scattered into zeros)
 penalty or weight norm over ``layer.weight`` trains the compact blocks exactly as it trains the
 kept entries of the masked-dense layer.
 
-Everything else (convolutions, embeddings, ``nn.MultiheadAttention`` projections, tied
-weights, ``unstructured`` masks, biases with their own mask) stays a full tensor and is kept
-pruned by the masked-dense mechanism :class:`MaskedDense`.
+:func:`compact_module` compacts a whole task: besides :class:`CompactLinear`, the sliced layers of
+:mod:`lightning_fedprune.pruning.sliced` hold whatever whole rows and columns the masks keep -- the
+dependent masks of the task's links (:mod:`lightning_fedprune.pruning.structure`) included -- for an
+``nn.Linear``, a pointwise ``nn.Conv1d`` and an ``nn.LSTM``, and linked layers pass their features compact.
+Everything else (other convolutions, embeddings, ``nn.MultiheadAttention`` projections, tied weights,
+``unstructured`` masks) stays a full tensor kept pruned by the masked-dense mechanism :class:`MaskedDense`;
+:func:`plan_compaction` says which, module by module, with the reason.
 """
 
 from __future__ import annotations
@@ -687,7 +691,7 @@ def compact_module(
         if release:
             mod.weight.data = torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device)
     for mod_name, s in plan["sliced"].items():
-        layer = _build_sliced(s)
+        layer = _build_sliced(s).train(s.module.training)
         result.originals[mod_name], result.compacted[mod_name] = s.module, layer
         result.covered[mod_name] = list(s.masked)
         _set_submodule(root, mod_name, layer)

@@ -52,11 +52,13 @@ class Link:
             an exact zero, which is only harmless for readers whose column is removed with it.
         gates: gate blocks per feature in the producers' rows (1; 4 for an LSTM).
         between: names of modules the features pass through between producers and consumers that must
-            know when the features arrive compact on a client (a dropout, whose random mask is drawn at full
-            width so compact and masked-dense clients draw the same numbers; an attention core, which must
-            know each kept value feature's head). A module listed here is an ``nn.Dropout`` or has
-            ``compact_features(index, width) -> nn.Module`` (its replacement for inputs holding only the
-            features ``index`` of ``width``). Parameter-free element-wise activations need not be listed.
+            know when the features arrive compact on a client: a module with ``compact_features(index, width)
+            -> nn.Module`` (its replacement for inputs holding only the features ``index`` of ``width``; e.g. an
+            attention core, which must know each kept value feature's head), or an ``nn.Dropout`` whose random
+            numbers should be those of the masked-dense client (it then draws its mask at full width and uses
+            the kept part: compact and masked-dense clients train the very same numbers, at the price of the
+            full-width draws). Parameter-free element-wise activations need not be listed, nor a dropout that
+            may draw at the compact width (the same distribution, other random numbers).
     """
 
     producers: tuple[str, ...]
