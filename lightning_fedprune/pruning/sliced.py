@@ -177,9 +177,8 @@ class SlicedLinear(nn.Module):
         out = {"weight": self._full_weight(self.weight_kept.detach())}
         if self.bias_kept is not None:
             out["bias"] = _scatter_rows(self.bias_kept.detach(), self.rows, (self.out_features,), 0)
-        return {k: v.clone() if v.data_ptr() in (self.weight_kept.data_ptr(), self.bias_kept.data_ptr()
-                                                 if self.bias_kept is not None else -1) else v
-                for k, v in out.items()}  # never a view of the compact parameters
+        own = {p.data_ptr() for p in self.parameters()}
+        return {k: v.clone() if v.data_ptr() in own else v for k, v in out.items()}  # never a view of ours
 
     def kept_parameters(self) -> dict[str, list[Tensor]]:
         """Original parameter name -> the parameters that now hold it."""
