@@ -642,16 +642,15 @@ class ConformerTransducer(L.LightningModule):
     def pruning_links(self) -> list[Link]:
         """Which layers feed which, feature by feature (the dependent masks; see
         :mod:`lightning_fedprune.pruning.structure`). The dropouts between linked layers (the FFN's hidden
-        dropout, the prediction network's output dropout) are not listed in ``between``: on a compact client
-        they draw their random numbers at the compact width (the same distribution as on a masked-dense
-        client, other numbers). Drawing the masked-dense client's numbers instead (listing them) costs the
-        full-width draws: 3-5 % of a compact step of the main job's model."""
+        dropout, the prediction network's output dropout) are listed in ``between``: a compact client draws
+        the masked-dense client's random numbers, so both train the very same numbers (for 3-5 % of a
+        compact step of the main job's model: the full-width draws)."""
         links = []
         pre = "encoder.conformer.conformer_layers"
         for i in range(self.config["num_layers"]):
             for k in (1, 2):
                 ffn = f"{pre}.{i}.ffn{k}.sequential"
-                links.append(Link((f"{ffn}.1.weight", f"{ffn}.1.bias"), (f"{ffn}.4.weight",)))
+                links.append(Link((f"{ffn}.1.weight", f"{ffn}.1.bias"), (f"{ffn}.4.weight",), between=(f"{ffn}.3",)))
             att = f"{pre}.{i}.self_attn"
             links.append(Link((f"{att}.v_proj.weight", f"{att}.v_proj.bias"), (f"{att}.out_proj.weight",),
                               between=(f"{att}.attend",)))
@@ -661,7 +660,8 @@ class ConformerTransducer(L.LightningModule):
                 lstm = [f"predictor.lstm.{w}_l{k}" for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
                 last = k == n - 1
                 reader = "joiner.pred_proj.weight" if last else f"predictor.lstm.weight_ih_l{k + 1}"
-                links.append(Link(tuple(lstm), (lstm[1], reader), gates=4))
+                links.append(Link(tuple(lstm), (lstm[1], reader), gates=4,
+                                  between=("predictor.output_dropout",) if last else ()))
             links.append(Link(("joiner.enc_proj.weight", "joiner.enc_proj.bias", "joiner.pred_proj.weight",
                                "joiner.pred_proj.bias"), ("joiner.out.weight",)))
         return links
