@@ -40,6 +40,7 @@ Step times: the modes alternate (dense, compact, compact, dense, ...); median of
     python benchmarks/bench_compact.py --quick    # smaller stack, fewer reps, no subprocess RSS
     python benchmarks/bench_compact.py --only asr,paper --no-rss   # the Conformer models only
     python benchmarks/bench_compact.py --only paper --device cuda  # the article's model on a GPU
+    python benchmarks/bench_compact.py --only profile              # where a step of model B goes, per op
 """
 
 from __future__ import annotations
@@ -442,7 +443,8 @@ def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="local steps per client run (FFN stack)")
-    p.add_argument("--only", default="ffn,asr,paper", help="comma-separated: ffn (model A), asr (B), paper (C)")
+    p.add_argument("--only", default="ffn,asr,paper",
+                   help="comma-separated: ffn (model A), asr (B), paper (C), profile (B's step by op)")
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--device", default="cpu", help="where models B and C train (cpu, cuda)")
     args = p.parse_args()
@@ -488,6 +490,9 @@ def main() -> None:
         verdict("P4 main-job model: train-tensor memory compact/dense",
                 mem["compact"]["train_total"] / mem["dense"]["train_total"], GOAL_ASR_MEM)
 
+    if "profile" in only:
+        profile_steps()
+
     if "paper" in only:
         res = client_path("paper", 3, max(2, reps - 2) if not args.quick else 1, args.quick, skip=1)
         print_layers("paper")
@@ -498,6 +503,46 @@ def main() -> None:
                 GOAL_ASR_TIME)
         verdict(f"P4 paper model ({DEVICE}): train-tensor memory compact/dense",
                 mem["compact"]["train_total"] / mem["dense"]["train_total"], GOAL_ASR_MEM)
+
+
+def profile_steps(steps: int = 5) -> None:
+    """``torch.profiler`` self CPU time per op and step of model B's masked-dense and compact steps (bare loop)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lightning_fedprune.pruning.compact import MaskedDense
+
+    torch.manual_seed(0)
+    task = make_asr_task("asr")
+    masks, patterns = group_masks(task)
+    batches = asr_batches(steps + 1)
+    dense, compact = copy.deepcopy(task).train(), copy.deepcopy(task).train()
+    masked = MaskedDense.from_module(dense, masks)
+    masked.apply_()
+    compact_module(compact, masks, patterns)
+    per_op: dict[str, dict[str, float]] = {}
+    for mode, model in (("dense", dense), ("compact", compact)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step(batch):
+            opt.zero_grad()
+            model.training_step(batch, 0).backward()
+            if model is dense:
+                masked.mask_grads_()
+            opt.step()
+            if model is dense:
+                masked.apply_()
+
+        step(batches[0])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in batches[1:]:
+                step(batch)
+        per_op[mode] = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    ops = sorted(set(per_op["dense"]) | set(per_op["compact"]),
+                 key=lambda k: -max(per_op["dense"].get(k, 0.0), per_op["compact"].get(k, 0.0)))
+    rows = [[op, per_op["dense"].get(op, 0.0), per_op["compact"].get(op, 0.0)] for op in ops[:16]]
+    rows.append(["all ops", sum(per_op["dense"].values()), sum(per_op["compact"].values())])
+    print(f"\n-- model B, self CPU ms per step by op (torch.profiler, {steps} steps each, bare loop) [{load()}] --")
+    print(table(rows, ["op", "masked-dense", "compact"]))
 
 
 def print_layers(model: str) -> None:
