@@ -198,8 +198,12 @@ def test_state_adds_dependent_masks_scored_from_the_targets_only():
     for n, m in state.masks.items():  # every mask travels with a pattern that describes it
         groups_from_mask(m, state.patterns[n], n)
     assert change.pruned == sum(int((~m).sum()) for m in state.masks.values())
-    assert abs(state.sparsity() - sum(int((~m).sum()) for m in state.masks.values())
+    assert abs(state.masked_sparsity() - sum(int((~m).sum()) for m in state.masks.values())
                / sum(m.numel() for m in state.masks.values())) < 1e-12
+    # prune/sparsity is the targets' own: the plan's 0.5 (the links' rows and columns come on top)
+    assert state.sparsity() == 1 - sum(int(primary[n].sum()) for n in state.targets) / sum(
+        primary[n].numel() for n in state.targets) and abs(state.sparsity() - 0.5) < 0.01
+    assert state.masked_sparsity() > state.sparsity()
     # the sparsity is allocated to the targets; an LSTM unit is a row block and a column of weight_hh
     assert state.layer_sparsity == {n: 0.5 for n in state.targets}
     assert state.actual_layer_sparsity()["predictor.lstm.weight_hh_l0"] == 0.75
@@ -210,6 +214,7 @@ def test_state_adds_dependent_masks_scored_from_the_targets_only():
     other.targets = state.targets
     other.load_state_dict(state.state_dict())
     assert other.patterns == state.patterns and other.target_patterns == state.target_patterns
+    assert other.sparsity() == state.sparsity()
     assert other.recompute(params, 0.5, round=2).flips == 0
 
 
@@ -232,3 +237,18 @@ def test_an_old_checkpoint_without_target_patterns_scores_with_its_patterns():
     sd["patterns"] = {"w": "column"}
     state.load_state_dict(sd)
     assert state.target_patterns == {"w": "column"}
+
+
+def test_dependent_masks_false_prunes_exactly_the_selection():
+    torch.manual_seed(0)
+    model = ConformerTransducer(**SMALL)
+    state = PruningState()
+    sel = Selection("column", groups=("ffn", "predictor"), structure=structure_of(model), dependent_masks=False)
+    state.apply_plan(PruningPlan(Ramp(0.5), sel), _named_shapes(model))
+    state.recompute(dict(model.named_parameters()), 0.5, round=0)
+    assert set(state.masks) == set(state.targets) and not state.dependents
+    assert state.patterns == {n: "column" for n in state.targets}
+    assert state.sparsity() == state.masked_sparsity()
+    assert PruningPlan(Ramp(0.5), sel).config()["SparsityRampCallback"]["dependent_masks"] is False
+    with pytest.raises(ValueError, match=r"`dependent_masks` must be"):
+        SparsityRampCallback(dependent_masks="yes")

@@ -14,7 +14,7 @@ from lightning_fedprune.pruning.patterns import PATTERNS, PatternName
 from lightning_fedprune.pruning.plan import Ramp, Selection
 from lightning_fedprune.pruning.schedules import SCHEDULES, ScheduleName, validate_schedule
 from lightning_fedprune.pruning.structure import structure_of
-from lightning_fedprune.validation import check_choice, check_float, check_int, check_regex, check_str, fail
+from lightning_fedprune.validation import check_bool, check_choice, check_float, check_int, check_regex, check_str, fail
 
 MomentumSource = Literal["ema", "server_optimizer"]
 MOMENTUM_SOURCES: tuple[str, ...] = get_args(MomentumSource)
@@ -53,6 +53,8 @@ class SparsityRampCallback(pl.Callback):
             Whatever the selection, the task's ``pruning_links()`` add the dependent masks (a pruned input
             feature of a layer removes the matching output of the layer that makes it; see
             :mod:`lightning_fedprune.pruning.structure`).
+        dependent_masks: derive the dependent masks from the task's links (default); ``False`` prunes exactly the
+            selection (the dead rows and bias entries then stay, are trained, sent and kept masked-dense).
         momentum_beta: EMA factor of the pseudo-gradient momentum (``momentum_source="ema"``).
         momentum_source: ``"ema"`` (default) or ``"server_optimizer"`` (``sgdm``'s momentum buffer /
             ``adam``'s first moment).
@@ -74,6 +76,7 @@ class SparsityRampCallback(pl.Callback):
         momentum_beta: float = 0.9,
         momentum_source: MomentumSource = "ema",
         groups: Sequence[str] | None = None,
+        dependent_masks: bool = True,
     ) -> None:
         target_sparsity = check_float(target_sparsity, "target_sparsity", min=0, max=1, max_open=True)
         start_round = check_int(start_round, "start_round", min=0)
@@ -104,7 +107,9 @@ class SparsityRampCallback(pl.Callback):
             if len(set(groups)) != len(groups):
                 fail("groups", "a list without repeated names", list(groups))
         self.ramp = Ramp(target_sparsity, start_round, end_round, schedule, power, num_steps, every_n_rounds)
-        self.selection = Selection(pattern, importance, parameters, exclude, momentum_beta, momentum_source, groups)
+        check_bool(dependent_masks, "dependent_masks")
+        self.selection = Selection(pattern, importance, parameters, exclude, momentum_beta, momentum_source, groups,
+                                   dependent_masks)
 
     def __getattr__(self, name: str) -> Any:
         """The settings (``target_sparsity``, ``pattern``, ``end_round``, ...) are read from the plan parts."""

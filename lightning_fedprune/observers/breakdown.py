@@ -46,7 +46,7 @@ def pruning_breakdown(fed: Any) -> dict[str, Any]:
         g = groups.setdefault(group, {"parameters": 0, "pruned": 0, "bytes": 0, "dense_bytes": 0})
         mask = state.masks.get(name)
         g["parameters"] += t.numel()
-        g["pruned"] += 0 if mask is None else mask.numel() - state._kept_count(name)
+        g["pruned"] += 0 if mask is None else int(mask.numel() - mask.sum())
         g["bytes"] += down[name].nbytes + up[name].nbytes
         g["dense_bytes"] += 2 * t.numel() * t.element_size()
     order = [*structure.group_names, "other", NOT_PRUNED]
@@ -62,12 +62,20 @@ def pruning_breakdown(fed: Any) -> dict[str, Any]:
     layers = {"compact": dict(sorted(kinds.items())), "compact_layers": sum(kinds.values()), "masked_dense": dense,
               "decisions": [{"module": d.module, "kind": d.kind, "mode": d.mode, "shape": d.shape, "reason": d.reason}
                             for d in decisions]}
-    return {"groups": groups, "layers": layers}
+    total = sum(g["parameters"] for g in groups.values())
+    removed = {"selected": state.sparsity(), "masked": state.masked_sparsity(),
+               "all_parameters": sum(g["pruned"] for g in groups.values()) / total if total else 0.0}
+    return {"groups": groups, "layers": layers, "removed": removed}
 
 
 def format_breakdown(summary: dict[str, Any]) -> list[str]:
     """The summary's ``groups`` and ``layers`` as printed lines (none when absent)."""
     lines: list[str] = []
+    removed = summary.get("removed")
+    if removed:
+        lines.append(f"  pruned              {100 * removed['selected']:.1f}% of the selected weights, "
+                     f"{100 * removed['masked']:.1f}% of the masked tensors (with the rows and columns that follow), "
+                     f"{100 * removed['all_parameters']:.1f}% of all parameters")
     groups = summary.get("groups")
     if groups:
         lines.append("  bytes by group      down+up per client and round (vs dense float32 FedAvg)")

@@ -50,7 +50,8 @@ class Selection:
     (``re.fullmatch``). The selection is the union of the groups' parameters and the ``parameters``
     matches, minus ``exclude``; with neither ``groups`` nor ``parameters``: every parameter with 2 or more
     dimensions. ``structure`` is the task's groups and links (read from the task when fit starts; not a
-    setting, so not part of :meth:`PruningPlan.config`): the links derive the dependent masks.
+    setting, so not part of :meth:`PruningPlan.config`): with ``dependent_masks`` the links derive the
+    dependent masks.
     """
 
     pattern: str = "unstructured"
@@ -60,6 +61,7 @@ class Selection:
     momentum_beta: float = 0.9
     momentum_source: str = "ema"
     groups: tuple[str, ...] | None = None
+    dependent_masks: bool = True
     structure: Structure | None = field(default=None, compare=False, repr=False)
 
     def resolve(self, named_shapes: list[tuple[str, tuple[int, ...]]]) -> list[str]:
@@ -100,11 +102,14 @@ class Selection:
         return names
 
     def settings(self) -> dict[str, Any]:
-        """The user's settings (everything but the task's structure; ``groups`` only when given, so a
-        configuration without groups reads as it did before groups existed)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("structure", "groups")}
+        """The user's settings (everything but the task's structure; ``groups`` only when given and
+        ``dependent_masks`` only when off, so a configuration without them reads as it did before they existed)."""
+        skip = ("structure", "groups", "dependent_masks")
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         if self.groups is not None:
             out["groups"] = list(self.groups)
+        if not self.dependent_masks:
+            out["dependent_masks"] = False
         return out
 
 

@@ -45,6 +45,7 @@ class PruningState:
     def __init__(self) -> None:
         self.masks: dict[str, Tensor] = {}
         self._kept: dict[str, int] = {}
+        self._primary_kept: dict[str, int] = {}  # kept entries of every target's own mask (before the links)
         # the pattern every mask travels with (the wire, the clients) and the pattern every target is scored
         # with; they differ where the task's links add dependent rows/columns (see pruning/structure.py)
         self.patterns: dict[str, str] = {}
@@ -87,9 +88,10 @@ class PruningState:
 
     @property
     def links(self) -> tuple[Link, ...]:
-        """The task's links (the dependent masks), read from the plan's selection."""
-        structure = self.plan.selection.structure
-        return structure.links if structure is not None else ()
+        """The task's links (the dependent masks), read from the plan's selection (none with
+        ``dependent_masks=False``)."""
+        sel = self.plan.selection
+        return sel.structure.links if sel.structure is not None and sel.dependent_masks else ()
 
     @property
     def dependents(self) -> list[str]:
@@ -212,6 +214,7 @@ class PruningState:
             keep = mask_from_scores(scores[name], per_layer[name])
             primary[name] = patterns[name].expand(keep, *shape_2d(shape)).reshape(shape).contiguous()
             new_kept[name] = int(keep.sum()) * (primary[name].numel() // keep.numel())  # every group has the same size
+        primary_kept = dict(new_kept)
         new_masks, wire = primary, {n: patterns[n].name for n in self.targets}
         if self.links:
             new_masks = derive_masks(primary, self.links, {n: t.shape for n, t in params.items()})
@@ -238,6 +241,7 @@ class PruningState:
                             for n, acc in self.sq_gradient.items()}
         self.masks = new_masks
         self._kept = new_kept
+        self._primary_kept = primary_kept
         self.patterns = wire
         self.target_patterns = {n: patterns[n].name for n in self.targets}
         self.layer_sparsity = dict(per_layer)
@@ -265,13 +269,23 @@ class PruningState:
         return self._kept[name]
 
     def sparsity(self, names: list[str] | None = None) -> float:
-        """Fraction of pruned entries over the masked parameters (or ``names``)."""
-        names = list(self.masks) if names is None else names
+        """Fraction of pruned entries: by default of the targets by their own masks -- the sparsity the plan
+        asks for (``prune/sparsity``); the rows and columns the task's links remove with them are not counted
+        (:meth:`masked_sparsity` counts them). With ``names``: of those tensors' final masks."""
+        if names is None:
+            targets = [n for n in self.targets if n in self.masks] or list(self.masks)
+            total = sum(self.masks[n].numel() for n in targets)
+            kept = sum(self._primary_kept.get(n, self._kept_count(n)) for n in targets)
+            return 1.0 - kept / total if total else 0.0
         total = sum(self.masks[n].numel() for n in names)
         if total == 0:
             return 0.0
         kept = sum(self._kept_count(n) for n in names)
         return 1.0 - kept / total
+
+    def masked_sparsity(self) -> float:
+        """Fraction of pruned entries over every masked tensor, the dependent masks included."""
+        return self.sparsity(list(self.masks))
 
     def actual_layer_sparsity(self) -> dict[str, float]:
         return {n: 1.0 - self._kept_count(n) / m.numel() for n, m in self.masks.items()}
@@ -306,6 +320,7 @@ class PruningState:
             "masks": {n: m.clone() for n, m in self.masks.items()},
             "patterns": dict(self.patterns),
             "target_patterns": dict(self.target_patterns),
+            "primary_kept": dict(self._primary_kept),
             "layer_sparsity": dict(self.layer_sparsity),
             "target_sparsity": self.target_sparsity,
             "phase": int(self.phase),
@@ -328,6 +343,7 @@ class PruningState:
         self.patterns = dict(state["patterns"])
         # (older checkpoints have no dependent masks: every masked tensor is scored with its wire pattern)
         self.target_patterns = dict(state.get("target_patterns", state["patterns"]))
+        self._primary_kept = {n: int(k) for n, k in state.get("primary_kept", {}).items()}
         self.layer_sparsity = dict(state["layer_sparsity"])
         self.target_sparsity = float(state["target_sparsity"])
         self.phase = Phase(int(state["phase"]))
