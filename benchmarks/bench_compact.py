@@ -2,10 +2,13 @@
 
 Model A (Linear-heavy): 4 x [Linear(1024, 4096), ReLU, Linear(4096, 1024)] (33.6M parameters),
 batch 64, MSE to a random target, AdamW. Column pattern, S = 0.5 on all 8 Linear weights
-(biases dense). Model B: the tiny Conformer-Transducer (``ConformerTransducer(preset="tiny")``,
-3.5M parameters), column S = 0.5 on its FFN linears ``.*ffn[12]\\.sequential\\.[14]\\.weight``
-(1.33M = 38 % of its parameters), AdamW, a random batch (B=10, T=200 frames, 80 mels, random
-transcripts of 8-20 characters).
+(biases dense). Model B: the main job's Conformer-Transducer (the task of
+``examples/asr/digits_fp.yaml``, 2.68M parameters), column S = 0.5 on its five pruning groups (ffn,
+attention, conv, predictor, joiner) with their dependent masks, AdamW as the task configures it,
+K = 10 local steps (the main job's) on batches shaped like the main job's: 10 utterances of 90-340
+frames (80 mels) with transcripts of 3-7 spoken digits. Model C: the article's model
+(``ConformerTransducer(preset="paper")``, 116M parameters), the same groups at S = 0.5, one client step
+(3 local steps, the median of the last 2), batches of 4 utterances of 200 frames.
 
 Measured two ways:
 
@@ -35,6 +38,9 @@ Step times: the modes alternate (dense, compact, compact, dense, ...); median of
 
     python benchmarks/bench_compact.py            # full
     python benchmarks/bench_compact.py --quick    # smaller stack, fewer reps, no subprocess RSS
+    python benchmarks/bench_compact.py --only asr,paper --no-rss   # the Conformer models only
+    python benchmarks/bench_compact.py --only paper --device cuda  # the article's model on a GPU
+    python benchmarks/bench_compact.py --only profile              # where a step of model B goes, per op
 """
 
 from __future__ import annotations
@@ -62,7 +68,9 @@ from lightning_fedprune.pruning.state import PruningState
 from lightning_fedprune.federated.protocol import ClientConfig, ClientPlan, RoundPayload
 
 GOAL_TIME, GOAL_MEM = 0.6, 0.55
-ASR_REGEX = r".*ffn[12]\.sequential\.[14]\.weight"
+GOAL_ASR_TIME, GOAL_ASR_MEM = 0.7, 0.6  # the Conformer-Transducer: round (or step) time, train-tensor memory
+GROUPS = ("ffn", "attention", "conv", "predictor", "joiner")
+DEVICE = "cpu"
 
 
 # ----------------------------------------------------------------------------- probes
@@ -130,6 +138,8 @@ class ProbedTask(pl.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.probe is not None:
+            if DEVICE != "cpu":
+                torch.cuda.synchronize()
             self.probe.starts.append(time.perf_counter())
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -161,13 +171,26 @@ class FFNStack(ProbedTask):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
-def make_asr_task():
+def main_job_task_args() -> dict:
+    """The task arguments of the main job (examples/asr/digits_fp.yaml)."""
+    import yaml
+
+    from _common import ROOT
+
+    cfg = yaml.safe_load((ROOT / "examples" / "asr" / "digits_fp.yaml").read_text())
+    return dict(cfg["model"]["task"]["init_args"])
+
+
+def make_asr_task(kind: str = "asr"):
     from lightning_fedprune.asr.conformer_transducer import ConformerTransducer
 
     class ProbedConformer(ConformerTransducer, ProbedTask):
-        pass
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            if self.probe is not None and DEVICE != "cpu":
+                torch.cuda.synchronize()
+            super().on_train_batch_end(outputs, batch, batch_idx)
 
-    return ProbedConformer(preset="tiny")
+    return ProbedConformer(**main_job_task_args()) if kind == "asr" else ProbedConformer(preset="paper")
 
 
 class FixedBatches:
@@ -188,18 +211,30 @@ def ffn_batches(k: int, batch: int, d: int) -> list:
     return [(torch.randn(batch, d, generator=g), torch.randn(batch, d, generator=g)) for _ in range(k)]
 
 
-def asr_batches(k: int) -> list:
+def asr_batches(k: int, batch: int = 10, frames: tuple[int, int] = (90, 340)) -> list:
+    """Batches shaped like the main job's: ``batch`` utterances of ``frames`` (80 mels), 3-7 spoken digits."""
     g = torch.Generator().manual_seed(0)
-    letters = "abcdefghijklmnopqrstuvwxyz "
+    digits = "zero one two three four five six seven eight nine".split()
     out = []
     for _ in range(k):
-        texts = []
-        for _ in range(10):
-            n = int(torch.randint(8, 21, (1,), generator=g))
-            texts.append("".join(letters[int(i)] for i in torch.randint(0, 26, (n,), generator=g)).strip() or "a")
-        out.append({"features": torch.randn(10, 200, 80, generator=g), "feature_lengths": torch.full((10,), 200),
-                    "texts": texts})
+        texts = [" ".join(digits[int(i)] for i in torch.randint(0, 10, (int(torch.randint(3, 8, (1,), generator=g)),),
+                                                                  generator=g)) for _ in range(batch)]
+        lengths = torch.randint(frames[0], frames[1] + 1, (batch,), generator=g)
+        out.append({"features": torch.randn(batch, int(lengths.max()), 80, generator=g).to(DEVICE),
+                    "feature_lengths": lengths.to(DEVICE), "texts": texts})
     return out
+
+
+def group_masks(task: nn.Module, sparsity: float = 0.5) -> tuple[dict, dict]:
+    """Column masks of the task's pruning groups at ``sparsity``, with their dependent masks."""
+    from lightning_fedprune.pruning.plan import PruningPlan, Ramp, Selection
+    from lightning_fedprune.pruning.structure import structure_of
+
+    state = PruningState()
+    selection = Selection("column", "weight_l2", groups=GROUPS, structure=structure_of(task))
+    state.apply_plan(PruningPlan(Ramp(sparsity), selection), [(n, tuple(p.shape)) for n, p in task.named_parameters()])
+    state.recompute(dict(task.named_parameters()), sparsity, round=0)
+    return dict(state.masks), dict(state.patterns)
 
 
 def column_masks(task: nn.Module, regex: str, sparsity: float = 0.5) -> tuple[dict, dict]:
@@ -225,29 +260,32 @@ def build(model: str, k: int, quick: bool):
         task = FFNStack(d, ff, blocks)
         batches = ffn_batches(k, 64, d)
         regex = r"net\.\d+\.weight"
+        masks, patterns = column_masks(task, regex)
     else:
-        task = make_asr_task()
-        batches = asr_batches(k)
-        regex = ASR_REGEX
-    masks, patterns = column_masks(task, regex)
+        task = make_asr_task(model).to(DEVICE)
+        batches = asr_batches(k) if model == "asr" else asr_batches(k, batch=4, frames=(200, 200))
+        masks, patterns = group_masks(task)
     payload = make_payload(task, masks, patterns)
     return task, FixedBatches(batches), payload
 
 
-def client_run(runner: ClientRunner, payload: RoundPayload, k: int, memory: bool = False) -> tuple[float, float, Probe]:
+def client_run(runner: ClientRunner, payload: RoundPayload, k: int, memory: bool = False,
+               skip: int = 2) -> tuple[float, float, Probe]:
     probe = Probe()
     probe.memory = memory
     probe.last_step = k - 1
     runner.replica.probe = probe
     t0 = time.perf_counter()
     result = runner.run(payload, ClientPlan(0, 0, 1234))
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
     total = time.perf_counter() - t0
     runner.replica.probe = None
     assert result.ok, result.error
-    return median(probe.step_times()), total, probe
+    return median(probe.step_times(skip)), total, probe
 
 
-def client_path(model: str, k: int, reps: int, quick: bool) -> dict:
+def client_path(model: str, k: int, reps: int, quick: bool, skip: int = 2) -> dict:
     task, data, payload = build(model, k, quick)
     gc.collect()
     before = live_storages()
@@ -269,7 +307,7 @@ def client_path(model: str, k: int, reps: int, quick: bool) -> dict:
 
     def make(mode):
         def fn() -> float:
-            step, total, _ = client_run(runners[mode], payload, k)
+            step, total, _ = client_run(runners[mode], payload, k, skip=skip)
             totals[mode].append(total)
             return step
 
@@ -397,49 +435,133 @@ def report_client(label: str, res: dict, rss: dict | None) -> tuple[float, float
 
 
 def main() -> None:
+    global DEVICE
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _, _, model, mode, k, threads = sys.argv
         child(model, mode, int(k), int(threads))
         return
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="local steps per client run")
-    p.add_argument("--no-asr", action="store_true")
+    p.add_argument("--steps", type=int, default=None, help="local steps per client run (FFN stack)")
+    p.add_argument("--only", default="ffn,asr,paper",
+                   help="comma-separated: ffn (model A), asr (B), paper (C), profile (B's step by op)")
     p.add_argument("--no-rss", action="store_true")
+    p.add_argument("--device", default="cpu", help="where models B and C train (cpu, cuda)")
     args = p.parse_args()
     apply_threads(args)
+    DEVICE = args.device
     import warnings
 
     warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`.*")
+    only = set(args.only.split(","))
     reps = args.reps or (2 if args.quick else 5)
     k = args.steps or (4 if args.quick else 12)
     header("P4 compact vs masked-dense client (column, S=0.5, AdamW)", args)
 
-    res = client_path("ffn", k, reps, args.quick)
-    rss = None if (args.quick or args.no_rss) else rss_peaks("ffn", k, 3, args.threads)
-    label = "FFN stack 2 x [512->2048->512]" if args.quick else "FFN stack 4 x [1024->4096->1024], batch 64"
-    r_step, r_mem = report_client(label, res, rss)
+    if "ffn" in only:
+        res = client_path("ffn", k, reps, args.quick)
+        rss = None if (args.quick or args.no_rss) else rss_peaks("ffn", k, 3, args.threads)
+        label = "FFN stack 2 x [512->2048->512]" if args.quick else "FFN stack 4 x [1024->4096->1024], batch 64"
+        r_step, r_mem = report_client(label, res, rss)
 
-    bare = bare_stack(k, reps, args.quick)
-    bs, bm = bare["step"], bare["mem"]
-    print(f"\n-- same stack, bare layers in a hand loop (no ClientRunner) [{load()}] --")
-    print(table([
-        ["step time (median) ms", bs["dense"] * 1e3, bs["compact"] * 1e3, bs["compact"] / bs["dense"]],
-        ["train tensors (params+grads+optim) MiB", mib(bm["dense"]["train_total"]), mib(bm["compact"]["train_total"]),
-         bm["compact"]["train_total"] / bm["dense"]["train_total"]],
-    ], ["measure", "masked-dense", "compact", "compact / dense"]))
+        bare = bare_stack(k, reps, args.quick)
+        bs, bm = bare["step"], bare["mem"]
+        print(f"\n-- same stack, bare layers in a hand loop (no ClientRunner) [{load()}] --")
+        print(table([
+            ["step time (median) ms", bs["dense"] * 1e3, bs["compact"] * 1e3, bs["compact"] / bs["dense"]],
+            ["train tensors (params+grads+optim) MiB", mib(bm["dense"]["train_total"]), mib(bm["compact"]["train_total"]),
+             bm["compact"]["train_total"] / bm["dense"]["train_total"]],
+        ], ["measure", "masked-dense", "compact", "compact / dense"]))
 
-    verdict("P4 client step time compact/dense (FFN stack, client path)", r_step, GOAL_TIME)
-    verdict("P4 train-tensor memory compact/dense (FFN stack, client path)", r_mem, GOAL_MEM)
-    verdict("P4 bare stack step time compact/dense", bs["compact"] / bs["dense"], GOAL_TIME)
+        verdict("P4 client step time compact/dense (FFN stack, client path)", r_step, GOAL_TIME)
+        verdict("P4 train-tensor memory compact/dense (FFN stack, client path)", r_mem, GOAL_MEM)
+        verdict("P4 bare stack step time compact/dense", bs["compact"] / bs["dense"], GOAL_TIME)
 
-    if not args.no_asr:
-        kk = 4 if args.quick else 8
+    if "asr" in only:
+        kk = 4 if args.quick else 10
         res = client_path("asr", kk, reps, args.quick)
-        rss = None if (args.quick or args.no_rss) else rss_peaks("asr", kk, 3, args.threads)
-        report_client("tiny Conformer-Transducer, FFN linears column S=0.5, B=10 x 200 frames", res, rss)
-        print("   (only the FFN linears -- 38% of the parameters -- are compacted; attention, convolution, "
-              "predictor and joiner are untouched, so the best possible memory ratio is about 0.81)")
+        rss = None if (args.quick or args.no_rss or DEVICE != "cpu") else rss_peaks("asr", kk, 3, args.threads)
+        print_layers("asr")
+        report_client("the main job's Conformer-Transducer (digits_fp.yaml), five groups column S=0.5, K=10 steps, "
+                      "B=10 x 90-340 frames", res, rss)
+        mem = res["mem"]
+        verdict("P4 main-job model: client round time compact/dense (whole run(), K=10)",
+                res["total"]["compact"] / res["total"]["dense"], GOAL_ASR_TIME)
+        verdict("P4 main-job model: train-tensor memory compact/dense",
+                mem["compact"]["train_total"] / mem["dense"]["train_total"], GOAL_ASR_MEM)
+
+    if "profile" in only:
+        profile_steps()
+
+    if "paper" in only:
+        res = client_path("paper", 3, max(2, reps - 2) if not args.quick else 1, args.quick, skip=1)
+        print_layers("paper")
+        report_client(f"the article's model (preset='paper') on {DEVICE}, five groups column S=0.5, one client step "
+                      "(median of steps 2-3), B=4 x 200 frames", res, None)
+        mem = res["mem"]
+        verdict(f"P4 paper model ({DEVICE}): client step time compact/dense", res["step"]["compact"] / res["step"]["dense"],
+                GOAL_ASR_TIME)
+        verdict(f"P4 paper model ({DEVICE}): train-tensor memory compact/dense",
+                mem["compact"]["train_total"] / mem["dense"]["train_total"], GOAL_ASR_MEM)
+
+
+def profile_steps(steps: int = 5) -> None:
+    """``torch.profiler`` self CPU time per op and step of model B's masked-dense and compact steps (bare loop)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lightning_fedprune.pruning.compact import MaskedDense
+
+    torch.manual_seed(0)
+    task = make_asr_task("asr")
+    masks, patterns = group_masks(task)
+    batches = asr_batches(steps + 1)
+    dense, compact = copy.deepcopy(task).train(), copy.deepcopy(task).train()
+    masked = MaskedDense.from_module(dense, masks)
+    masked.apply_()
+    compact_module(compact, masks, patterns)
+    per_op: dict[str, dict[str, float]] = {}
+    for mode, model in (("dense", dense), ("compact", compact)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step(batch):
+            opt.zero_grad()
+            model.training_step(batch, 0).backward()
+            if model is dense:
+                masked.mask_grads_()
+            opt.step()
+            if model is dense:
+                masked.apply_()
+
+        step(batches[0])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in batches[1:]:
+                step(batch)
+        per_op[mode] = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    ops = sorted(set(per_op["dense"]) | set(per_op["compact"]),
+                 key=lambda k: -max(per_op["dense"].get(k, 0.0), per_op["compact"].get(k, 0.0)))
+    rows = [[op, per_op["dense"].get(op, 0.0), per_op["compact"].get(op, 0.0)] for op in ops[:16]]
+    rows.append(["all ops", sum(per_op["dense"].values()), sum(per_op["compact"].values())])
+    print(f"\n-- model B, self CPU ms per step by op (torch.profiler, {steps} steps each, bare loop) [{load()}] --")
+    print(table(rows, ["op", "masked-dense", "compact"]))
+
+
+def print_layers(model: str) -> None:
+    """How the clients train each pruned module of the model: compact layer kinds, masked-dense ones."""
+    from collections import Counter
+
+    from lightning_fedprune.pruning.compact import plan_compaction
+
+    torch.manual_seed(0)
+    task = make_asr_task(model)
+    masks, patterns = group_masks(task)
+    decisions, _ = plan_compaction(task, masks, patterns)
+    total = sum(p.numel() for p in task.parameters())
+    masked = sum(dict(task.named_parameters())[n].numel() for n in masks)
+    kinds = Counter(d.kind for d in decisions if d.mode == "compact")
+    dense = [d for d in decisions if d.mode != "compact"]
+    print(f"\n   {model}: masked tensors hold {masked / total:.1%} of the parameters; client layers: "
+          f"{dict(sorted(kinds.items()))} compact, {len(dense)} masked-dense"
+          + "".join(f"\n     masked-dense {d.module}: {d.reason}" for d in dense))
 
 
 if __name__ == "__main__":

@@ -87,11 +87,13 @@ def log_step_metrics(trainer: Any, values: dict[str, float], prog_bar: Any = ())
     """Log plain numbers of the current training step as ``self.log(name, value, on_step=True, on_epoch=False)``
     would, without its per-call bookkeeping: into ``trainer.callback_metrics`` (tensors) and, for the names in
     ``prog_bar``, ``trainer.progress_bar_metrics``; to every logger when Lightning logs this step
-    (``log_every_n_steps``), at the step Lightning's own step metrics get (the logger connector's ``log_metrics``).
+    (``log_every_n_steps``), at the step Lightning's own step metrics get (the logger connector's ``log_metrics``);
+    ``trainer.logged_metrics`` holds the latest values, as for ``self.log``.
     """
     connector = trainer._logger_connector
     tensors = {name: torch.tensor(float(value)) for name, value in values.items()}
     connector._callback_metrics.update(tensors)
+    connector._logged_metrics.update(tensors)  # trainer.logged_metrics: the latest step values, loggers or not
     connector._progress_bar_metrics.update({name: float(values[name]) for name in prog_bar if name in values})
     if trainer.loggers and connector.should_update_logs:
         connector.log_metrics(tensors)

@@ -166,21 +166,23 @@ def test_smoke_config_end_to_end(asr_cache, tmp_path):
     assert isinstance(dm, ASRDataModule) and dm.num_clients == 4
     wer = trainer.callback_metrics["val/wer"]
     assert math.isfinite(float(wer)) and float(wer) >= 0
-    # masks: the configured parameters, column pattern, ~30% sparsity, pruned for good at the end
-    masks = fed.masks
-    assert masks and all(".conformer_layers." in n for n in masks)
-    assert {n.rsplit(".", 2)[-2] for n in masks} == {"1", "4", "out_proj"}
+    # masks: the configured groups, column pattern at 30 %, the layers they feed pruned with them, for good
+    from lightning_fedprune.pruning.patterns import groups_from_mask
+    from lightning_fedprune.pruning.structure import structure_of
+
+    state, masks = fed.pruning, fed.masks
+    structure = structure_of(fed.task)
+    assert set(state.targets) == {n for _, names in structure.groups for n in names}
+    assert state.target_patterns == {n: "column" for n in state.targets}
+    assert all(s == 0.3 for s in state.layer_sparsity.values())
+    assert set(masks) - set(state.targets) == set(state.dependents) and state.dependents
     params = dict(fed.task.named_parameters())
-    pruned = total = 0
     for name, m in masks.items():
-        cols = m.reshape(m.shape[0], -1)
-        assert (cols.all(0) | ~cols.any(0)).all(), f"{name}: mask is not column-structured"
+        groups_from_mask(m, state.patterns[name], name)  # every mask is whole groups of the pattern it travels with
         assert (params[name][~m] == 0).all()
-        pruned += int((~m).sum())
-        total += m.numel()
-    assert abs(pruned / total - 0.3) < 0.03
-    assert abs(fed.pruning.sparsity() - 0.3) < 0.03
-    assert fed.pruning.phase == 3
+    assert abs(state.sparsity() - 0.3) < 0.02  # the targets' own masks: the plan's 30 %
+    assert 0.3 < state.masked_sparsity() < 0.4  # with the rows and columns that follow them
+    assert state.phase == 3
 
 
 def test_main_config_instantiates_and_prunes_what_it_says(asr_cache, tmp_path):
@@ -202,9 +204,14 @@ def test_main_config_instantiates_and_prunes_what_it_says(asr_cache, tmp_path):
     assert (ramp.pattern, ramp.target_sparsity, ramp.importance) == ("column", 0.3, "weight_l2")
     assert ramp.end_round < refine.until_round < freeze.start_round < trainer.max_steps
     assert fed.task.hparams.loss == "rnnt" and fed.task.hparams.decoder == "greedy"
-    names = ramp.plan_parts()["selection"].resolve([(n, tuple(p.shape)) for n, p in fed.task.named_parameters()])
-    assert len(names) == 5 * fed.task.config["num_layers"]  # 4 FFN linears + attention out_proj per layer
-    assert not any(n.startswith(("encoder.subsampling", "joiner", "predictor")) for n in names)
+    from lightning_fedprune.pruning.structure import structure_of
+
+    assert ramp.groups == ("ffn", "attention", "conv", "predictor", "joiner")
+    selection = replace(ramp.plan_parts()["selection"], structure=structure_of(fed.task))
+    names = selection.resolve([(n, tuple(p.shape)) for n, p in fed.task.named_parameters()])
+    # per layer: 2 FFN output Linears, q/k/out projections, 2 pointwise convolutions; the LSTM; the joiner's output
+    assert len(names) == 7 * fed.task.config["num_layers"] + 2
+    assert not any(n.startswith(("encoder.subsampling", "ctc_head", "predictor.embedding")) for n in names)
     # clients are the 16 synthetic speakers, validation the 4 held-out ones
     assert dm.num_clients == 16 and len(dm.val_speakers) == 4 and set(dm.val_speakers).isdisjoint(dm.speakers)
     assert fed.clients_per_round <= dm.num_clients

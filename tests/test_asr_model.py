@@ -321,3 +321,97 @@ def test_trainer_fast_dev_run_logs_val_wer(tmp_path):
     logger.experiment.flush()
     assert list(tmp_path.rglob("events.out.tfevents*"))
     assert len(model.last_examples) == 2
+
+
+# --------------------------------------------------------------------------- attention with separate projections
+def test_self_attention_computes_what_nn_multihead_attention_computes():
+    from lightning_fedprune.asr.conformer_transducer import SelfAttention
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, dropout=0.0)
+    ours = SelfAttention.from_multihead(mha)
+    x = torch.randn(9, 3, 16)
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    pad[2, 3:] = True
+    for module in (mha, ours):
+        module.train()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, _ = mha(xa, xa, xa, key_padding_mask=pad, need_weights=False)
+    b, weights = ours(xb, xb, xb, key_padding_mask=pad)
+    assert weights is None
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    g = torch.randn_like(a)
+    (a * g).sum().backward()
+    (b * g).sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=0)
+    for proj, sl in (("q_proj", slice(0, 16)), ("k_proj", slice(16, 32)), ("v_proj", slice(32, 48))):
+        torch.testing.assert_close(getattr(ours, proj).weight.grad, mha.in_proj_weight.grad[sl], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.out_proj.weight.grad, mha.out_proj.weight.grad, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        ours(x, x, x, need_weights=True)
+    with pytest.raises(ValueError, match=r"`embed_dim` \(10\) must be divisible by `num_heads` \(4\)"):
+        SelfAttention(10, 4)
+
+
+def test_the_model_is_initialised_as_the_nn_multihead_attention_version_was():
+    """The q/k/v weights are the packed projection's chunks, drawn with the same random numbers: a seeded
+    model starts where the same seed started before attention had separate projections."""
+    from torchaudio.models import Conformer
+
+    torch.manual_seed(0)
+    model = ConformerTransducer(preset="tiny", **{k: v for k, v in SMALL.items()})
+    torch.manual_seed(0)
+    from lightning_fedprune.asr.conformer_transducer import ConvSubsampling
+
+    ConvSubsampling(SMALL["n_mels"], SMALL["d_model"], SMALL["subsampling_channels"])  # the encoder's first module
+    packed = Conformer(input_dim=SMALL["d_model"], num_heads=SMALL["num_heads"], ffn_dim=SMALL["ffn_dim"],
+                       num_layers=SMALL["num_layers"], depthwise_conv_kernel_size=SMALL["conv_kernel_size"],
+                       dropout=SMALL["dropout"], use_group_norm=True)
+    for ours, theirs in zip(model.encoder.conformer.conformer_layers, packed.conformer_layers):
+        q, k, v = theirs.self_attn.in_proj_weight.chunk(3)
+        assert torch.equal(ours.self_attn.q_proj.weight, q) and torch.equal(ours.self_attn.v_proj.weight, v)
+        assert torch.equal(ours.self_attn.k_proj.weight, k)
+        assert torch.equal(ours.self_attn.out_proj.weight, theirs.self_attn.out_proj.weight)
+        assert torch.equal(ours.ffn2.sequential[4].weight, theirs.ffn2.sequential[4].weight)
+
+
+def test_a_state_dict_with_the_packed_in_projection_loads():
+    torch.manual_seed(0)
+    model = ConformerTransducer(preset="tiny", **SMALL)
+    old = {}
+    for k, v in model.state_dict().items():
+        if ".self_attn.q_proj." in k:
+            kind = k.rsplit(".", 1)[1]
+            prefix = k.split(".self_attn.")[0] + ".self_attn."
+            parts = [model.state_dict()[f"{prefix}{p}_proj.{kind}"] for p in "qkv"]
+            old[f"{prefix}in_proj_{kind}"] = torch.cat(parts)
+        elif ".self_attn.k_proj." in k or ".self_attn.v_proj." in k:
+            continue
+        else:
+            old[k] = v
+    fresh = ConformerTransducer(preset="tiny", **SMALL)
+    fresh.load_state_dict(old)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_pruning_groups_cover_the_model_and_every_link_holds():
+    from lightning_fedprune.pruning.structure import structure_of
+
+    model = ConformerTransducer(preset="tiny", subsampling_channels=32, pred_dim=256, joint_dim=256, ctc_weight=0.3)
+    structure = structure_of(model)  # checks every name and every link's shapes
+    assert structure.group_names == ("ffn", "attention", "conv", "predictor", "joiner")
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    masked = {n for _, names in structure.groups for n in names}
+    for link in structure.links:
+        masked.update(link.producers, link.consumers)
+    share = sum(sizes[n] for n in masked) / sum(sizes.values())
+    assert share > 0.95  # the main job's model: everything but the front-end, norms, embedding and CTC head
+    assert not any(n.startswith(("encoder.subsampling", "ctc_head", "predictor.embedding")) for n in masked)
+    group_of = structure.group_of()
+    assert group_of["encoder.conformer.conformer_layers.0.ffn1.sequential.1.bias"] == "ffn"
+    assert group_of["encoder.conformer.conformer_layers.3.self_attn.v_proj.weight"] == "attention"
+    assert group_of["joiner.pred_proj.weight"] in ("predictor", "joiner")
+    ctc = ConformerTransducer(preset="tiny", loss="ctc")
+    assert structure_of(ctc).group_names == ("ffn", "attention", "conv")

@@ -134,8 +134,8 @@ def test_dropout_drops_whole_units_consistently_across_the_conformers_tensors():
         assert sub.forward_scales[layer + f"{ffn}.sequential.4.weight"] == 2.0
     heads = {c // 12 for c in dropped_cols("self_attn.out_proj.weight")}  # head h: 12 columns of the output projection
     assert len(heads) == 2 and dropped_cols("self_attn.out_proj.weight") == {12 * h + i for h in heads for i in range(12)}
-    assert dropped_rows("self_attn.in_proj_weight") == {48 * b + 12 * h + i for b in range(3) for h in heads
-                                                        for i in range(12)}  # its query, key and value rows
+    for projection in ("q_proj", "k_proj", "v_proj"):  # its query, key and value rows
+        assert dropped_rows(f"self_attn.{projection}.weight") == {12 * h + i for h in heads for i in range(12)}
     channels = dropped_cols("conv_module.sequential.5.weight")  # channel c after the GLU: rows c and c + 48 before it
     assert len(channels) == 24 and dropped_rows("conv_module.sequential.0.weight") == channels | {c + 48 for c in channels}
     assert dropped_rows("conv_module.sequential.2.weight") == channels  # the depthwise filter and the norm's affine
@@ -578,3 +578,20 @@ def test_prunefl_fit_prunes_readjusts_freezes_and_resumes_bit_identically(tmp_pa
     for name, mask in full.pruning.masks.items():
         assert torch.equal(resumed.pruning.masks[name], mask)
         assert torch.equal(resumed.pruning.sq_gradient[name], full.pruning.sq_gradient[name])
+
+
+def test_units_of_an_attention_module_with_separate_projections_are_its_heads():
+    """The Conformer-Transducer's attention keeps q, k, v and out as separate Linears: a head is its rows of q, k
+    and v (and biases) and its columns of out_proj, found as nn.MultiheadAttention's are."""
+    from lightning_fedprune.asr.conformer_transducer import ConformerTransducer
+    from lightning_fedprune.baselines.units import find_units
+
+    task = ConformerTransducer(preset="tiny", d_model=48, num_layers=1, num_heads=4, ffn_dim=96)
+    (heads,) = [g for g in find_units(task) if g.reader.endswith("self_attn.out_proj.weight")]
+    prefix = "encoder.conformer.conformer_layers.0.self_attn."
+    assert heads.units == 4
+    assert {(a.name.removeprefix(prefix), a.dim, a.width) for a in heads.members} == {
+        (f"{p}_proj.{w}", 0, 12) for p in "qkv" for w in ("weight", "bias")} | {("out_proj.weight", 1, 12)}
+    dropped = torch.tensor([2])
+    (rows,) = [a for a in heads.members if a.name.endswith("q_proj.weight")]
+    assert rows.indices(4, dropped).tolist() == list(range(24, 36))  # head 2 = rows 24..35 of q

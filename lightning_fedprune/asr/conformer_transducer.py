@@ -7,6 +7,7 @@ Architecture (parameter names, which pruning regexes match, in brackets)::
       -> SpecAugment (training only, optional, no parameters)
       -> Conv2d(3x3, stride 2) -> ReLU -> Conv2d(3x3, stride 2) -> ReLU -> Linear  [encoder.subsampling.*]
       -> torchaudio.models.Conformer                                              [encoder.conformer.conformer_layers.<i>.*]
+         with its self-attention as :class:`SelfAttention`: separate q/k/v/out Linears [self_attn.{q,k,v,out}_proj.*]
     encoder_out (B, T/4, d_model)
       RNN-T: prediction network Embedding -> LSTM                                 [predictor.embedding.*, predictor.lstm.*]
              joint network Linear(enc) + Linear(pred) -> tanh -> Linear(vocab)   [joiner.enc_proj.*, joiner.pred_proj.*, joiner.out.*]
@@ -25,17 +26,21 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Sequence
 
+import math
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_fedprune.pruning.structure import Link
 from lightning_fedprune.validation import check_bool, check_choice, check_float, check_int, fail
 
 from .decoding import ctc_greedy_decode, rnnt_beam_search, rnnt_greedy_search
 from .tokenizer import CharTokenizer
 
-__all__ = ["PRESETS", "ConformerTransducer", "ConvSubsampling", "ConformerEncoder", "Predictor", "Joiner"]
+__all__ = ["PRESETS", "Attend", "ConformerTransducer", "ConvSubsampling", "ConformerEncoder", "Joiner", "Predictor",
+           "SelfAttention"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: 3.5 M parameters.
@@ -90,8 +95,139 @@ class ConvSubsampling(nn.Module):
         return y, subsampled_lengths(lengths).clamp(max=t)
 
 
+class Attend(nn.Module):
+    """The parameter-free core of multi-head attention on projected, time-first inputs:
+    ``softmax(q k^T / sqrt(d_head) + padding) -> dropout -> @ v``, heads merged, as ``nn.MultiheadAttention``
+    computes it.
+
+    The value features may arrive compact (:meth:`compact_features`, on a client whose value projection
+    lost rows): each kept feature still belongs to its head, so the values are placed into ``m`` slots
+    per head (``m`` = the most kept by any head, zeros in the unused slots), attended, and the kept features
+    taken back out. Queries and keys always have the full width. The attention weights and their dropout
+    are the same tensors in both cases, so a compact client draws the same random numbers.
+    """
+
+    def __init__(self, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = int(num_heads)
+        self.dropout = float(dropout)
+        self.value_slots: Optional[Tensor] = None  # compact values: flat slot (head * m + i) of every kept feature
+        self.slots_per_head = 0
+
+    def compact_features(self, index: Tensor, width: int) -> "Attend":
+        """A copy for values holding only the features ``index`` (ascending) of ``width``."""
+        head_dim = width // self.num_heads
+        heads = index // head_dim
+        counts = torch.bincount(heads, minlength=self.num_heads)
+        m = int(counts.max()) if index.numel() else 0
+        first = torch.cumsum(counts, 0) - counts  # position of each head's first kept feature in `index`
+        rank = torch.arange(index.numel(), device=index.device) - first[heads]
+        out = Attend(self.num_heads, self.dropout)
+        out.value_slots, out.slots_per_head = heads * m + rank, m
+        out.train(self.training)
+        return out
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        T, B, D = q.shape
+        S, H = k.shape[0], self.num_heads
+        dh = D // H
+        q = q.reshape(T, B * H, dh).transpose(0, 1)
+        k = k.reshape(S, B * H, dh).transpose(0, 1)
+        slots = self.value_slots
+        if slots is None:
+            dv = v.shape[-1] // H
+            v = v.reshape(S, B * H, dv).transpose(0, 1)
+        else:
+            dv = self.slots_per_head
+            v = v.new_zeros(S, B, H * dv).index_copy(2, slots, v).reshape(S, B * H, dv).transpose(0, 1)
+        scores = torch.bmm(q * (1.0 / math.sqrt(dh)), k.transpose(1, 2))  # (B*H, T, S)
+        if key_padding_mask is not None:
+            scores = scores.view(B, H, T, S).masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+            scores = scores.view(B * H, T, S)
+        attn = F.dropout(torch.softmax(scores, dim=-1), p=self.dropout, training=self.training)
+        out = torch.bmm(attn, v).transpose(0, 1).reshape(T, B, H * dv)
+        return out if slots is None else out.index_select(2, slots)
+
+    def extra_repr(self) -> str:
+        compact = "" if self.value_slots is None else f", compact values={self.value_slots.numel()}"
+        return f"num_heads={self.num_heads}, dropout={self.dropout}{compact}"
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` Linears.
+
+    A drop-in for ``nn.MultiheadAttention(embed_dim, num_heads, dropout)`` as torchaudio's Conformer layer
+    calls it (time-first inputs, ``key_padding_mask``, ``need_weights=False``); it computes the same function
+    (``tests/test_asr_model.py`` compares the two with the same weights). Why separate projections: each is a
+    pruning target of its own (``nn.MultiheadAttention`` packs q, k and v in one ``in_proj_weight``, whose
+    column is an input feature of all three at once), and each is a plain ``nn.Linear`` a client can compact;
+    the attention core (:class:`Attend`) takes value features in compact form. A state dict with the packed
+    ``in_proj_weight``/``in_proj_bias`` (checkpoints of the ``nn.MultiheadAttention`` version) loads into it.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"`embed_dim` ({embed_dim}) must be divisible by `num_heads` ({num_heads}).")
+        self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.attend = Attend(num_heads, dropout)
+        with torch.no_grad():  # nn.MultiheadAttention's initialisation: xavier over the packed (3d, d), zero biases
+            packed = torch.empty(3 * embed_dim, embed_dim, dtype=self.q_proj.weight.dtype)
+            nn.init.xavier_uniform_(packed)
+            for proj, w in zip((self.q_proj, self.k_proj, self.v_proj), packed.chunk(3)):
+                proj.weight.copy_(w)
+            for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+                proj.bias.zero_()
+
+    @classmethod
+    def from_multihead(cls, mha: nn.MultiheadAttention) -> "SelfAttention":
+        """The same attention with ``mha``'s weights (no new random numbers are drawn: building a model this
+        way initialises it exactly as the ``nn.MultiheadAttention`` version did)."""
+        if not mha._qkv_same_embed_dim or mha.in_proj_bias is None or mha.batch_first or mha.bias_k is not None:
+            raise ValueError("SelfAttention.from_multihead needs a time-first nn.MultiheadAttention with packed, biased "
+                             "projections and no bias_k/bias_v")
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        d = mha.embed_dim
+        out.embed_dim, out.num_heads = d, mha.num_heads
+        kw = dict(device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype)
+        with torch.device("meta"):
+            projections = [nn.Linear(d, d) for _ in range(4)]
+        with torch.no_grad():
+            sources = [(w, b) for w, b in zip(mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3))]
+            sources.append((mha.out_proj.weight, mha.out_proj.bias))
+            for lin, (w, b) in zip(projections, sources):
+                lin.weight = nn.Parameter(w.detach().clone().to(**kw))
+                lin.bias = nn.Parameter(b.detach().clone().to(**kw))
+        out.q_proj, out.k_proj, out.v_proj, out.out_proj = projections
+        out.attend = Attend(mha.num_heads, mha.dropout)
+        return out
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = False, attn_mask: Optional[Tensor] = None) -> tuple[Tensor, None]:
+        if need_weights or attn_mask is not None:
+            raise ValueError("SelfAttention supports `key_padding_mask` only (`need_weights=False`, no `attn_mask`), "
+                             "as torchaudio's Conformer layer calls it.")
+        out = self.attend(self.q_proj(query), self.k_proj(key), self.v_proj(value), key_padding_mask)
+        return self.out_proj(out), None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # a checkpoint of the nn.MultiheadAttention version: split its packed projection
+        for kind in ("weight", "bias"):
+            packed = state_dict.pop(f"{prefix}in_proj_{kind}", None)
+            if packed is not None:
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), packed.chunk(3)):
+                    state_dict.setdefault(f"{prefix}{name}.{kind}", part)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class ConformerEncoder(nn.Module):
-    """Conv subsampling (x4) + ``torchaudio.models.Conformer``; ``forward(input, lengths)``."""
+    """Conv subsampling (x4) + ``torchaudio.models.Conformer`` (self-attention as :class:`SelfAttention`);
+    ``forward(input, lengths)``."""
 
     def __init__(self, n_mels, d_model, num_layers, num_heads, ffn_dim, conv_kernel_size, dropout,
                  use_group_norm=True, subsampling_channels=None) -> None:
@@ -104,6 +240,8 @@ class ConformerEncoder(nn.Module):
             input_dim=d_model, num_heads=num_heads, ffn_dim=ffn_dim, num_layers=num_layers,
             depthwise_conv_kernel_size=conv_kernel_size, dropout=dropout, use_group_norm=use_group_norm,
         )
+        for layer in self.conformer.conformer_layers:
+            layer.self_attn = SelfAttention.from_multihead(layer.self_attn)
 
     def forward(self, input: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:  # noqa: A002
         x, lengths = self.subsampling(input, lengths)
@@ -122,7 +260,8 @@ class Predictor(nn.Module):
         self.embedding = nn.Embedding(vocab_size, dim)
         self.lstm = nn.LSTM(dim, dim, num_layers=num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)  # on the embeddings
+        self.output_dropout = nn.Dropout(dropout)  # on the LSTM's output (its own module, so a link may list it)
         self.num_layers = num_layers
         self.output_dim = dim
 
@@ -133,7 +272,7 @@ class Predictor(nn.Module):
             hx = (torch.stack([s[0] for s in state]), torch.stack([s[1] for s in state]))
         y, (h, c) = self.lstm(x, hx)
         new_state = [[h[i], c[i]] for i in range(self.num_layers)]
-        return self.dropout(y), lengths, new_state
+        return self.output_dropout(y), lengths, new_state
 
 
 class Joiner(nn.Module):
@@ -476,6 +615,66 @@ class ConformerTransducer(L.LightningModule):
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _LinearWarmup(self.hparams.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ pruning structure
+    def pruning_groups(self) -> dict[str, list[str]]:
+        """The pruning groups (``SparsityRampCallback(groups=[...])``): name -> the weights pruned by their
+        own masks. With the ``column`` pattern (a column is an input feature) every group removes whole units:
+
+        * ``ffn``: the second Linear of every feed-forward module (``ffn{1,2}.sequential.4``): a column is a
+          hidden unit; the first Linear's row and bias entry follow it (:meth:`pruning_links`), so a 30 %
+          column sparsity is a 30 % narrower FFN;
+        * ``attention``: ``q_proj``, ``k_proj`` (input features of each projection, separately) and
+          ``out_proj`` (a column is one value feature of one head; ``v_proj``'s row and bias entry follow);
+        * ``conv``: the two pointwise convolutions of every convolution module (input channels);
+        * ``predictor`` (RNN-T): the LSTM's recurrent matrices ``weight_hh_l<k>``: a column is a hidden unit;
+          its four gate rows in both matrices, its biases and its column in whatever reads it next (the next
+          layer, or the joiner's ``pred_proj``) follow, so the LSTM gets fewer units;
+        * ``joiner`` (RNN-T): the joint network's output layer ``joiner.out``: a column is a unit of the joint
+          layer; ``enc_proj``'s and ``pred_proj``'s rows and bias entries follow.
+
+        Left dense, on purpose: the convolutional front-end (``encoder.subsampling``: every later layer reads
+        it, and it is 3 % of the parameters), the depthwise convolutions (one weight per channel), the token
+        embedding, the norms, the biases that no link removes, and the CTC head (an auxiliary output layer).
+        """
+        layers = range(self.config["num_layers"])
+        pre = "encoder.conformer.conformer_layers"
+        groups = {
+            "ffn": [f"{pre}.{i}.ffn{k}.sequential.4.weight" for i in layers for k in (1, 2)],
+            "attention": [f"{pre}.{i}.self_attn.{p}_proj.weight" for i in layers for p in ("q", "k", "out")],
+            "conv": [f"{pre}.{i}.conv_module.sequential.{j}.weight" for i in layers for j in (0, 5)],
+        }
+        if self.hparams.loss == "rnnt":
+            groups["predictor"] = [f"predictor.lstm.weight_hh_l{k}" for k in range(self.config["pred_layers"])]
+            groups["joiner"] = ["joiner.out.weight"]
+        return groups
+
+    def pruning_links(self) -> list[Link]:
+        """Which layers feed which, feature by feature (the dependent masks; see
+        :mod:`lightning_fedprune.pruning.structure`). The dropouts between linked layers (the FFN's hidden
+        dropout, the prediction network's output dropout) are listed in ``between``: a compact client draws
+        the masked-dense client's random numbers, so both train the very same numbers (for 3-5 % of a
+        compact step of the main job's model: the full-width draws)."""
+        links = []
+        pre = "encoder.conformer.conformer_layers"
+        for i in range(self.config["num_layers"]):
+            for k in (1, 2):
+                ffn = f"{pre}.{i}.ffn{k}.sequential"
+                links.append(Link((f"{ffn}.1.weight", f"{ffn}.1.bias"), (f"{ffn}.4.weight",), between=(f"{ffn}.3",)))
+            att = f"{pre}.{i}.self_attn"
+            links.append(Link((f"{att}.v_proj.weight", f"{att}.v_proj.bias"), (f"{att}.out_proj.weight",),
+                              between=(f"{att}.attend",)))
+        if self.hparams.loss == "rnnt":
+            n = self.config["pred_layers"]
+            for k in range(n):
+                lstm = [f"predictor.lstm.{w}_l{k}" for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                last = k == n - 1
+                reader = "joiner.pred_proj.weight" if last else f"predictor.lstm.weight_ih_l{k + 1}"
+                links.append(Link(tuple(lstm), (lstm[1], reader), gates=4,
+                                  between=("predictor.output_dropout",) if last else ()))
+            links.append(Link(("joiner.enc_proj.weight", "joiner.enc_proj.bias", "joiner.pred_proj.weight",
+                               "joiner.pred_proj.bias"), ("joiner.out.weight",)))
+        return links
 
     # ------------------------------------------------------------------ info
     def num_parameters(self) -> int:

@@ -209,11 +209,34 @@ def _heads(path: str, mha: nn.MultiheadAttention) -> UnitGroup | None:
     return UnitGroup(mha.num_heads, tuple(members), reader, f"{path} heads")
 
 
+def _split_heads(path: str, attn: nn.Module) -> UnitGroup | None:
+    """Heads of an attention module with separate ``q_proj``/``k_proj``/``v_proj``/``out_proj`` Linears and
+    ``num_heads`` (e.g. :class:`~lightning_fedprune.asr.conformer_transducer.SelfAttention`): a head is its rows of
+    q, k and v (and their biases) and its columns of ``out_proj``."""
+    projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    heads = getattr(attn, "num_heads", None)
+    if not all(isinstance(p, nn.Linear) for p in projections) or not isinstance(heads, int) or heads < 1:
+        return None
+    q, k, v, out = projections
+    if not (q.out_features == k.out_features == v.out_features == out.in_features) or q.out_features % heads:
+        return None
+    width = q.out_features // heads
+    members = []
+    for name, layer in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+        members.append(UnitAxis(_join(path, f"{name}.weight"), 0, 1, width))
+        if layer.bias is not None:
+            members.append(UnitAxis(_join(path, f"{name}.bias"), 0, 1, width))
+    reader = _join(path, "out_proj.weight")
+    members.append(UnitAxis(reader, 1, 1, width))
+    return UnitGroup(heads, tuple(members), reader, f"{path} heads")
+
+
 def find_units(module: nn.Module) -> list[UnitGroup]:
     """The unit groups of ``module`` read from its structure (see the module docstring), in module order.
 
     Args:
-        module: the model (its ``nn.Sequential`` blocks and ``nn.MultiheadAttention`` layers are read).
+        module: the model (its ``nn.Sequential`` blocks, ``nn.MultiheadAttention`` layers and attention modules
+            with separate q/k/v/out projections are read).
 
     Example:
         >>> from torch import nn
@@ -236,6 +259,8 @@ def find_units(module: nn.Module) -> list[UnitGroup]:
             group = _heads(path, child)
             if group is not None:
                 groups.append(group)
+        elif (group := _split_heads(path, child)) is not None:
+            groups.append(group)
     return groups
 
 

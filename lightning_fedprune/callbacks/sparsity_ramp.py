@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -11,7 +13,8 @@ from lightning_fedprune.pruning.importance import IMPORTANCE, ImportanceName, ge
 from lightning_fedprune.pruning.patterns import PATTERNS, PatternName
 from lightning_fedprune.pruning.plan import Ramp, Selection
 from lightning_fedprune.pruning.schedules import SCHEDULES, ScheduleName, validate_schedule
-from lightning_fedprune.validation import check_choice, check_float, check_int, check_regex
+from lightning_fedprune.pruning.structure import structure_of
+from lightning_fedprune.validation import check_bool, check_choice, check_float, check_int, check_regex, check_str, fail
 
 MomentumSource = Literal["ema", "server_optimizer"]
 MOMENTUM_SOURCES: tuple[str, ...] = get_args(MomentumSource)
@@ -41,9 +44,17 @@ class SparsityRampCallback(pl.Callback):
             are server-side statistics that cost no traffic: the aggregated pseudo-gradient and its
             exponential moving average (or the server optimiser's momentum, see ``momentum_source``).
         parameters: regular expression (``re.fullmatch``) over the task's parameter names
-            (``encoder.layers.0.ffn.linear1.weight``); default: every parameter with 2 or more
-            dimensions (weights of Linear, Conv, Embedding, attention projections; no biases or norms).
+            (``encoder.layers.0.ffn.linear1.weight``); default (without ``groups``): every parameter with 2
+            or more dimensions (weights of Linear, Conv, Embedding, attention projections; no biases or norms).
         exclude: optional regular expression of names to leave dense.
+        groups: names of the task's pruning groups (its ``pruning_groups()``), e.g. ``["ffn", "attention",
+            "conv", "predictor", "joiner"]`` for the ConformerTransducer; with ``parameters`` the selection is
+            the union of both. An unknown name is refused when fit starts, listing the task's groups.
+            Whatever the selection, the task's ``pruning_links()`` add the dependent masks (a pruned input
+            feature of a layer removes the matching output of the layer that makes it; see
+            :mod:`lightning_fedprune.pruning.structure`).
+        dependent_masks: derive the dependent masks from the task's links (default); ``False`` prunes exactly the
+            selection (the dead rows and bias entries then stay, are trained, sent and kept masked-dense).
         momentum_beta: EMA factor of the pseudo-gradient momentum (``momentum_source="ema"``).
         momentum_source: ``"ema"`` (default) or ``"server_optimizer"`` (``sgdm``'s momentum buffer /
             ``adam``'s first moment).
@@ -64,6 +75,8 @@ class SparsityRampCallback(pl.Callback):
         exclude: str | None = None,
         momentum_beta: float = 0.9,
         momentum_source: MomentumSource = "ema",
+        groups: Sequence[str] | None = None,
+        dependent_masks: bool = True,
     ) -> None:
         target_sparsity = check_float(target_sparsity, "target_sparsity", min=0, max=1, max_open=True)
         start_round = check_int(start_round, "start_round", min=0)
@@ -87,18 +100,30 @@ class SparsityRampCallback(pl.Callback):
         check_regex(exclude, "exclude")
         momentum_beta = check_float(momentum_beta, "momentum_beta", min=0, max=1, max_open=True)
         check_choice(momentum_source, "momentum_source", MOMENTUM_SOURCES)
+        if groups is not None:
+            if isinstance(groups, str) or not isinstance(groups, Sequence) or not groups:
+                fail("groups", "a non-empty list of group names (e.g. ['ffn', 'attention'])", groups)
+            groups = tuple(check_str(g, f"groups[{i}]") for i, g in enumerate(groups))
+            if len(set(groups)) != len(groups):
+                fail("groups", "a list without repeated names", list(groups))
+        check_bool(dependent_masks, "dependent_masks")
         self.target_sparsity, self.start_round, self.end_round = target_sparsity, start_round, end_round
         self.schedule, self.power, self.num_steps, self.every_n_rounds = schedule, power, num_steps, every_n_rounds
         self.pattern, self.importance, self.parameters, self.exclude = pattern, importance, parameters, exclude
         self.momentum_beta, self.momentum_source = momentum_beta, momentum_source
+        self.groups, self.dependent_masks = groups, dependent_masks
 
     def plan_parts(self) -> dict[str, Any]:
         """This callback's part of the plan: the ramp and the selection (from its settings)."""
         return {"ramp": Ramp(self.target_sparsity, self.start_round, self.end_round, self.schedule, self.power,
                              self.num_steps, self.every_n_rounds),
                 "selection": Selection(self.pattern, self.importance, self.parameters, self.exclude, self.momentum_beta,
-                                       self.momentum_source)}
+                                       self.momentum_source, self.groups, self.dependent_masks)}
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         if stage == "fit":
-            contribute(pl_module, "SparsityRampCallback", **self.plan_parts())
+            parts = self.plan_parts()
+            task = getattr(pl_module, "task", None)
+            if task is not None:  # the task's groups and links (the dependent masks) go with the selection
+                parts["selection"] = dataclasses.replace(parts["selection"], structure=structure_of(task))
+            contribute(pl_module, "SparsityRampCallback", **parts)

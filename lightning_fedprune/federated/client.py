@@ -312,13 +312,7 @@ class ClientRunner:
     def _fresh_optimizers(self, optim: OptimState, compacted: CompactedModule | None, masked: MaskedDense,
                           statistics: StatisticAccumulators | None = None) -> None:
         """Empty optimiser state, the schedule position of ``optim``, params = what this client trains."""
-        remap: dict[int, list[Tensor]] = {}
-        if compacted is not None:
-            for name, original in compacted.originals.items():
-                layer = compacted.compacted[name]
-                remap[id(original.weight)] = list(layer.weight_blocks)
-                if original.bias is not None:
-                    remap[id(original.bias)] = [layer.bias]
+        remap: dict[int, list[Tensor]] = compacted.param_map() if compacted is not None else {}
         for opt, groups, wrapped in zip(self.optimizers, self._orig_groups, self.wrapped):
             opt.state.clear()
             for group, params in zip(opt.param_groups, groups):
@@ -342,7 +336,8 @@ class ClientRunner:
         # the tensors whose statistics the plan asks for keep every entry: a compact layer has no pruned entry to
         # take a gradient of
         dense = {n for names in plan.statistics.values() for n in names}
-        compactable = {n: m for n, m in masks.items() if n not in dense}
+        # (the round's own dict when nothing is excluded: compact_module reuses its decisions for the same objects)
+        compactable = masks if not dense else {n: m for n, m in masks.items() if n not in dense}
         if self.config.compact and any(patterns.get(n) in COMPACT_PATTERNS for n in compactable):
             # a physically smaller replica: structured-pruned nn.Linear layers hold only their kept slice
             compacted = compact_module(task, compactable, patterns, release=True)

@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_fedprune.observers.breakdown import format_breakdown, pruning_breakdown
 from lightning_fedprune.validation import check_bool, check_path
 
 
@@ -73,6 +74,7 @@ class RunSummary(pl.Callback):
             summary["bytes_per_client_round"] = last["bytes"] / per_client
             summary["dense_bytes_per_client_round"] = last["dense_bytes"] / per_client
             summary["bytes_saved_percent"] = 100.0 * (1 - last["bytes"] / last["dense_bytes"])
+        summary.update(pruning_breakdown(pl_module))  # bytes by pruning group, compact / masked-dense layers
         self.summary = summary
         trainer.fed_summary = summary
         self._write(trainer, summary)
@@ -98,4 +100,5 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  bytes/client/round  {summary['bytes_per_client_round'] / 1e6:.3f} MB down+up vs "
                      f"{summary['dense_bytes_per_client_round'] / 1e6:.3f} MB dense "
                      f"({summary['bytes_saved_percent']:.1f}% saved)")
+    lines += format_breakdown(summary)
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from enum import IntEnum
 from typing import Any
 
 from lightning_fedprune.pruning.schedules import Schedule
+from lightning_fedprune.pruning.structure import Structure
 
 __all__ = ["Allocation", "ClientStatistics", "Freeze", "Phase", "PruningPlan", "Ramp", "Refinement", "Selection",
            "frozen_at", "phase_at", "update_at"]
@@ -45,8 +46,13 @@ class Phase(IntEnum):
 class Selection:
     """What is pruned and how it is scored (contributed by ``SparsityRampCallback``).
 
+    ``groups`` names groups of the task's ``pruning_groups()`` (e.g. ``("ffn", "attention")``);
     ``parameters``/``exclude`` are regular expressions over the task's parameter names
-    (``re.fullmatch``; default: every parameter with 2 or more dimensions).
+    (``re.fullmatch``). The selection is the union of the groups' parameters and the ``parameters``
+    matches, minus ``exclude``; with neither ``groups`` nor ``parameters``: every parameter with 2 or more
+    dimensions. ``structure`` is the task's groups and links (read from the task when fit starts; not a
+    setting, so not part of :meth:`PruningPlan.config`): with ``dependent_masks`` the links derive the
+    dependent masks.
     """
 
     pattern: str = "unstructured"
@@ -55,12 +61,35 @@ class Selection:
     exclude: str | None = None
     momentum_beta: float = 0.9
     momentum_source: str = "ema"
+    groups: tuple[str, ...] | None = None
+    dependent_masks: bool = True
+    structure: Structure | None = field(default=None, compare=False, repr=False)
 
     def resolve(self, named_shapes: list[tuple[str, tuple[int, ...]]]) -> list[str]:
         """The names this selection prunes, in the task's parameter order (raises naming the argument)."""
+        chosen: set[str] = set()
+        if self.groups is not None:
+            structure = self.structure or Structure()
+            available = structure.group_names
+            if not available:
+                raise ValueError(
+                    f"`groups={list(self.groups)!r}` needs a task that names its pruning groups (a `pruning_groups()` "
+                    "method, as the ConformerTransducer has); this task has none: select with `parameters=` (a regex).")
+            unknown = [g for g in self.groups if g not in available]
+            if unknown:
+                raise ValueError(f"`groups` has {unknown!r}, which this task does not have; its groups are "
+                                 f"{list(available)!r}.")
+            for g in self.groups:
+                chosen.update(structure.members(g))
         pattern = re.compile(self.parameters) if self.parameters is not None else None
-        selected = [n for n, shape in named_shapes if (len(shape) >= 2 if pattern is None else pattern.fullmatch(n))]
-        what = f"`parameters={self.parameters!r}`" if self.parameters is not None else "the default (tensors with >= 2 dims)"
+        if pattern is not None:
+            chosen.update(n for n, _ in named_shapes if pattern.fullmatch(n))
+        elif self.groups is None:
+            chosen.update(n for n, shape in named_shapes if len(shape) >= 2)
+        selected = [n for n, _ in named_shapes if n in chosen]
+        parts = ([f"`groups={list(self.groups)!r}`"] if self.groups is not None else []) + \
+            ([f"`parameters={self.parameters!r}`"] if self.parameters is not None else [])
+        what = " and ".join(parts) or "the default (tensors with >= 2 dims)"
         if not selected:
             sample = ", ".join(n for n, _ in named_shapes[:8])
             raise ValueError(f"{what} matches no parameter of the task. Some parameter names: {sample} ...")
@@ -72,6 +101,17 @@ class Selection:
                 f"{' ...' if len(selected) > 8 else ''}): nothing is left to prune."
             )
         return names
+
+    def settings(self) -> dict[str, Any]:
+        """The user's settings (everything but the task's structure; ``groups`` only when given and
+        ``dependent_masks`` only when off, so a configuration without them reads as it did before they existed)."""
+        skip = ("structure", "groups", "dependent_masks")
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        if self.groups is not None:
+            out["groups"] = list(self.groups)
+        if not self.dependent_masks:
+            out["dependent_masks"] = False
+        return out
 
 
 @dataclass(frozen=True)
@@ -230,7 +270,7 @@ class PruningPlan:
         """The plan by contributing callback (stored in checkpoints and compared on resume)."""
         out: dict[str, dict[str, Any]] = {}
         if self.ramp is not None:
-            out["SparsityRampCallback"] = {**dataclasses.asdict(self.ramp), **dataclasses.asdict(self.selection)}
+            out["SparsityRampCallback"] = {**dataclasses.asdict(self.ramp), **self.selection.settings()}
         for name in ("refinement", "allocation", "freeze", "statistics"):
             part = getattr(self, name)
             if part is not None:

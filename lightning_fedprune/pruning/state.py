@@ -27,6 +27,7 @@ from lightning_fedprune.pruning.patterns import check_pattern, get_pattern, shap
 from lightning_fedprune.pruning.plan import Phase, PruningPlan, Selection, frozen_at, phase_at, update_at
 from lightning_fedprune.pruning.select import mask_from_scores
 from lightning_fedprune.pruning.statistics import CLIENT_STATISTIC_NAMES
+from lightning_fedprune.pruning.structure import Link, derive_masks, wire_pattern
 
 
 @dataclass
@@ -45,7 +46,11 @@ class PruningState:
     def __init__(self) -> None:
         self.masks: dict[str, Tensor] = {}
         self._kept: dict[str, int] = {}
+        self._primary_kept: dict[str, int] = {}  # kept entries of every target's own mask (before the links)
+        # the pattern every mask travels with (the wire, the clients) and the pattern every target is scored
+        # with; they differ where the task's links add dependent rows/columns (see pruning/structure.py)
         self.patterns: dict[str, str] = {}
+        self.target_patterns: dict[str, str] = {}
         self.layer_sparsity: dict[str, float] = {}
         self.target_sparsity: float = 0.0
         self.phase: Phase = Phase.DENSE
@@ -87,6 +92,19 @@ class PruningState:
         return self.plan.selection.momentum_source
 
     @property
+    def links(self) -> tuple[Link, ...]:
+        """The task's links (the dependent masks), read from the plan's selection (none with
+        ``dependent_masks=False``)."""
+        sel = self.plan.selection
+        return sel.structure.links if sel.structure is not None and sel.dependent_masks else ()
+
+    @property
+    def dependents(self) -> list[str]:
+        """The masked tensors that are not targets: masked only because a link removes their rows/columns."""
+        targets = set(self.targets)
+        return [n for n in self.masks if n not in targets]
+
+    @property
     def client_statistic(self) -> str | None:
         """The statistic the clients accumulate and upload (the importance's ``needs``) when the plan asks the
         clients for it (a :class:`~lightning_fedprune.pruning.plan.ClientStatistics` part), else None."""
@@ -116,6 +134,8 @@ class PruningState:
         self.targets = list(targets)
         if not self.patterns:
             self.patterns = {n: pattern for n in targets}
+        if not self.target_patterns:
+            self.target_patterns = {n: pattern for n in targets}
 
     def apply_plan(self, plan: PruningPlan, named_shapes: list[tuple[str, tuple[int, ...]]]) -> None:
         """Validate ``plan`` and take it; its selection is resolved against the task's ``named_shapes``."""
@@ -131,6 +151,8 @@ class PruningState:
         self.targets = targets
         if not self.patterns:
             self.patterns = {n: sel.pattern for n in targets}
+        if not self.target_patterns:
+            self.target_patterns = {n: sel.pattern for n in targets}
         if plan.statistics is not None:
             need = self.needs_statistics
             if need not in CLIENT_STATISTIC_NAMES:
@@ -146,6 +168,7 @@ class PruningState:
         if self.frozen or self.permanent or not self.plan.active:
             return
         self.patterns = {n: self.selection.pattern for n in self.targets}
+        self.target_patterns = dict(self.patterns)
         if self.masks or phase_at(round, self.plan) != Phase.DENSE:
             self.recompute(params, self.plan.ramp.sparsity_at(round), round, server_momentum)
 
@@ -208,9 +231,11 @@ class PruningState:
 
         Uniform allocation gives every layer ``sparsity``; adaptive allocation (when configured)
         distributes it by layer importance. Kept and pruned entries are ranked together, so a
-        pruned entry whose (stale) score now beats a kept one comes back. The server-side accumulated
-        squared pseudo-gradients (``sq_gradient_l1``) restart from zero for the entries kept by the new masks;
-        pruned entries keep the sum of the window in which they were last kept. Client statistics (a
+        pruned entry whose (stale) score now beats a kept one comes back. The task's links then add the
+        dependent masks (:func:`~lightning_fedprune.pruning.structure.derive_masks`): the sparsity is that of
+        the targets, the masks also cover the rows and columns the pruned ones make dead. The server-side
+        accumulated squared pseudo-gradients (``sq_gradient_l1``) restart from zero for the entries kept by the new
+        masks; pruned entries keep the sum of the window in which they were last kept. Client statistics (a
         ``ClientStatistics`` part) cover every entry, so the next upload replaces them all. Masks are made on
         the parameters' device.
         """
@@ -230,17 +255,28 @@ class PruningState:
                                        "mask recomputation upload them; did every client of those rounds fail?).")
                 raise RuntimeError(f"importance {importance.name!r} has no {what} for {name!r} yet: no round has been "
                                    "aggregated; start pruning at round >= 1.")
-        patterns = {n: get_pattern(self.patterns.get(n, sel.pattern)) for n in self.targets}
+        patterns = {n: get_pattern(self.target_patterns.get(n) or self.patterns.get(n, sel.pattern)) for n in self.targets}
         scores = {n: importance.scores(patterns[n], params[n].detach(), stats[n]) for n in self.targets}
         per_layer = self._allocate(params, stats, scores, sparsity)
         change = MaskChange()
-        new_masks: dict[str, Tensor] = {}
+        primary: dict[str, Tensor] = {}
         new_kept: dict[str, int] = {}
         for name in self.targets:
             shape = params[name].shape
             keep = mask_from_scores(scores[name], per_layer[name])
-            mask = patterns[name].expand(keep, *shape_2d(shape)).reshape(shape).contiguous()
-            kept_new = int(keep.sum()) * (mask.numel() // keep.numel())  # every group has the same size
+            primary[name] = patterns[name].expand(keep, *shape_2d(shape)).reshape(shape).contiguous()
+            new_kept[name] = int(keep.sum()) * (primary[name].numel() // keep.numel())  # every group has the same size
+        primary_kept = dict(new_kept)
+        new_masks, wire = primary, {n: patterns[n].name for n in self.targets}
+        if self.links:
+            new_masks = derive_masks(primary, self.links, {n: t.shape for n, t in params.items()})
+            for name, mask in new_masks.items():
+                if name in primary and torch.equal(mask, primary[name]):
+                    continue
+                wire[name] = wire_pattern(mask, wire.get(name))
+                new_kept[name] = int(mask.sum())
+        for name, mask in new_masks.items():
+            kept_new = new_kept[name]
             old = self.masks.get(name)
             if old is not None:
                 flips = int(torch.count_nonzero(mask ^ old.to(mask.device)))
@@ -249,8 +285,9 @@ class PruningState:
                 change.pruned += flips - restored
             else:
                 change.pruned += mask.numel() - kept_new
-            new_masks[name] = mask
-            new_kept[name] = kept_new
+        for name, old in self.masks.items():  # a dependent mask no longer needed: its entries all come back
+            if name not in new_masks:
+                change.restored += old.numel() - self._kept_count(name)
         change.flips = change.restored + change.pruned
         if self.client_statistic is not None:
             self.statistics_window_open = False  # the clients' next upload starts a new window (every entry fresh)
@@ -259,7 +296,9 @@ class PruningState:
                                 for n, acc in self.sq_gradient.items()}
         self.masks = new_masks
         self._kept = new_kept
-        self.patterns = {n: patterns[n].name for n in self.targets}
+        self._primary_kept = primary_kept
+        self.patterns = wire
+        self.target_patterns = {n: patterns[n].name for n in self.targets}
         self.layer_sparsity = dict(per_layer)
         self.target_sparsity = float(sparsity)
         self.last_update_round = int(round)
@@ -285,13 +324,23 @@ class PruningState:
         return self._kept[name]
 
     def sparsity(self, names: list[str] | None = None) -> float:
-        """Fraction of pruned entries over the masked parameters (or ``names``)."""
-        names = list(self.masks) if names is None else names
+        """Fraction of pruned entries: by default of the targets by their own masks -- the sparsity the plan
+        asks for (``prune/sparsity``); the rows and columns the task's links remove with them are not counted
+        (:meth:`masked_sparsity` counts them). With ``names``: of those tensors' final masks."""
+        if names is None:
+            targets = [n for n in self.targets if n in self.masks] or list(self.masks)
+            total = sum(self.masks[n].numel() for n in targets)
+            kept = sum(self._primary_kept.get(n, self._kept_count(n)) for n in targets)
+            return 1.0 - kept / total if total else 0.0
         total = sum(self.masks[n].numel() for n in names)
         if total == 0:
             return 0.0
         kept = sum(self._kept_count(n) for n in names)
         return 1.0 - kept / total
+
+    def masked_sparsity(self) -> float:
+        """Fraction of pruned entries over every masked tensor, the dependent masks included."""
+        return self.sparsity(list(self.masks))
 
     def actual_layer_sparsity(self) -> dict[str, float]:
         return {n: 1.0 - self._kept_count(n) / m.numel() for n, m in self.masks.items()}
@@ -334,6 +383,8 @@ class PruningState:
         return {
             "masks": {n: m.clone() for n, m in self.masks.items()},
             "patterns": dict(self.patterns),
+            "target_patterns": dict(self.target_patterns),
+            "primary_kept": dict(self._primary_kept),
             "layer_sparsity": dict(self.layer_sparsity),
             "target_sparsity": self.target_sparsity,
             "phase": int(self.phase),
@@ -355,6 +406,9 @@ class PruningState:
         self.masks = {n: t(m).bool() for n, m in state["masks"].items()}
         self._kept = {}
         self.patterns = dict(state["patterns"])
+        # (older checkpoints have no dependent masks: every masked tensor is scored with its wire pattern)
+        self.target_patterns = dict(state.get("target_patterns", state["patterns"]))
+        self._primary_kept = {n: int(k) for n, k in state.get("primary_kept", {}).items()}
         self.layer_sparsity = dict(state["layer_sparsity"])
         self.target_sparsity = float(state["target_sparsity"])
         self.phase = Phase(int(state["phase"]))
