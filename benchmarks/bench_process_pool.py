@@ -31,10 +31,11 @@ setup). Fresh processes of 3 fits each (the forkserver lives once per process: i
 pays its imports), the two methods alternating, 3 processes each:
 
 * setup s: on_fit_start -> the first round's start (a callback): the executor's ``setup`` (pickling
-  the task and data, starting the 2 workers, waiting until both report ready) and the few
-  Lightning hooks between -- for a process's first fit (the forkserver starts and imports) and for
-  its later fits (the forkserver is there: workers are forked ready);
-* made -> ready s: from making the executor to both workers ready (includes the Trainer's setup);
+  the task and data, starting the 2 workers in the background -- or, while the forkserver is still
+  importing, leaving them to start once it is ready) and the few Lightning hooks between, for a
+  process's first fit and for its later fits. Until a worker is ready the server trains the clients
+  itself, so the first rounds of a first fit run at the sequential executor's pace;
+* made -> ready s: from making the executor to the first round's start (includes the Trainer's setup);
 * results: the fit's final weights, checked equal across the methods and to the sequential executor.
 
     python benchmarks/bench_process_pool.py --startup
@@ -187,8 +188,8 @@ def startup(args) -> None:
                        "made -> ready s, first fit"]))
     print(f"   final weights: {'identical' if len(digests) == 1 else 'DIFFERENT'} across spawn, forkserver and the "
           f"sequential executor ({len(digests)} digest)   [{load()}]")
-    verdict("P6 pool start-up per fit after the first (forkserver setup s)", rows[1][2], 1.5)
-    verdict("P6 pool start-up of a process's first fit (forkserver setup s)", rows[1][1], 1.5)
+    verdict("P6 pool start-up per fit after the first (forkserver setup s)", rows[1][2], 1.5, unit=" s")
+    verdict("P6 pool start-up of a process's first fit (forkserver setup s)", rows[1][1], 1.5, unit=" s")
 
 
 def main() -> None:

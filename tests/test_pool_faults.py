@@ -326,9 +326,10 @@ torch.set_num_threads(1)
 '''
 
 KILLED_AT_START_UP = '''
-import os, signal
+import multiprocessing, os, signal
 
-if __name__ == "__mp_main__":  # a spawned worker importing this script while it starts
+# a worker importing this script while it starts (not the process that only tells when the forkserver is ready)
+if __name__ == "__mp_main__" and multiprocessing.current_process().name.startswith("fedprune-worker"):
     try:
         os.close(os.open("first-worker", os.O_CREAT | os.O_EXCL))
     except FileExistsError:
@@ -403,3 +404,33 @@ def test_the_server_trains_clients_itself_until_a_worker_has_started_and_the_res
     assert trace.failed == {0: [], 1: [], 2: []}
     _assert_identical(fed, ref)
     assert time.perf_counter() - start < 30
+
+
+class ReleaseForkserverAt(FederatedCallback):
+    """Holds the forkserver "not ready" until round ``at`` starts, and records the workers at each round's start."""
+
+    def __init__(self, event, at: int) -> None:
+        self.event, self.at, self.workers = event, at, []
+
+    def on_fed_round_start(self, trainer, pl_module, round, cohort):
+        self.workers.append(len(pl_module.executor.worker_pids))
+        if round == self.at:
+            self.event.set()
+
+
+def test_workers_wait_for_a_forkserver_still_importing_and_the_server_trains_meanwhile(monkeypatch):
+    """A forkserver still importing torch would block each worker's start for seconds: setup returns at once, the
+    server trains the clients, and the workers start as soon as the forkserver is ready, mid-fit."""
+    import threading
+
+    from lightning_fedprune.federated.executors import pool
+
+    ref, ref_trace = _fit("sequential", rounds=4)
+    not_ready = threading.Event()
+    monkeypatch.setattr(pool, "_FORKSERVER_READY", not_ready)
+    release = ReleaseForkserverAt(not_ready, at=2)
+    executor = ProcessPoolExecutor(num_workers=2, start_method="forkserver")
+    fed, trace = _fit(executor, callbacks=[release], rounds=4)
+    assert release.workers == [0, 0, 0, 2]  # none while the forkserver "imports"; started in round 2, when it was ready
+    assert trace.failed == ref_trace.failed
+    _assert_identical(fed, ref)

@@ -17,6 +17,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -274,7 +275,8 @@ def _shutdown(workers: list[_Worker]) -> None:
 class ProcessPoolExecutor(Executor):
     """Runs clients in ``num_workers`` persistent worker processes.
 
-    The workers start in parallel at ``setup``, in the background; each receives the pickled task and client
+    The workers start in parallel at ``setup``, in the background (with a forkserver that is still importing
+    its preload, as soon as it is done, so ``setup`` never waits for it); each receives the pickled task and client
     data over its own socket and reports ready (until the first one is, the server trains clients itself). Faults are contained: a worker that dies (killed, crashed,
     out of memory) while idle, receiving, training or sending is restarted with the task and the
     round's payload, and only the client it was training fails (it is left out of the aggregate
@@ -342,6 +344,7 @@ class ProcessPoolExecutor(Executor):
         self.devices = None if devices is None else list(devices)
         self.num_workers = num_workers
         self.start_method = start_method
+        self.preload = list(preload)
         self.threads_per_worker = threads_per_worker or max(1, torch.get_num_threads() // num_workers)
         self.startup_timeout = float(startup_timeout)
         self.client_timeout = None if client_timeout is None else float(client_timeout)
@@ -355,6 +358,7 @@ class ProcessPoolExecutor(Executor):
         self._pending: deque[tuple[int, ClientPlan]] = deque()  # the round's clients not handed out yet
         self._requeued: set[int] = set()  # clients given back once because their worker died before receiving them
         self._workers: list[_Worker] = []
+        self._deferred = False  # setup found the forkserver still importing: the workers start once it is ready
         weakref.finalize(self, _shutdown, self._workers)  # last resort: garbage collection, interpreter exit
         if start_method == "forkserver" and not getattr(mp.current_process(), "_inheriting", False):
             _start_forkserver(preload)  # (not from a worker still importing an unguarded script: setup says why)
@@ -388,18 +392,33 @@ class ProcessPoolExecutor(Executor):
             ) from err
         # until a worker is ready, the server trains clients itself (run): a fit never waits for start-up
         self._local_args = (task, data, config)
+        # a forkserver still importing its preload would block each worker's start until it is done: the workers
+        # start once it is ready (run looks between clients), and the server trains meanwhile
+        self._deferred = self.start_method == "forkserver" and not _forkserver_warm(self.preload)
         try:
-            for slot in range(self.num_workers):
-                self._workers.append(self._start(slot, attempt=1))
+            if not self._deferred:
+                self._start_all()
             if self.wait_for_workers:
                 self.wait_ready()
         except BaseException:
             self.teardown()
             raise
 
+    def _start_all(self) -> None:
+        self._deferred = False
+        for slot in range(self.num_workers):
+            self._workers.append(self._start(slot, attempt=1))
+
+    def _start_deferred(self) -> None:
+        """Start the workers whose start waited for the forkserver, if it is ready now."""
+        if self._deferred and _FORKSERVER_READY.is_set():
+            self._start_all()
+
     def wait_ready(self) -> None:
         """Block until every worker has started (raises :class:`WorkerStartupError` when one cannot)."""
         try:
+            if self._deferred:
+                self._start_all()  # blocks until the forkserver has imported its preload
             while not all(w.ready for w in self._workers):
                 self._poll()
         except BaseException:
@@ -407,7 +426,7 @@ class ProcessPoolExecutor(Executor):
             raise
 
     def run(self, payload: RoundPayload, plans: Sequence[ClientPlan], on_result: ResultCallback | None = None) -> list[ClientResult]:
-        if not self._workers:
+        if self._init is None:
             raise RuntimeError("ProcessPoolExecutor.run called before setup")
         try:
             return self._run_round(payload, plans, on_result)
@@ -421,6 +440,7 @@ class ProcessPoolExecutor(Executor):
 
     def teardown(self) -> None:
         _shutdown(self._workers)
+        self._deferred = False
         self._init = None
         self._local_args = self._local = None
 
@@ -428,6 +448,7 @@ class ProcessPoolExecutor(Executor):
     def _run_round(self, payload: RoundPayload, plans: Sequence[ClientPlan], on_result: ResultCallback | None) -> list[ClientResult]:
         # the round's broadcast goes to each worker once, in wire form (kept entries + indices / bitmasks)
         self._payload = _dumps(("payload", payload))
+        self._start_deferred()  # (a worker started now gets the payload with its first frames)
         for slot, w in enumerate(self._workers):
             if w.alive():
                 w.queue(self._payload)
@@ -445,14 +466,16 @@ class ProcessPoolExecutor(Executor):
                 # no worker has started yet: the server trains the next client itself (the same client loop, so
                 # the same result), then looks at the workers without waiting
                 index, plan = self._pending.popleft()
-                done = [(index, self._local_runner().run(plan.payload or payload, plan))] + self._poll(block=False)
+                done = [(index, self._local_runner().run(plan.payload or payload, plan))]
+                self._start_deferred()
+                done += self._poll(block=False)
             else:
                 done = self._poll()
             for index, result in done:
                 results[index] = result
                 if on_result is not None:
                     on_result(result)
-        if self._local_args is not None and all(w.ready for w in self._workers):
+        if self._local_args is not None and not self._deferred and all(w.ready for w in self._workers):
             self._local_args = self._local = None  # every worker has started: the server's replica is not needed
         return results  # type: ignore[return-value]  # every position was filled
 
@@ -585,6 +608,36 @@ def _is_positive_seconds(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+#: Set once the forkserver has forked a process, i.e. finished importing its preload (a start no longer blocks).
+_FORKSERVER_READY = threading.Event()
+_forkserver_probe: threading.Thread | None = None
+
+
+def _probe() -> None:
+    """The target of the process that tells when the forkserver is ready (it does nothing)."""
+
+
+def _wait_for_forkserver() -> None:
+    try:
+        proc = mp.get_context("forkserver").Process(target=_probe, daemon=True, name="fedprune-forkserver-probe")
+        proc.start()  # returns once the forkserver has forked it: after its preload
+        proc.join()
+    except Exception:  # noqa: BLE001 - a broken forkserver shows itself at a worker's start, with the reason
+        pass
+    finally:
+        _FORKSERVER_READY.set()
+
+
+def _forkserver_warm(preload: Sequence[str]) -> bool:
+    """Whether a worker can start now without waiting for the forkserver's imports; starts the forkserver and
+    a background probe of it if neither runs."""
+    if _FORKSERVER_READY.is_set():
+        return True
+    if _forkserver_probe is None:
+        _start_forkserver(preload)
+    return _FORKSERVER_READY.is_set()
+
+
 def _start_forkserver(preload: Sequence[str]) -> None:
     """Start the process's forkserver now (if it is not running) with ``preload`` imported in it, so that
     the imports happen while the caller goes on, and every worker forked later starts with them done.
@@ -594,5 +647,9 @@ def _start_forkserver(preload: Sequence[str]) -> None:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([m for m in preload if m != "__main__"])
     forkserver.ensure_running()
+    global _forkserver_probe
+    if _forkserver_probe is None:
+        _forkserver_probe = threading.Thread(target=_wait_for_forkserver, daemon=True, name="fedprune-forkserver-ready")
+        _forkserver_probe.start()
 
 
