@@ -21,8 +21,9 @@ medians over the repetitions, and the ratios are printed.
     python benchmarks/bench_flower.py --quick
     python benchmarks/bench_flower.py --model small   # MLP 32-128-10: the per-client overhead goal
 
-A fourth run, the plain loop (the same steps, nothing else), is the compute floor: each engine's overhead
-per client outside the local steps is (its round - the plain round) / 10, paired by repetition.
+A fourth run, the plain loop (the same steps, nothing else), is the compute floor: each engine's whole
+overhead per client is (its round - the plain round) / 10, paired by repetition (the engine's bookkeeping
+inside the local steps included; ``bench_round_overhead.py`` separates the part outside them).
 """
 
 from __future__ import annotations
@@ -282,11 +283,11 @@ def main() -> None:
         pairs = [x / y for x, y in zip(a, b)]
         print(f"RATIO {name}: {median(pairs):.3f} (median of the repetitions' ratios "
               f"{', '.join(f'{r:.2f}' for r in pairs)}; ratio of the medians {median(a) / median(b):.3f})")
-    # overhead per client outside the local steps: (engine round - plain round) / clients, paired by repetition
+    # the whole overhead per client: (engine round - plain round) / clients, paired by repetition
     over = {name: [(x - y) / CLIENTS * 1e3 for x, y in zip(t, plain)]
             for name, t in [("in-process", ours), ("FlowerExecutor", flower), ("Flower FedAvg + NumPyClient", fedavg)]}
     for name, values in over.items():
-        print(f"OVERHEAD per client outside the local steps, {name}: {median(values):.3f} ms "
+        print(f"OVERHEAD per client over the plain loop (round minus the same steps' compute), {name}: {median(values):.3f} ms "
               f"(repetitions {', '.join(f'{v:.3f}' for v in values)})")
     ratio = [f / o for f, o in zip(over["Flower FedAvg + NumPyClient"], over["in-process"]) if o > 0]
     if ratio:
