@@ -433,6 +433,57 @@ def test_failed_and_timed_out_cells_are_reported_and_run_again(tmp_path, fast_po
     assert again.cells_skipped == 1 and again.cells_failed == 2  # failed cells are not "finished"
 
 
+def test_the_run_is_recorded_after_every_cell_so_a_killed_run_keeps_its_record(tmp_path, fast_poll, monkeypatch):
+    """A grid killed outright (no Ctrl-C, no SIGTERM: e.g. the machine taken away) still has its run on the page,
+    counted to its last finished cell."""
+    import lightning_fedprune.ablation.command as C
+
+    path = _write_grid(tmp_path, {"seeds": [0, 1], "configurations": {"a": {}, "b": {}}})
+    grid = load_grid(path)
+    monkeypatch.setattr(GridRunner, "__init__", _with_fake_fit(GridRunner.__init__))
+    written: list[list[dict]] = []
+    write = C._write_json
+
+    def spy(target, value):
+        if Path(target).name == "runs.json":
+            written.append(json.loads(json.dumps(value["runs"])))
+        write(target, value)
+
+    monkeypatch.setattr(C, "_write_json", spy)
+    assert ablate_main(["--config", str(path), "--jobs", "1"]) == 0
+    assert [w[-1]["cells_run"] for w in written] == [1, 2, 3, 4, 4]  # after each cell, then at the end
+    assert all(not w[-1]["finished"] for w in written[:-1]) and written[-1][-1]["finished"]
+    assert written[1][-1]["wall_seconds"] > 0 and written[1][-1]["machine"]["cores"] >= 1
+    # as if killed after the second cell: the record written then is what the next page shows
+    (grid.out / "runs.json").write_text(json.dumps({"runs": written[1]}))
+    assert ablate_main(["--config", str(path), "--report_only"]) == 0
+    page = (tmp_path / "page.md").read_text()
+    assert "(stopped before it finished: counted to its last finished cell)" in page
+    assert "| 2 / 0 / 0 (0) |" in page
+
+
+def test_sigterm_interrupts_the_grid_like_ctrl_c(tmp_path, fast_poll, monkeypatch):
+    import os
+    import signal
+    import threading
+
+    path = _write_grid(tmp_path, {"seeds": [0], "configurations": {"ok": {}, "slow": {"set": {"fake.sleep": 30}}}})
+    grid = load_grid(path)
+    monkeypatch.setattr(GridRunner, "__init__", _with_fake_fit(GridRunner.__init__))
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        assert ablate_main(["--config", str(path), "--jobs", "2"]) == 130
+    finally:
+        timer.cancel()
+    assert signal.getsignal(signal.SIGTERM) == before
+    run = json.loads((grid.out / "runs.json").read_text())["runs"][-1]
+    assert run["interrupted"] and run["cells_run"] == 1 and run["finished"]
+    assert json.loads((grid.out / "slow" / "seed0" / "cell.json").read_text())["status"] == "interrupted"
+    assert "min (interrupted) |" in (tmp_path / "page.md").read_text()
+
+
 def _with_fake_fit(init):
     def patched(self, *args, **kwargs):
         init(self, *args, **{**kwargs, "fit_command": FAKE_FIT})

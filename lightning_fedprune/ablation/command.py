@@ -14,10 +14,14 @@ there with the same config hash, so the page, figure and README block can be reg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +70,24 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(clean(value), indent=2) + "\n")
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler's stop) interrupts the grid as Ctrl-C does: the running cells are
+    stopped and marked to run again, and the run's record and the page are written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def ablate_main(args: list[str]) -> int:
     """Run ``fedprune ablate`` with ``args``; returns the exit code (1 when a cell failed, 130 when interrupted)."""
     ns = _parser().parse_args(args)
@@ -92,10 +114,18 @@ def ablate_main(args: list[str]) -> int:
     code = 0
     if not ns.report_only:
         stats = RunStats(started=dt.datetime.now().astimezone().isoformat(timespec="seconds"), jobs=jobs, command=command)
-        GridRunner(grid, jobs=jobs, cell_timeout=timeout, only=ns.only).run(stats)
+        machine = machine_info()
+        runs.append({})
+
+        def record(current: RunStats) -> None:  # after every cell: a run killed outright keeps its record so far
+            runs[-1] = {**current.to_dict(), "machine": machine}
+            grid.out.mkdir(parents=True, exist_ok=True)
+            _write_json(runs_path, {"runs": runs})
+
+        with _sigterm_interrupts():
+            GridRunner(grid, jobs=jobs, cell_timeout=timeout, only=ns.only).run(stats, on_cell=record)
         stats.finished = dt.datetime.now().astimezone().isoformat(timespec="seconds")
-        runs.append({**stats.to_dict(), "machine": machine_info()})
-        _write_json(runs_path, {"runs": runs})
+        record(stats)
         code = 130 if stats.interrupted else 1 if stats.cells_failed else 0
     results_path = grid.page.with_suffix(".json")
     results = analyse(grid, previous=read_json(results_path))

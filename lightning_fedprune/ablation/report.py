@@ -469,6 +469,16 @@ def differences_lines(grid: Grid, results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _run_end(run: dict[str, Any]) -> str:
+    """How a run ended, when not by finishing: interrupted (Ctrl-C, SIGTERM), or killed outright (its record is
+    the one written after its last finished cell)."""
+    if run.get("interrupted"):
+        return " (interrupted)"
+    if not run.get("finished"):
+        return " (stopped before it finished: counted to its last finished cell)"
+    return ""
+
+
 def runs_lines(runs: list[dict[str, Any]], results: dict[str, Any]) -> list[str]:
     lines = ["## Runs, machines and load", ""]
     if runs:
@@ -482,7 +492,7 @@ def runs_lines(runs: list[dict[str, Any]], results: dict[str, Any]) -> list[str]
             load = [x for x in r.get("load", []) if _finite(x)]
             load_text = f"{sum(load) / len(load):.1f} / {max(load):.1f}" if load else "–"
             lines.append(f"| {r['started']} | `{r['command']}` | {machine} | {r['jobs']} | "
-                         f"{r['wall_seconds'] / 60:.1f} min{' (interrupted)' if r.get('interrupted') else ''} | "
+                         f"{r['wall_seconds'] / 60:.1f} min{_run_end(r)} | "
                          f"{r['cells_run']} / {r['cells_failed']} / {r['cells_skipped']} ({r.get('warm_starts_run', 0)}) "
                          f"| {load_text} | {r.get('cpu_seconds', 0) / 60:.1f} min |")
         wall = sum(r["wall_seconds"] for r in runs)

@@ -223,8 +223,9 @@ class GridRunner:
                 out.append(float(info["seconds"]))
         return out
 
-    def run(self, stats: RunStats) -> RunStats:
-        """Run the unfinished cells; progress goes to ``print_fn``, one line per finished cell."""
+    def run(self, stats: RunStats, on_cell: Callable[[RunStats], None] | None = None) -> RunStats:
+        """Run the unfinished cells; progress goes to ``print_fn``, one line per finished cell, and ``on_cell``
+        gets the run's statistics so far after each (so a run killed outright leaves its record up to then)."""
         total = len(self.grid.cells())
         todo = self.prepare()
         warm_todo = sum(1 for cell, _ in todo if cell.warm)
@@ -244,6 +245,12 @@ class GridRunner:
         cpu_before = os.times()
         stats.load.append(_load())
         machine = machine_info()
+
+        def tally() -> None:
+            cpu_now = os.times()
+            stats.cpu_seconds = round((cpu_now.children_user - cpu_before.children_user)
+                                      + (cpu_now.children_system - cpu_before.children_system), 1)
+            stats.wall_seconds = round(time.time() - start, 1)
         try:
             while pending or running:
                 while len(running) < self.jobs:
@@ -294,6 +301,9 @@ class GridRunner:
                     else:
                         stats.cells_failed += 1
                     self.print(self._progress(job, ok, elapsed, done_now, len(todo), pending, running, durations))
+                    if on_cell is not None:
+                        tally()
+                        on_cell(stats)
         except KeyboardInterrupt:
             stats.interrupted = True
             self.print(f"interrupted: stopping {len(running)} running cell(s); they will run again next time")
@@ -302,10 +312,7 @@ class GridRunner:
                 job.log.close()
                 self._write_cell(job.cell, job.digest, "interrupted", started=job.started)
         finally:
-            cpu_after = os.times()
-            stats.cpu_seconds = round((cpu_after.children_user - cpu_before.children_user)
-                                      + (cpu_after.children_system - cpu_before.children_system), 1)
-            stats.wall_seconds = round(time.time() - start, 1)
+            tally()
         return stats
 
     def _next_ready(self, pending: list[tuple[Cell, str]], running: list[_Running],
