@@ -37,8 +37,8 @@ from typing import Any, ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
-from lightning_fedprune.pruning.names import Names
-from lightning_fedprune.validation import check_choice, check_float, check_int, check_str, fail
+from lightning_fedprune.pruning.names import Names, lookup, new_entry_name
+from lightning_fedprune.validation import check_choice, check_float, check_int, fail
 
 from .patterns import NORMS, shape_2d
 
@@ -390,21 +390,14 @@ ALLOCATIONS: Sequence[str] = Names(ALLOCATION_METHODS)
 
 def register_allocation(method: AllocationMethod) -> AllocationMethod:
     """Add ``method`` to :data:`ALLOCATION_METHODS` under its ``name`` (then ``method=name`` is accepted)."""
-    if not isinstance(method, AllocationMethod):
-        fail("method", "an AllocationMethod instance", method)
-    name = check_str(getattr(method, "name", None), "method.name")
-    if name in ALLOCATION_METHODS:
-        raise ValueError(f"an allocation method named {name!r} is already registered")
+    name = new_entry_name(ALLOCATION_METHODS, method, AllocationMethod, "method", "an allocation method")
     ALLOCATION_METHODS[name] = method
     return method
 
 
 def get_allocation(name: str, arg: str = "method") -> AllocationMethod:
     """The registered :class:`AllocationMethod` called ``name`` (a clear error naming ``arg`` otherwise)."""
-    method = ALLOCATION_METHODS.get(name) if isinstance(name, str) else None
-    if method is None:
-        check_choice(name, arg, ALLOCATIONS)
-    return method
+    return lookup(ALLOCATION_METHODS, name, arg, ALLOCATIONS)
 
 
 register_allocation(PowerAllocation())

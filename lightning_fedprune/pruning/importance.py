@@ -23,9 +23,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from lightning_fedprune.pruning.names import Names
+from lightning_fedprune.pruning.names import Names, lookup, new_entry_name
 from lightning_fedprune.pruning.patterns import NORMS, Pattern, group_reduce, to_2d
-from lightning_fedprune.validation import check_choice, check_str, fail
+from lightning_fedprune.validation import check_choice, fail
 
 __all__ = [
     "IMPORTANCE",
@@ -135,13 +135,9 @@ def register_importance(importance: Importance) -> Importance:
         ValueError: if it is not an :class:`Importance`, its ``name``/``norm``/``needs`` are malformed or
             the name is taken.
     """
-    if not isinstance(importance, Importance):
-        fail("importance", "an Importance instance", importance)
-    name = check_str(getattr(importance, "name", None), "importance.name")
+    name = new_entry_name(IMPORTANCES, importance, Importance, "importance", "an importance")
     check_choice(importance.norm, "importance.norm", NORMS)
     check_choice(importance.needs, "importance.needs", (None, *STATISTICS))
-    if name in IMPORTANCES:
-        raise ValueError(f"an importance named {name!r} is already registered ({IMPORTANCES[name]!r})")
     IMPORTANCES[name] = importance
     return importance
 
@@ -152,10 +148,7 @@ def get_importance(name: str, arg: str = "importance") -> Importance:
     >>> get_importance("momentum_l2").needs
     'momentum'
     """
-    importance = IMPORTANCES.get(name) if isinstance(name, str) else None
-    if importance is None:
-        check_choice(name, arg, IMPORTANCE)
-    return importance
+    return lookup(IMPORTANCES, name, arg, IMPORTANCE)
 
 
 for _source in ("weight", "gradient", "momentum"):

@@ -1,11 +1,33 @@
-"""A live, read-only listing of the names in a registry (patterns, importance, allocation methods)."""
+"""The registries' shared parts (patterns, importance, allocation methods, client statistics): a live, read-only
+listing of the names, the checks of a new entry, and the lookup by name with a clear error."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["Names"]
+from lightning_fedprune.validation import check_choice, check_str, fail
+
+__all__ = ["Names", "lookup", "new_entry_name"]
+
+
+def new_entry_name(registry: Mapping[str, Any], entry: Any, kind: type, arg: str, what: str) -> str:
+    """The name ``entry`` is to be registered under, checked: ``entry`` is a ``kind`` instance, its ``name`` a
+    non-empty string not yet in ``registry`` (errors name ``arg``; ``what`` is e.g. ``"a pattern"``)."""
+    if not isinstance(entry, kind):
+        fail(arg, f"{'an' if kind.__name__[0] in 'AEIOU' else 'a'} {kind.__name__} instance", entry)
+    name = check_str(getattr(entry, "name", None), f"{arg}.name")
+    if name in registry:
+        raise ValueError(f"{what} named {name!r} is already registered ({registry[name]!r})")
+    return name
+
+
+def lookup(registry: Mapping[str, Any], name: Any, arg: str, choices: Sequence[str] | Mapping[str, Any]) -> Any:
+    """The entry of ``registry`` called ``name``, or a ValueError naming ``arg`` and the ``choices``."""
+    entry = registry.get(name) if isinstance(name, str) else None
+    if entry is None:
+        check_choice(name, arg, choices)
+    return entry
 
 
 class Names(Sequence[str]):

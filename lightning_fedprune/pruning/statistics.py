@@ -24,8 +24,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lightning_fedprune.pruning.names import Names
-from lightning_fedprune.validation import check_choice, check_str, fail
+from lightning_fedprune.pruning.names import Names, new_entry_name
+from lightning_fedprune.validation import check_choice
 
 __all__ = ["CLIENT_STATISTICS", "CLIENT_STATISTIC_NAMES", "ClientStatistic", "StatisticAccumulators",
            "register_client_statistic"]
@@ -65,11 +65,7 @@ CLIENT_STATISTIC_NAMES: Sequence[str] = Names(CLIENT_STATISTICS)
 
 def register_client_statistic(statistic: ClientStatistic) -> ClientStatistic:
     """Add ``statistic`` to :data:`CLIENT_STATISTICS` under its ``name``."""
-    if not isinstance(statistic, ClientStatistic):
-        fail("statistic", "a ClientStatistic instance", statistic)
-    name = check_str(getattr(statistic, "name", None), "statistic.name")
-    if name in CLIENT_STATISTICS:
-        raise ValueError(f"a client statistic named {name!r} is already registered")
+    name = new_entry_name(CLIENT_STATISTICS, statistic, ClientStatistic, "statistic", "a client statistic")
     CLIENT_STATISTICS[name] = statistic
     return statistic
 

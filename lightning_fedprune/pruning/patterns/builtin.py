@@ -1,17 +1,5 @@
-"""The five built-in patterns (registered in :mod:`.registry` under their ``name``).
-
-=================  ==========================================================  ==========
-pattern            group                                                        groups
-=================  ==========================================================  ==========
-``unstructured``   one entry ``W[r, c]`` (index ``r * C + c``)                  ``R * C``
-``row``            one row ``W[r, :]``                                          ``R``
-``column``         one column ``W[:, c]``                                       ``C``
-``half_row``       ``W = [W1 | W2]`` (left/right halves of the columns);        ``2 * R``
-                   group ``h * R + r`` is row ``r`` of block ``h``
-``half_column``    ``W = [W1 ; W2]`` (top/bottom halves of the rows);           ``2 * C``
-                   group ``h * C + c`` is column ``c`` of block ``h``
-=================  ==========================================================  ==========
-"""
+"""The five built-in patterns (registered in :mod:`.registry` under their ``name``); what each one's group is:
+the table in :mod:`lightning_fedprune.pruning.patterns`."""
 
 from __future__ import annotations
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from lightning_fedprune.pruning.names import Names
+from lightning_fedprune.pruning.names import Names, lookup, new_entry_name
 from lightning_fedprune.pruning.patterns.base import Pattern
 from lightning_fedprune.pruning.patterns.builtin import BUILTIN_PATTERNS
-from lightning_fedprune.validation import check_bool, check_choice, check_int, check_str, fail
+from lightning_fedprune.validation import check_bool, check_int
 
 __all__ = ["COMPACT_PATTERNS", "PATTERNS", "STRUCTURED_PATTERNS", "PatternName", "get_pattern", "register"]
 
@@ -38,13 +38,9 @@ def register(pattern: Pattern) -> Pattern:
         ValueError: if ``pattern`` is not a :class:`Pattern` instance, its ``name``, ``structured``
             or ``num_blocks`` are malformed, or the name is taken.
     """
-    if not isinstance(pattern, Pattern):
-        fail("pattern", "a Pattern instance", pattern)
-    name = check_str(getattr(pattern, "name", None), "pattern.name")
+    name = new_entry_name(PATTERNS, pattern, Pattern, "pattern", "a pattern")
     check_bool(pattern.structured, "pattern.structured")
     check_int(pattern.num_blocks, "pattern.num_blocks", min=1)
-    if name in PATTERNS:
-        raise ValueError(f"a pattern named {name!r} is already registered ({PATTERNS[name]!r})")
     PATTERNS[name] = pattern
     return pattern
 
@@ -64,10 +60,7 @@ def get_pattern(name: str, arg: str = "pattern") -> Pattern:
         ...
         ValueError: `patterns['fc.weight']` must be one of ('unstructured', 'row', 'column', 'half_row', 'half_column'), got 'diagonal'.
     """
-    pattern = PATTERNS.get(name) if isinstance(name, str) else None
-    if pattern is None:
-        check_choice(name, arg, PATTERNS)
-    return pattern
+    return lookup(PATTERNS, name, arg, PATTERNS)
 
 
 
