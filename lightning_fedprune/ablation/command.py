@@ -119,7 +119,6 @@ def ablate_main(args: list[str]) -> int:
 
         def record(current: RunStats) -> None:  # after every cell: a run killed outright keeps its record so far
             runs[-1] = {**current.to_dict(), "machine": machine}
-            grid.out.mkdir(parents=True, exist_ok=True)
             _write_json(runs_path, {"runs": runs})
 
         with _sigterm_interrupts():

@@ -621,7 +621,7 @@ def _wait_for_forkserver() -> None:
     try:
         proc = mp.get_context("forkserver").Process(target=_probe, daemon=True, name="fedprune-forkserver-probe")
         proc.start()  # returns once the forkserver has forked it: after its preload
-        proc.join()
+        proc.join(timeout=60.0)  # it does nothing; the bound only keeps this thread from waiting on a stuck child
     except Exception:  # noqa: BLE001 - a broken forkserver shows itself at a worker's start, with the reason
         pass
     finally:
